@@ -1,0 +1,3 @@
+"""muxserve: a high-throughput inference server for data-multiplexed BERT classifiers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,98 @@
+"""``muxserve`` command line: serve, train, eval, export, bench, convert."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model: prime | mlm | finetune (resumes from OUT/checkpoint.pt)")
+    p.add_argument("stage", choices=["prime", "mlm", "finetune"])
+    p.add_argument("--train", nargs="+", required=True, help="TSV file(s) sentence<TAB>label (prime/mlm use the sentences only)")
+    p.add_argument("--dev", help="dev TSV for accuracy during fine-tuning")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, log.jsonl, best/, final/)")
+    p.add_argument("--init", default="backbone", help="'backbone' (all-MiniLM-L6-v2) or a saved model folder")
+    p.add_argument("--num-instances", "-N", type=int, default=1)
+    p.add_argument("--muxing", default="gaussian_hadamard", choices=["gaussian_hadamard", "gaussian_attention_v2"])
+    p.add_argument("--labels", help="comma-separated label names (default: from the training file)")
+    p.add_argument("--steps", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=32, help="texts per step (a multiple of N)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.06)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--retrieval-coeff", type=float, default=0.0)
+    p.add_argument("--teacher", help="fine-tuned baseline folder to distil from")
+    p.add_argument("--distill-alpha", type=float, default=0.5)
+    p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--freeze-word-embeddings", action="store_true")
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, help="only the first K training rows")
+
+
+def _run_train(a: argparse.Namespace) -> int:
+    from muxserve.training.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        stage=a.stage, out=a.out, train_files=a.train, init=a.init, dev_file=a.dev, num_instances=a.num_instances,
+        muxing_variant=a.muxing, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
+        batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
+        retrieval_coeff=a.retrieval_coeff, teacher=a.teacher, distill_alpha=a.distill_alpha,
+        distill_temperature=a.distill_temperature, freeze_word_embeddings=a.freeze_word_embeddings,
+        eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, seed=a.seed, limit=a.limit,
+    )
+    print(json.dumps(train(cfg)))
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy of a model on a TSV file; prints one JSON object")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--model", required=True, help="model name in the repository, or a model folder")
+    p.add_argument("--version", type=int, help="version (default: highest)")
+    p.add_argument("--data", required=True, help="TSV sentence<TAB>label with a header; labels 0/1.. or names")
+    p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
+    p.add_argument("--ensemble", action="store_true", help="ensembled prediction (N times the compute)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--threads", type=int, default=0)
+
+
+def _run_eval(a: argparse.Namespace) -> int:
+    import torch
+
+    from muxserve.model.tokenizer import TextTokenizer
+    from muxserve.model.weights import TOKENIZER_FILE
+    from muxserve.repository import resolve_model_dir
+    from muxserve.training.data import read_tsv
+    from muxserve.training.evaluate import accuracy
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    directory = resolve_model_dir(a.model_repository, a.model, a.version)
+    from muxserve.model.weights import load_model
+
+    model = load_model(directory)
+    data = read_tsv(a.data, model.config.labels, a.limit)
+    tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
+    result = accuracy(model, tok, data, a.batch_size, a.ensemble)
+    print(json.dumps({"model": a.model, "num_instances": model.config.num_instances, "ensemble": a.ensemble, **result}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_eval(sub)
+    a = parser.parse_args(argv)
+    handlers = {"train": _run_train, "eval": _run_eval}
+    return handlers[a.command](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""MUX-BERT: a BERT that reads N texts superimposed in one sequence.
+
+Readable top to bottom, no server imports. Shapes: ``d`` hidden size, ``N`` instances
+per mux group, ``L`` sequence length, ``B`` mux groups, ``T = B*N`` texts.
+
+Input layout: ``input_ids [T, L]``; rows ``b*N .. b*N+N-1`` form group ``b`` and row
+``b*N+i`` sits in slot ``i``. The model multiplexes each group into one sequence
+(``gaussian_hadamard`` or the contextual ``gaussian_attention_v2``), runs the encoder
+once per group, and demultiplexes the output back into one representation per slot
+(``index_pos``). With ``num_instances == 1`` it is a plain BERT classifier: no keys, no
+demux, the encoder sees the padding mask — the baseline the mux models are compared to.
+
+State-dict names follow the reference implementation (princeton-nlp/datamux-pretraining)
+so that its checkpoints convert by renaming only: ``bert.embeddings.*``,
+``bert.encoder.layer.{i}.*``, ``instance_embedding``, ``demux_module.*``,
+``demultiplexer.pre_decoder*``, ``classifier``, ``retrieval_head.*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MUXING_VARIANTS = ("gaussian_hadamard", "gaussian_attention_v2")
+DEMUXING_VARIANTS = ("index_pos",)
+TASKS = ("sequence_classification", "token_classification")
+SHORT_GROUP_POLICIES = ("copy", "pad")
+
+
+@dataclass
+class MuxBertConfig:
+    # backbone (BERT / MiniLM)
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    # multiplexing
+    num_instances: int = 1
+    muxing_variant: str = "gaussian_hadamard"
+    demuxing_variant: str = "index_pos"
+    gaussian_hadamard_norm: float = 1.0
+    learn_muxing: bool = False
+    num_hidden_demux_layers: int = 2
+    # Fill for groups with fewer than N texts: "copy" repeats real texts of the group (the
+    # reference's choice), "pad" uses an empty [CLS][SEP] text. Filler outputs are dropped.
+    short_group_policy: str = "copy"
+    # head
+    task: str = "sequence_classification"
+    labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
+    max_seq_length: int = 128
+    seed: int = 0  # seeds the fixed instance keys
+
+    def __post_init__(self) -> None:
+        if self.num_instances < 1:
+            raise ValueError(f"num_instances must be >= 1, got {self.num_instances}")
+        if self.muxing_variant not in MUXING_VARIANTS:
+            raise ValueError(f"unknown muxing_variant {self.muxing_variant!r}; one of {MUXING_VARIANTS}")
+        if self.demuxing_variant not in DEMUXING_VARIANTS:
+            raise ValueError(f"unknown demuxing_variant {self.demuxing_variant!r}; one of {DEMUXING_VARIANTS}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; one of {TASKS}")
+        if self.short_group_policy not in SHORT_GROUP_POLICIES:
+            raise ValueError(f"unknown short_group_policy {self.short_group_policy!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def is_mux(self) -> bool:
+        return self.num_instances > 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MuxBertConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# --------------------------------------------------------------------------- BERT backbone
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is None:
+            assert input_ids is not None
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_len = inputs_embeds.shape[1]
+        # token type 0 everywhere: single-sentence tasks
+        x = inputs_embeds + self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        b, length, d = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
+        dropout = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=dropout)
+        return out.transpose(1, 2).reshape(b, length, d)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, cfg: MuxBertConfig, in_features: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(cfg)
+        self.output = BertSelfOutput(cfg, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, attn_bias), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attention(x, attn_bias)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor | None = None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, attn_bias)
+        return x
+
+
+class BertModel(nn.Module):
+    """Embeddings + encoder, no pooler (neither the mux heads nor ours use it)."""
+
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+
+def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, L] 1/0 mask -> additive bias [T, 1, 1, L] for scaled_dot_product_attention."""
+    bias = (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+    return bias
+
+
+def random_instance_keys(num_instances: int, dim: int, norm: float, seed: int) -> torch.Tensor:
+    """Fixed keys v_i ~ N(0, I_d), each scaled to unit L2 norm times ``norm`` (as the reference).
+
+    Unit norm puts E * v_i at the scale of raw word embeddings (~1/sqrt(d) per element), which
+    is what the second pass through the embedding layer expects.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(num_instances, dim, generator=gen)
+    return keys / keys.norm(dim=-1, keepdim=True) * norm
+
+
+# --------------------------------------------------------------------------- demultiplexing
+
+
+class IndexPosDemuxModule(nn.Module):
+    """Learned instance keys k_i and the demux MLP shared by the classifier and retrieval heads."""
+
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.demux_instance_embedding = nn.Parameter(torch.randn(cfg.num_instances, d) * 0.02)
+        self.dense_1 = nn.Linear(2 * d, d)
+        self.dense_2 = nn.Linear(d, d)
+
+    def mlp(self, keys: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """z = concat(k, h); x1 = gelu(dense_1 z); x2 = gelu(dense_2 x1) + x1."""
+        x1 = F.gelu(self.dense_1(torch.cat([keys, h], dim=-1)))
+        return F.gelu(self.dense_2(x1)) + x1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, L, d] -> per-slot features [B*N, L, d], slot-major within each group."""
+        b, length, d = h.shape
+        n = self.demux_instance_embedding.shape[0]
+        keys = self.demux_instance_embedding[None, :, None, :].expand(b, n, length, d)
+        return self.mlp(keys, h[:, None].expand(b, n, length, d)).reshape(b * n, length, d)
+
+
+class PreDecoder(nn.Module):
+    """out = LayerNorm(gelu(pre_decoder(x))) + x."""
+
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.pre_decoder = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.pre_decoder_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pre_decoder_layer_norm(F.gelu(self.pre_decoder(x))) + x
+
+
+class RetrievalHead(PreDecoder):
+    """Priming head: per-slot MLP, pre-decoder, then a decoder tied to the word embeddings."""
+
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def decode(self, h: torch.Tensor, slot: torch.Tensor, demux: IndexPosDemuxModule, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """h [B, L, d], slot [B, L] (which slot to read at each position) -> logits [B, L, V]."""
+        x = self(demux.mlp(demux.demux_instance_embedding[slot], h))
+        return F.linear(x, word_embeddings, self.bias)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class MuxBertModel(nn.Module):
+    """MUX-BERT classifier (sequence or token level); N=1 is the plain BERT baseline."""
+
+    def __init__(self, cfg: MuxBertConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        n, d = cfg.num_instances, cfg.hidden_size
+        if cfg.is_mux:
+            keys = random_instance_keys(n, d, cfg.gaussian_hadamard_norm, cfg.seed)
+            self.instance_embedding = nn.Parameter(keys, requires_grad=cfg.learn_muxing)
+            if cfg.muxing_variant == "gaussian_attention_v2":
+                self.muxing_attention = BertLayer(cfg)
+                self.muxing_attention_2 = BertLayer(cfg)
+            self.demux_module = IndexPosDemuxModule(cfg)
+            self.demultiplexer = PreDecoder(cfg)
+            self.retrieval_head = RetrievalHead(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(d, cfg.num_labels)
+        self._init_new_weights()
+
+    def _init_new_weights(self) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+
+    # ---------------------------------------------------------------- mux / encode / demux
+
+    def multiplex(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B*N, L, d] instance embeddings -> [B, L, d] one superimposed sequence per group."""
+        n = self.config.num_instances
+        t, length, d = embeddings.shape
+        b = t // n
+        keys = self.instance_embedding[None, :, None, :]  # [1, N, 1, d]
+        if self.config.muxing_variant == "gaussian_hadamard":
+            return (embeddings.view(b, n, length, d) * keys).mean(dim=1)
+        # gaussian_attention_v2: contextualise each instance, key it, then attend across the
+        # N instances at every position; mean of (cross-instance output + keyed input).
+        a1 = self.muxing_attention(embeddings, padding_bias(attention_mask, embeddings.dtype)) + embeddings
+        keyed = a1.view(b, n, length, d) * keys
+        across = keyed.permute(0, 2, 1, 3).reshape(b * length, n, d)
+        slot_mask = attention_mask.view(b, n, length).permute(0, 2, 1).reshape(b * length, n)
+        # a position where every instance is padding would attend to nothing: let it see all
+        slot_mask = torch.where(slot_mask.sum(-1, keepdim=True) > 0, slot_mask, torch.ones_like(slot_mask))
+        a2 = self.muxing_attention_2(across, padding_bias(slot_mask, embeddings.dtype))
+        a2 = a2.view(b, length, n, d).permute(0, 2, 1, 3)
+        return (a2 + keyed).mean(dim=1)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token ids [B*N, L] -> encoder output [B, L, d] (for N=1: [T, L, d])."""
+        emb = self.bert.embeddings
+        if not self.config.is_mux:
+            x = emb(input_ids=input_ids)
+            return self.bert.encoder(x, padding_bias(attention_mask, x.dtype))
+        # index_pos reads every slot from the shared position 0: force [CLS] there
+        input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.config.cls_token_id), input_ids[:, 1:]], dim=1)
+        mixed = self.multiplex(emb(input_ids=input_ids), attention_mask)
+        # As the reference (and its checkpoints): the mixture goes through the embedding layer
+        # again as inputs_embeds, and the encoder runs without a padding mask.
+        return self.bert.encoder(emb(inputs_embeds=mixed))
+
+    def demultiplex(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[B, L', d] -> [B*N, L', d]; identity for the baseline."""
+        if not self.config.is_mux:
+            return hidden
+        return self.demultiplexer(self.demux_module(hidden))
+
+    # ---------------------------------------------------------------- public forward
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits for T texts: [T, C] (sequence) or [T, L, C] (token). T need not divide by N."""
+        t = input_ids.shape[0]
+        input_ids, attention_mask = self._fill_short_group(input_ids, attention_mask)
+        hidden = self.encode(input_ids, attention_mask)
+        if self.config.task == "sequence_classification":
+            hidden = hidden[:, :1]  # the shared [CLS] position only
+            logits = self.classifier(self.dropout(self.demultiplex(hidden)))[:, 0]
+        else:
+            logits = self.classifier(self.dropout(self.demultiplex(hidden)))
+        return logits[:t]
+
+    def _fill_short_group(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.config.num_instances
+        t = input_ids.shape[0]
+        missing = (-t) % n
+        if missing == 0:
+            return input_ids, attention_mask
+        if self.config.short_group_policy == "copy":
+            # repeat the real texts of the last (short) group, round robin
+            first = t - (n - missing)
+            idx = first + torch.arange(missing, device=input_ids.device) % (n - missing)
+            fill_ids, fill_mask = input_ids[idx], attention_mask[idx]
+        else:
+            fill_ids = torch.full((missing, input_ids.shape[1]), self.config.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+            fill_ids[:, 0] = self.config.cls_token_id
+            fill_ids[:, 1] = self.config.sep_token_id
+            fill_mask = torch.zeros_like(fill_ids)
+            fill_mask[:, :2] = 1
+        return torch.cat([input_ids, fill_ids]), torch.cat([attention_mask, fill_mask])
+
+    @torch.no_grad()
+    def predict_ensemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Ensembled logits [T, C]: each text runs N times, copies scattered over slots and groups
+        by a fresh random permutation per copy, logits of the copies averaged (N times the compute)."""
+        n, t = self.config.num_instances, input_ids.shape[0]
+        if n == 1:
+            return self.forward(input_ids, attention_mask)
+        order = torch.cat([torch.randperm(t, generator=generator) for _ in range(n)])
+        logits = self.forward(input_ids[order], attention_mask[order])
+        summed = torch.zeros((t, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+        summed.index_add_(0, order.to(logits.device), logits)
+        return summed / n
+
+    # ---------------------------------------------------------------- training losses
+
+    def retrieval_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Priming: at every position pick a random slot; predict that slot's token there.
+
+        Pads and the forced [CLS] are excluded, and the vocabulary projection runs only on the
+        P scored positions. Returns (logits [P, V], targets [P]).
+        """
+        n = self.config.num_instances
+        hidden = self.encode(input_ids, attention_mask)
+        b, length, _ = hidden.shape
+        slot = torch.randint(n, (b, length), generator=generator).to(hidden.device)
+        pick = slot[:, None, :]
+        targets = input_ids.view(b, n, length).gather(1, pick)[:, 0]
+        scored = attention_mask.view(b, n, length).gather(1, pick)[:, 0].bool()
+        scored[:, 0] = False
+        logits = self.retrieval_head.decode(hidden[scored], slot[scored], self.demux_module, self.bert.embeddings.word_embeddings.weight)
+        return logits, targets[scored]
+
+    def mlm_logits(self, masked_ids: torch.Tensor, attention_mask: torch.Tensor, mlm_positions: torch.Tensor) -> torch.Tensor:
+        """MLM with multiplexing: logits [P, V] for the P True entries of ``mlm_positions [T, L]``,
+        each read from its own slot of the muxed output."""
+        n = self.config.num_instances
+        hidden = self.encode(masked_ids, attention_mask)
+        rows, cols = mlm_positions.nonzero(as_tuple=True)
+        h = hidden[rows // n, cols]
+        return self.retrieval_head.decode(h, rows % n, self.demux_module, self.bert.embeddings.word_embeddings.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

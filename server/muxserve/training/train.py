@@ -1,0 +1,313 @@
+"""Three-stage training of MUX-BERT (and the N=1 baseline), resumable from checkpoints.
+
+Stages (as in MUX-PLMs): ``prime`` (retrieval loss on unlabeled text: recover every slot's
+tokens from the muxed output), ``mlm`` (masked LM with multiplexing, optional), ``finetune``
+(task loss, plus an optional retrieval term and optional distillation from a fine-tuned
+baseline). Each stage writes ``OUT/checkpoint.pt`` every ``save_every`` steps and resumes from
+it; ``OUT/final`` and (with a dev set) ``OUT/best`` hold the results; ``OUT/log.jsonl`` the curves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from muxserve.model.muxbert import MuxBertModel
+from muxserve.model.tokenizer import TextTokenizer
+from muxserve.model.weights import TOKENIZER_FILE, backbone_config, load_backbone, load_model, minilm_dir, save_model
+from muxserve.training.data import LabeledTexts, label_names_of, length_bucketed_batches, read_texts, read_tsv
+from muxserve.training.evaluate import accuracy, predict
+
+STAGES = ("prime", "mlm", "finetune")
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    out: str
+    train_files: list[str]
+    init: str = "backbone"  # "backbone" (all-MiniLM-L6-v2) or a saved model folder
+    dev_file: str | None = None
+    num_instances: int = 1
+    muxing_variant: str = "gaussian_hadamard"
+    labels: list[str] | None = None  # default: from the training file
+    steps: int = 0  # 0: derive from epochs
+    epochs: float = 1.0
+    batch_size: int = 32  # texts per step (B*N)
+    lr: float = 1e-4
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_length: int = 64
+    retrieval_coeff: float = 0.0  # finetune: weight of the auxiliary retrieval loss
+    teacher: str | None = None  # finetune: a fine-tuned baseline folder to distil from
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    mlm_probability: float = 0.15
+    freeze_word_embeddings: bool = False
+    eval_every: int = 200
+    save_every: int = 100
+    log_every: int = 20
+    threads: int = 0  # 0: leave torch's default
+    seed: int = 0
+    limit: int | None = None  # use only the first K training rows (tests, smoke runs)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}")
+        if self.batch_size % self.num_instances:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_instances {self.num_instances}")
+        if self.stage in ("prime", "mlm") and self.num_instances < 2:
+            raise ValueError(f"stage {self.stage} needs num_instances >= 2 (it trains the demultiplexer)")
+
+
+def _init_model(cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
+    if cfg.init == "backbone":
+        model = MuxBertModel(backbone_config(num_instances=cfg.num_instances, muxing_variant=cfg.muxing_variant, labels=labels, max_seq_length=cfg.max_length, seed=cfg.seed))
+        load_backbone(model)
+        return model
+    src = load_model(cfg.init)
+    if src.config.num_instances != cfg.num_instances:
+        raise ValueError(f"{cfg.init} has num_instances={src.config.num_instances}, not {cfg.num_instances}")
+    if src.config.labels == labels:
+        return src.train()
+    # new task: same body, fresh classifier
+    conf = src.config.from_dict({**src.config.to_dict(), "labels": labels})
+    model = MuxBertModel(conf)
+    state = {k: v for k, v in src.state_dict().items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.startswith("classifier.") for k in missing)
+    return model
+
+
+def _tokenizer_path(cfg: TrainConfig) -> Path:
+    if cfg.init != "backbone" and (Path(cfg.init) / TOKENIZER_FILE).exists():
+        return Path(cfg.init) / TOKENIZER_FILE
+    return minilm_dir() / TOKENIZER_FILE
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def _mask_tokens(ids: torch.Tensor, mask: torch.Tensor, prob: float, vocab: int, mask_id: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: of the chosen positions 80% [MASK], 10% random, 10% kept."""
+    real = mask.bool()
+    real[:, 0] = False
+    real &= ids != 102  # [SEP]
+    chosen = (torch.rand(ids.shape, generator=gen) < prob) & real
+    action = torch.rand(ids.shape, generator=gen)
+    masked = ids.clone()
+    masked[chosen & (action < 0.8)] = mask_id
+    rand_pos = chosen & (action >= 0.8) & (action < 0.9)
+    masked[rand_pos] = torch.randint(1000, vocab, (int(rand_pos.sum()),), generator=gen)
+    return masked, chosen
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        if cfg.stage == "finetune":
+            labels = cfg.labels or label_names_of(cfg.train_files[0])
+            data = read_tsv(cfg.train_files[0], labels, cfg.limit)
+            for extra in cfg.train_files[1:]:
+                more = read_tsv(extra, labels)
+                data = LabeledTexts(data.texts + more.texts, data.labels + more.labels)
+        else:
+            labels = cfg.labels or ["negative", "positive"]
+            texts = read_texts(cfg.train_files)
+            data = LabeledTexts(texts[: cfg.limit] if cfg.limit else texts, [])
+        self.labels = labels
+        self.data = data
+        self.tokenizer_path = _tokenizer_path(cfg)
+        self.tokenizer = TextTokenizer(self.tokenizer_path, cfg.max_length)
+        self.ids = self.tokenizer.encode(data.texts).ids
+        self.dev = read_tsv(cfg.dev_file, labels) if cfg.dev_file else None
+        self.model = _init_model(cfg, labels)
+        self.model.config.max_seq_length = cfg.max_length
+        if cfg.freeze_word_embeddings:
+            self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+        self.steps_per_epoch = math.ceil(len(self.ids) / cfg.batch_size)
+        self.total_steps = cfg.steps or max(1, int(cfg.epochs * self.steps_per_epoch))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
+        self.step = 0
+        self.best = -1.0
+        self.teacher_logits = self._teacher_logits() if cfg.teacher and cfg.stage == "finetune" else None
+        self._resume()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def _resume(self) -> None:
+        if not self.checkpoint_path.exists():
+            return
+        ck = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+        if ck["train_config"]["stage"] != self.cfg.stage:
+            raise ValueError(f"{self.checkpoint_path} is from stage {ck['train_config']['stage']}, not {self.cfg.stage}")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.step, self.best = ck["step"], ck["best"]
+        self._log({"event": "resumed", "step": self.step, "best": self.best})
+
+    def _save_checkpoint(self) -> None:
+        tmp = self.checkpoint_path.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best, "train_config": asdict(self.cfg)}, tmp)
+        os.replace(tmp, self.checkpoint_path)
+
+    def _log(self, record: dict) -> None:
+        record = {"time": round(time.time(), 1), **record}
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ teacher
+
+    def _teacher_logits(self) -> torch.Tensor:
+        cache = self.out / "teacher_logits.pt"
+        if cache.exists():
+            logits = torch.load(cache)
+            if logits.shape[0] == len(self.data.texts):
+                return logits
+        teacher = load_model(self.cfg.teacher)
+        if teacher.config.labels != self.labels:
+            raise ValueError(f"teacher labels {teacher.config.labels} != {self.labels}")
+        logits = predict(teacher, TextTokenizer(Path(self.cfg.teacher) / TOKENIZER_FILE, self.cfg.max_length), self.data.texts, batch_texts=256)
+        torch.save(logits, cache)
+        return logits
+
+    # ------------------------------------------------------------------ one step
+
+    def _loss(self, batch: list[int], gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        ids, mask = self.tokenizer.pad([self.ids[i] for i in batch])
+        stats: dict = {}
+        if cfg.stage == "prime":
+            logits, targets = self.model.retrieval_logits(ids, mask, gen)
+            loss = F.cross_entropy(logits, targets)
+            stats["retrieval_acc"] = float((logits.argmax(-1) == targets).float().mean())
+            return loss, stats
+        if cfg.stage == "mlm":
+            masked, chosen = _mask_tokens(ids, mask, cfg.mlm_probability, self.model.config.vocab_size, 103, gen)
+            if not chosen.any():
+                chosen[0, 1] = True
+            logits = self.model.mlm_logits(masked, mask, chosen)
+            targets = ids[chosen]
+            stats["mlm_acc"] = float((logits.argmax(-1) == targets).float().mean())
+            return F.cross_entropy(logits, targets), stats
+        labels = torch.tensor([self.data.labels[i] for i in batch])
+        logits = self.model(ids, mask)
+        loss = F.cross_entropy(logits, labels)
+        stats["task_loss"] = loss.item()
+        stats["train_acc"] = float((logits.argmax(-1) == labels).float().mean())
+        if self.teacher_logits is not None:
+            t = cfg.distill_temperature
+            soft = F.softmax(self.teacher_logits[batch] / t, dim=-1)
+            kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, reduction="batchmean") * t * t
+            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
+            stats["distill_loss"] = float(kd)
+        if cfg.retrieval_coeff > 0 and self.model.config.is_mux:
+            r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen)
+            r_loss = F.cross_entropy(r_logits, r_targets)
+            loss = loss + cfg.retrieval_coeff * r_loss
+            stats["retrieval_loss"] = float(r_loss)
+        return loss, stats
+
+    def _batches(self):
+        """Batches from the current step on: epoch e's order depends only on (seed, e)."""
+        lengths = [len(r) for r in self.ids]
+        epoch, skip = divmod(self.step, self.steps_per_epoch)
+        while True:
+            rng = random.Random(self.cfg.seed * 1000 + epoch)
+            for i, batch in enumerate(length_bucketed_batches(lengths, self.cfg.batch_size, rng)):
+                if i < skip:
+                    continue
+                if len(batch) % self.cfg.num_instances:
+                    batch = batch[: len(batch) - len(batch) % self.cfg.num_instances]
+                if batch:
+                    yield batch
+            epoch, skip = epoch + 1, 0
+
+    # ------------------------------------------------------------------ loop
+
+    def evaluate(self) -> dict | None:
+        if self.dev is None or self.cfg.stage != "finetune":
+            return None
+        return accuracy(self.model, self.tokenizer, self.dev)
+
+    def run(self, progress: bool = True) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        gen = torch.Generator().manual_seed(cfg.seed + self.step)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.stage} N={cfg.num_instances}", dynamic_ncols=True)
+        self._log({"event": "start", "step": self.step, "total_steps": self.total_steps, "config": asdict(cfg)})
+        window: list[dict] = []
+        batches = self._batches()
+        while self.step < self.total_steps:
+            batch = next(batches)
+            loss, stats = self._loss(batch, gen)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            window.append({"loss": loss.item(), **stats})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **mean})
+                window = []
+            if self.dev is not None and cfg.stage == "finetune" and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                result = self.evaluate()
+                assert result is not None
+                self._log({"step": self.step, "dev_accuracy": result["accuracy"], "dev_n": result["n"]})
+                if bar is not None:
+                    bar.write(f"step {self.step}: dev accuracy {result['accuracy']:.4f}")
+                if result["accuracy"] > self.best:
+                    self.best = result["accuracy"]
+                    save_model(self.model, self.out / "best", torch.float32, self.tokenizer_path)
+                self.model.train()
+            if self.step % cfg.save_every == 0:
+                self._save_checkpoint()
+        if bar is not None:
+            bar.close()
+        self._save_checkpoint()
+        save_model(self.model, self.out / "final", torch.float32, self.tokenizer_path)
+        summary = {"stage": cfg.stage, "steps": self.step, "best_dev_accuracy": self.best if self.best >= 0 else None, "out": str(self.out)}
+        self._log({"event": "done", **summary})
+        return summary
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    return Trainer(cfg).run(progress)
