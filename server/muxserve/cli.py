@@ -85,13 +85,19 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from muxserve import commands
+
     parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    handlers = {"train": _run_train, "eval": _run_eval}
     _add_train(sub)
     _add_eval(sub)
+    # each other command lives in its own module under muxserve.commands: add_parser(sub) + run(args)
+    for module in commands.MODULES:
+        handlers[module.NAME] = module.run
+        module.add_parser(sub)
     a = parser.parse_args(argv)
-    handlers = {"train": _run_train, "eval": _run_eval}
-    return handlers[a.command](a)
+    return handlers[a.command](a) or 0
 
 
 if __name__ == "__main__":

@@ -293,7 +293,7 @@ class MuxBertModel(nn.Module):
         self._init_new_weights()
 
     def _init_new_weights(self) -> None:
-        for name, module in self.named_modules():
+        for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
