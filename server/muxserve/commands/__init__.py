@@ -2,4 +2,6 @@
 
 from types import ModuleType
 
-MODULES: list[ModuleType] = []
+from muxserve.commands import package, serve
+
+MODULES: list[ModuleType] = [serve, package]

@@ -89,7 +89,9 @@ def load_backbone(model: MuxBertModel, directory: str | Path | None = None) -> l
 
 _REFERENCE_CONFIG_KEYS = ("num_instances", "muxing_variant", "demuxing_variant", "gaussian_hadamard_norm", "learn_muxing", "num_hidden_demux_layers")
 # keys of the reference that our model does not use for classification
-_REFERENCE_UNUSED = ("bert.embeddings.position_ids", "bert.pooler.", "demux_module.layer_norm_", "demux_module.dropout_", "retrieval_head.decoder.weight", "retrieval_head.dense", "retrieval_head.layer_norm")
+_REFERENCE_UNUSED = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "bert.pooler.", "demux_module.layer_norm_", "demux_module.dropout_", "retrieval_head.decoder.weight", "retrieval_head.dense", "retrieval_head.layer_norm")
+# the reference's IndexPosDemuxModule falls back to 2 when the config lacks the key
+_REFERENCE_DEFAULT_DEMUX_LAYERS = 2
 
 
 def convert_reference_checkpoint(ref_config: dict[str, Any], ref_state: dict[str, torch.Tensor]) -> MuxBertModel:
@@ -97,18 +99,42 @@ def convert_reference_checkpoint(ref_config: dict[str, Any], ref_state: dict[str
 
     The reference's parameter names are ours by design; what changes: the tied retrieval decoder
     (its weight is the word embeddings; its bias becomes ``retrieval_head.bias``), and buffers or
-    heads we do not use are dropped. Labels come from ``id2label`` when present.
+    heads we do not use are dropped. Labels come from ``id2label`` when present; a
+    ``*TokenClassification`` architecture gives a token classifier.
+
+    Demux depth: the reference's classification demux (``IndexPosDemultiplexerTokenLevel``) runs
+    ``dense_1 .. dense_{K-1}`` (K = ``num_hidden_demux_layers``; skip connections from the second
+    on) and then the pre-decoder; ``dense_K`` is never used for classification. Ours runs exactly
+    ``dense_1`` and ``dense_2`` (with skip), i.e. the reference with K=3 (run_glue.py's default):
+    converted as is, with the unused ``dense_3`` dropped. With K=2 the reference skips ``dense_2``
+    at classification time: the converter sets ``dense_2`` to weight 0 and bias -1e4 so that
+    ``gelu(dense_2(x)) + x == x`` exactly (the retrieval head of such a converted model is then
+    not the reference's; it is not used for serving). Other K are rejected.
     """
-    shapes = {k: ref_config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id") if k in ref_config}
     mux = {k: ref_config[k] for k in _REFERENCE_CONFIG_KEYS if k in ref_config}
+    if "learn_muxing" in mux:
+        mux["learn_muxing"] = bool(mux["learn_muxing"])
+    num_instances = int(mux.get("num_instances", 1))
+    if num_instances == 1 and any(k.startswith("bert.pooler.") for k in ref_state):
+        # a plain BertForSequenceClassification classifies the pooler's output; our N=1 baseline
+        # reads the [CLS] state directly, so dropping the pooler would silently change the logits
+        raise ValueError("not a multiplexed checkpoint (no num_instances, has a pooler): the N=1 model has no pooler")
+    demux_layers = int(ref_config.get("num_hidden_demux_layers", _REFERENCE_DEFAULT_DEMUX_LAYERS))
+    if num_instances > 1 and demux_layers not in (2, 3):
+        raise ValueError(f"num_hidden_demux_layers={demux_layers} is not supported (2 or 3)")
+    shapes = {k: ref_config[k] for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id") if k in ref_config}
     id2label = ref_config.get("id2label")
     num_labels = int(ref_config.get("num_labels", len(id2label) if id2label else 2))
     labels = [str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels)] if id2label else [f"LABEL_{i}" for i in range(num_labels)]
-    cfg = MuxBertConfig(**shapes, **mux, labels=labels)
+    token_level = any("TokenClassification" in str(a) for a in ref_config.get("architectures") or [])
+    task = "token_classification" if token_level else "sequence_classification"
+    cfg = MuxBertConfig(**shapes, **mux, labels=labels, task=task)
     model = MuxBertModel(cfg)
+    # demux dense layers beyond dense_2 exist in the reference but are never used
+    unused_dense = tuple(f"demux_module.dense_{i}." for i in range(3, max(3, demux_layers) + 1))
     state: dict[str, torch.Tensor] = {}
     for key, value in ref_state.items():
-        if key.startswith(_REFERENCE_UNUSED):
+        if key.startswith(_REFERENCE_UNUSED) or key.startswith(unused_dense):
             continue
         if key == "retrieval_head.decoder.bias":
             key = "retrieval_head.bias"
@@ -118,6 +144,9 @@ def convert_reference_checkpoint(ref_config: dict[str, Any], ref_state: dict[str
     missing = sorted(set(ours) - set(state))
     if unexpected or missing:
         raise ValueError(f"reference checkpoint does not match: unexpected {unexpected[:8]}, missing {missing[:8]}")
+    if num_instances > 1 and demux_layers == 2:
+        state["demux_module.dense_2.weight"] = torch.zeros_like(state["demux_module.dense_2.weight"])
+        state["demux_module.dense_2.bias"] = torch.full_like(state["demux_module.dense_2.bias"], -1e4)
     model.load_state_dict(state, strict=True)
     return model.eval()
 

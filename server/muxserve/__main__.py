@@ -1,0 +1,5 @@
+import sys
+
+from muxserve.cli import main
+
+sys.exit(main())

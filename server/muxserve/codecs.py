@@ -1,0 +1,105 @@
+"""Tensor codecs in one place: KServe v2 datatypes, the BYTES wire format, JSON data."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from muxserve.errors import BadRequest
+
+# KServe v2 datatype -> numpy dtype (BYTES is an object array of bytes)
+NUMPY_DTYPES: dict[str, Any] = {
+    "BOOL": np.bool_, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "BYTES": np.object_,
+}
+
+# ModelConfig TYPE_* names -> KServe v2 datatypes
+CONFIG_DATATYPES = {
+    "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32", "TYPE_UINT64": "UINT64",
+    "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
+    "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64", "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
+}
+
+
+def element_count(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise BadRequest(f"shape {shape} has a negative dimension")
+        count *= dim
+    return count
+
+
+def decode_bytes_tensor(buffer: bytes | memoryview) -> list[bytes]:
+    """Triton's BYTES serialization: each element is a 4-byte little-endian length + its bytes."""
+    view = memoryview(buffer)
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise BadRequest("malformed BYTES tensor: truncated length prefix")
+        (length,) = struct.unpack_from("<I", view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise BadRequest("malformed BYTES tensor: element runs past the end of the buffer")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    return items
+
+
+def encode_bytes_tensor(items: list[bytes]) -> bytes:
+    parts = []
+    for item in items:
+        parts.append(struct.pack("<I", len(item)))
+        parts.append(item)
+    return b"".join(parts)
+
+
+def decode_raw(datatype: str, buffer: bytes | memoryview) -> list[Any] | np.ndarray:
+    """A binary/raw tensor buffer -> list of bytes (BYTES) or a flat numpy array."""
+    if datatype == "BYTES":
+        return decode_bytes_tensor(buffer)
+    if datatype not in NUMPY_DTYPES:
+        raise BadRequest(f"unsupported datatype {datatype!r}")
+    dtype = np.dtype(NUMPY_DTYPES[datatype])
+    if len(buffer) % dtype.itemsize:
+        raise BadRequest(f"binary data of {len(buffer)} bytes is not a whole number of {datatype} elements")
+    return np.frombuffer(buffer, dtype=dtype)
+
+
+def encode_raw(datatype: str, data: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        return encode_bytes_tensor([_as_bytes(x) for x in data.reshape(-1)])
+    return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
+
+
+def flatten_json_data(data: Any) -> list[Any]:
+    """KServe JSON tensor data may be flat or nested row-major: flatten it."""
+    if not isinstance(data, list):
+        return [data]
+    flat: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            flat.append(item)
+        else:
+            stack.pop()
+    return flat
+
+
+def json_data(datatype: str, data: np.ndarray) -> list[Any]:
+    """An output tensor as a flat JSON list (BYTES as UTF-8 strings)."""
+    flat = data.reshape(-1)
+    if datatype == "BYTES":
+        return [_as_bytes(x).decode("utf-8", errors="replace") for x in flat]
+    return flat.tolist()
+
+
+def _as_bytes(x: Any) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode("utf-8")

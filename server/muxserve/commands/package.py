@@ -1,0 +1,28 @@
+"""``muxserve package``: put a trained model into the model repository."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "package"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(NAME, help="copy a trained model (fp16) into the model repository with a config.pbtxt")
+    p.add_argument("source", help="a saved model folder (e.g. runs/sst2-mux2/best)")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--name", required=True)
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--baseline", default="", help="the plain model this one is compared to")
+    p.add_argument("--batch-texts", type=int, default=0, help="texts per forward pass (default 32 groups)")
+    p.add_argument("--max-queue-delay-us", type=int, default=2000)
+    p.add_argument("--shadow-sample-rate", type=float, default=0.0)
+
+
+def run(a: argparse.Namespace) -> int:
+    from muxserve.packaging import package_model
+
+    target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate)
+    print(json.dumps({"model": a.name, "version": a.version, "path": str(target)}))
+    return 0

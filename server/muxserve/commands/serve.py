@@ -1,0 +1,40 @@
+"""``muxserve serve``: serve a model repository over HTTP and gRPC (KServe v2)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "serve"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(NAME, help="serve a model repository over HTTP (8000) and gRPC (8001)")
+    p.add_argument("--model-repository", default=None, help="default: ./model_repository")
+    p.add_argument("--host", default=None, help="default: 0.0.0.0")
+    p.add_argument("--http-port", type=int, default=None, help="default: 8000")
+    p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
+    p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (overrides instance_group)")
+    p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="CUDA only")
+    p.add_argument("--engine", default=None, choices=["eager", "torchscript", "echo"])
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine instance")
+    p.add_argument("--no-length-aware", action="store_true", help="batch in arrival order")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-shadow", action="store_true", help="disable shadow sampling")
+    p.add_argument("--max-request-bytes", type=int, default=None)
+    p.add_argument("--log-level", default=None)
+
+
+def run(a: argparse.Namespace) -> int:
+    from muxserve.server import serve
+    from muxserve.settings import Settings
+
+    settings = Settings.from_env(
+        model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
+        models=[m for m in a.models.split(",") if m] if a.models else None, device=a.device, precision=a.precision,
+        engine=a.engine, threads=a.threads, length_aware=False if a.no_length_aware else None,
+        warmup=False if a.no_warmup else None, shadow=False if a.no_shadow else None,
+        max_request_bytes=a.max_request_bytes, log_level=a.log_level,
+    )
+    serve(settings)
+    return 0

@@ -1,0 +1,152 @@
+"""Engines run forward passes off the event loop: one dedicated thread per model instance.
+
+An engine takes token-id rows (a batch of texts, mux groups already laid out slot by slot),
+pads them to a bucketed length so that shapes repeat, runs the model (eager or TorchScript,
+CPU or CUDA, fp32/fp16/bf16) and returns float32 logits ``[T, C]`` as numpy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from muxserve.model.muxbert import MuxBertConfig
+from muxserve.model.weights import load_model
+
+LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def default_threads(instances: int = 1) -> int:
+    """Intra-op threads per engine: leave one core to the event loop, split the rest."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, (cores - 1) // max(1, instances))
+
+
+def bucket_length(length: int, max_length: int) -> int:
+    for b in LENGTH_BUCKETS:
+        if b >= length:
+            return min(b, max_length)
+    return max_length
+
+
+class Forward(Protocol):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
+
+
+class EchoForward:
+    """Diagnostic engine: each text's "logits" encode its own token ids, not a prediction.
+
+    Output row = [sum of ids, number of tokens, first real id after [CLS], 0...]. Tests use it
+    to prove that every caller gets its own row back; operators use it to measure the server's
+    overhead without model compute.
+    """
+
+    def __init__(self, num_labels: int) -> None:
+        self.num_labels = max(3, num_labels)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        ids = input_ids * attention_mask
+        out = torch.zeros(input_ids.shape[0], self.num_labels, dtype=torch.float64)
+        out[:, 0] = ids.sum(1).double()
+        out[:, 1] = attention_mask.sum(1).double()
+        out[:, 2] = input_ids[:, 1].double()
+        return out
+
+
+@dataclass
+class EngineOptions:
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions are for CUDA)
+    kind: str = "eager"  # eager | torchscript | echo (diagnostic)
+    threads: int = 0  # 0: default_threads()
+    instances: int = 1  # engine threads (instance_group count)
+
+
+class Engine:
+    """Owns a model on a device and the threads that run it."""
+
+    def __init__(self, forward: Forward, config: MuxBertConfig, options: EngineOptions, name: str = "model") -> None:
+        self.forward_fn = forward
+        self.config = config
+        self.options = options
+        self.name = name
+        self.device = torch.device(options.device)
+        self.threads = options.threads or default_threads(options.instances)
+        self._executor = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix=f"engine-{name}", initializer=self._init_thread)
+
+    @classmethod
+    def load(cls, directory: str | Path, options: EngineOptions, name: str = "model") -> Engine:
+        directory = Path(directory)
+        dtype = DTYPES[options.precision]
+        if options.device == "cpu" and dtype != torch.float32:
+            raise ValueError(f"precision {options.precision} is for CUDA; use fp32 on CPU")
+        model = load_model(directory, device=options.device, dtype=dtype)
+        forward: Forward = model
+        if options.kind == "echo":
+            forward = EchoForward(model.config.num_labels)
+        elif options.kind == "torchscript":
+            path = directory / "model.pt"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} missing: run `muxserve export` for this model first")
+            traced = torch.jit.load(str(path), map_location=options.device)
+            forward = traced.to(dtype=dtype).eval() if dtype != torch.float32 else traced.eval()
+        elif options.kind != "eager":
+            raise ValueError(f"unknown engine kind {options.kind!r} (eager | torchscript | echo)")
+        return cls(forward, model.config, options, name)
+
+    def _init_thread(self) -> None:
+        torch.set_num_threads(self.threads)
+
+    @property
+    def num_instances(self) -> int:
+        return self.config.num_instances
+
+    def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows -> (ids, mask) at a bucketed length; the row count padded up to a multiple of N
+        with empty texts (their outputs are dropped) so traced graphs see whole groups."""
+        n = self.config.num_instances
+        total = len(rows) + (-len(rows)) % n if self.options.kind == "torchscript" else len(rows)
+        length = bucket_length(max(len(r) for r in rows), self.config.max_seq_length)
+        ids = np.full((total, length), self.config.pad_token_id, dtype=np.int64)
+        mask = np.zeros((total, length), dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        for i in range(len(rows), total):
+            ids[i, :2] = (self.config.cls_token_id, self.config.sep_token_id)
+            mask[i, :2] = 1
+        return torch.from_numpy(ids), torch.from_numpy(mask)
+
+    def infer(self, rows: list[list[int]]) -> np.ndarray:
+        """Synchronous forward pass: logits float32 [len(rows), C]."""
+        ids, mask = self.pad(rows)
+        with torch.inference_mode():
+            logits = self.forward_fn(ids.to(self.device), mask.to(self.device))
+        return logits[: len(rows)].float().cpu().numpy()
+
+    async def run(self, rows: list[list[int]]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.infer, rows)
+
+    async def call(self, fn: Callable[[], object]) -> object:
+        """Run something else on an engine thread (e.g. a warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def warmup(self) -> None:
+        """One pass per common length bucket, so the first requests do not pay for allocation."""
+        n = self.config.num_instances
+        for length in (8, 16, 32, 64):
+            if length <= self.config.max_seq_length:
+                self.infer([[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * (2 * n))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=False)

@@ -1,0 +1,313 @@
+"""HTTP adapter (FastAPI): KServe v2 as Triton speaks it, ``/v1/classify``, ``/metrics``.
+
+A thin layer: decode the wire format into ``muxserve.types``, call the data plane, encode the
+answer. Includes Triton's binary tensor data extension (``Inference-Header-Content-Length``)
+and gzip/deflate bodies, which tritonclient's HTTP client uses.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from google.protobuf import json_format
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, ValidationError
+
+from muxserve.codecs import decode_raw, encode_raw, flatten_json_data, json_data
+from muxserve.dataplane import DataPlane
+from muxserve.errors import BadRequest, PayloadTooLarge, ServingError
+from muxserve.metrics import Metrics, refresh_throughput
+from muxserve.stats import statistics_json
+from muxserve.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ORJSONResponse(JSONResponse):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(status: int, message: str) -> ORJSONResponse:
+    return ORJSONResponse({"error": message}, status_code=status)
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(description="model name, e.g. sst2-mux5")
+    inputs: list[str] | str = Field(description="one text or a list of texts")
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    score: float
+
+
+# ---------------------------------------------------------------------------- body codec
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` (before and after decompression)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+            body = d.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"cannot decompress {encoding} body: {exc}") from None
+        if len(body) > limit:
+            raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+    elif encoding not in ("", "identity"):
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None) -> tuple[InferRequest, bool]:
+    """JSON (+ binary tail) -> InferRequest; also whether outputs default to binary."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(f"invalid {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
+        json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
+    else:
+        json_part, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("request must have a non-empty 'inputs' list")
+    inputs, offset = [], 0
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise BadRequest(f"input {i} must be an object with a 'name'")
+        name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
+        if not isinstance(datatype, str):
+            raise BadRequest(f"input '{name}' lacks a 'datatype'")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise BadRequest(f"input '{name}' needs 'shape' as a list of integers")
+        params = raw.get("parameters") or {}
+        size = params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
+            data = decode_raw(datatype, binary[offset : offset + size])
+            offset += size
+        elif "data" in raw:
+            data = flatten_json_data(raw["data"])
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(InputTensor(name, datatype, shape, data, params))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    outputs = None
+    if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for raw in doc["outputs"]:
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise BadRequest("each requested output must be an object with a 'name'")
+            outputs.append(RequestedOutput(raw["name"], raw.get("parameters") or {}))
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    request_id = doc.get("id", "")
+    return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
+
+
+def encode_infer_response(resp: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
+    """-> (body, JSON header length when there is a binary tail)."""
+    binary_of = {o.name: o.parameters.get("binary_data", binary_default) for o in request.outputs or []}
+    outputs, tail = [], []
+    for out in resp.outputs:
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if binary_of.get(out.name, binary_default):
+            raw = encode_raw(out.datatype, out.data)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            entry["data"] = json_data(out.datatype, out.data)
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs}
+    if resp.id:
+        doc["id"] = resp.id
+    if resp.parameters:
+        doc["parameters"] = resp.parameters
+    header = orjson.dumps(doc)
+    if not tail:
+        return header, None
+    return header + b"".join(tail), len(header)
+
+
+def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
+    accept = accept_encoding.lower()
+    if "gzip" in accept:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accept:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+# ---------------------------------------------------------------------------- the app
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for any body over the limit, declared or streamed (chunked)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for key, value in scope.get("headers", []):
+            if key == b"content-length" and value.isdigit() and int(value) > self.limit:
+                response = error_response(413, f"request body of {int(value)} bytes exceeds the limit of {self.limit} bytes")
+                return await response(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {self.limit} bytes")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> FastAPI:
+    app = FastAPI(title="muxserve", version=plane.server_metadata()["version"], description="KServe v2 (Triton-compatible) inference for data-multiplexed BERT classifiers", default_response_class=ORJSONResponse)
+
+    app.add_middleware(BodyLimit, limit=max_request_bytes)
+
+    @app.exception_handler(ServingError)
+    async def serving_error(_: Request, exc: ServingError) -> ORJSONResponse:
+        return error_response(exc.http_status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, f"invalid request: {where}: {first.get('msg', 'bad input')}".replace(": :", ":"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> ORJSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    # -- health and metadata
+
+    @app.get("/v2/health/live", tags=["health"])
+    async def live() -> Response:
+        return Response(status_code=200 if plane.live() else 503)
+
+    @app.get("/v2/health/ready", tags=["health"])
+    async def ready() -> Response:
+        return Response(status_code=200 if plane.ready() else 503)
+
+    @app.get("/v2", tags=["metadata"])
+    async def server_metadata() -> dict:
+        return plane.server_metadata()
+
+    @app.get("/v2/models/stats", tags=["statistics"])
+    async def all_stats() -> dict:
+        return statistics_json(plane.statistics())
+
+    @app.get("/v2/models/{model}", tags=["metadata"])
+    @app.get("/v2/models/{model}/versions/{version}", tags=["metadata"])
+    async def model_metadata(model: str, version: str = "") -> dict:
+        return plane.model_metadata(model, version)
+
+    @app.get("/v2/models/{model}/ready", tags=["health"])
+    @app.get("/v2/models/{model}/versions/{version}/ready", tags=["health"])
+    async def model_ready(model: str, version: str = "") -> Response:
+        return Response(status_code=200 if plane.model_ready(model, version) else 503)
+
+    @app.get("/v2/models/{model}/config", tags=["metadata"])
+    @app.get("/v2/models/{model}/versions/{version}/config", tags=["metadata"])
+    async def model_config(model: str, version: str = "") -> dict:
+        return json_format.MessageToDict(plane.model_config(model, version), preserving_proto_field_name=True)
+
+    @app.get("/v2/models/{model}/stats", tags=["statistics"])
+    @app.get("/v2/models/{model}/versions/{version}/stats", tags=["statistics"])
+    async def model_stats(model: str, version: str = "") -> dict:
+        return statistics_json(plane.statistics(model, version))
+
+    @app.post("/v2/repository/index", tags=["repository"])
+    async def repository_index(request: Request) -> list:
+        body = await read_body(request, max_request_bytes)
+        ready_only = False
+        if body.strip():
+            try:
+                ready_only = bool(orjson.loads(body).get("ready", False))
+            except (orjson.JSONDecodeError, AttributeError):
+                raise BadRequest("repository index body must be a JSON object like {\"ready\": true}") from None
+        return plane.repository_index(ready_only)
+
+    # -- inference
+
+    @app.post("/v2/models/{model}/infer", tags=["inference"])
+    @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"])
+    async def infer(model: str, request: Request, version: str = "") -> Response:
+        plane.registry.find(model, version)  # 404 before reading a body for nothing
+        body = await read_body(request, max_request_bytes)
+        infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH))
+        response = await plane.infer(infer_request)
+        payload, header_length = encode_infer_response(response, infer_request, binary_default)
+        headers = {}
+        media_type = "application/json"
+        if header_length is not None:
+            headers[HEADER_LENGTH] = str(header_length)
+            media_type = "application/octet-stream"
+        payload, encoding = compress(payload, request.headers.get("accept-encoding", "")) if len(payload) > 1024 else (payload, None)
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        return Response(payload, media_type=media_type, headers=headers)
+
+    @app.post("/v1/classify", tags=["simple"], response_model=list[ClassifyResult], openapi_extra={"requestBody": {"content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}, "required": True}})
+    async def classify(request: Request) -> list[dict]:
+        """`{"model": "sst2-mux5", "inputs": ["text", ...]}` -> one `{label, score}` per input
+        (`score`: the label's softmax probability). The body is read as JSON whatever its
+        Content-Type, so a bare `curl -d` works."""
+        body = await read_body(request, max_request_bytes)
+        try:
+            parsed = ClassifyRequest.model_validate_json(body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
+            raise BadRequest(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad input')}") from None
+        texts = [parsed.inputs] if isinstance(parsed.inputs, str) else parsed.inputs
+        return await plane.classify(parsed.model, texts)
+
+    # -- metrics
+
+    @app.get("/metrics", tags=["metrics"])
+    async def prometheus_metrics() -> Response:
+        refresh_throughput(metrics, plane.registry.monitors())
+        for served in plane.registry.all():
+            if served.monitor is not None and served.scheduler is not None:
+                served.monitor.set_queue_depth(served.scheduler.queue_depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,53 @@
+"""Write a trained model into the model repository (Triton layout) with its config.pbtxt."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
+from muxserve.repository import CONFIG_PBTXT
+
+
+def default_config(name: str, num_instances: int, num_labels: int, baseline: str = "", max_batch_size: int = 0, batch_texts: int = 0, max_queue_delay_us: int = 2000, max_queue_size: int = 1024, shadow_sample_rate: float = 0.0) -> mc.ModelConfig:
+    """TEXT in, LOGITS [C] and LABEL [1] out; a forward pass holds ``batch_texts`` texts
+    (default 32 mux groups); requests may carry up to ``max_batch_size`` texts."""
+    batch_texts = batch_texts or 32 * num_instances
+    cfg = mc.ModelConfig(name=name, backend="muxserve", max_batch_size=max_batch_size or max(64, batch_texts))
+    cfg.input.add(name="TEXT", data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name="LOGITS", data_type=mc.TYPE_FP32, dims=[num_labels])
+    cfg.output.add(name="LABEL", data_type=mc.TYPE_STRING, dims=[1])
+    cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    cfg.dynamic_batching.preferred_batch_size.append(batch_texts)
+    cfg.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
+    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    cfg.parameters["num_instances"].string_value = str(num_instances)
+    if baseline:
+        cfg.parameters["baseline"].string_value = baseline
+    if shadow_sample_rate > 0:
+        cfg.parameters["shadow_sample_rate"].string_value = str(shadow_sample_rate)
+    return cfg
+
+
+def write_config(path: str | Path, cfg: mc.ModelConfig) -> None:
+    Path(path).write_text(text_format.MessageToString(cfg))
+
+
+def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, **config_kwargs: object) -> Path:
+    """Copy a saved model (e.g. a training run's ``best/``) into ``repository/name/version/``
+    as fp16 safetensors + tokenizer, and write ``config.pbtxt`` unless one exists."""
+    model = load_model(source)
+    folder = Path(repository) / name
+    target = folder / str(version)
+    if target.exists():
+        shutil.rmtree(target)
+    tokenizer = Path(source) / TOKENIZER_FILE
+    save_model(model, target, dtype=dtype, tokenizer_file=tokenizer if tokenizer.exists() else None)
+    cfg_path = folder / CONFIG_PBTXT
+    if config is not None or not cfg_path.exists():
+        write_config(cfg_path, config or default_config(name, model.config.num_instances, model.config.num_labels, baseline, **config_kwargs))
+    return target

@@ -1,0 +1,248 @@
+"""The mux scheduler: texts from many requests fill mux groups; one forward pass per batch.
+
+One asyncio task owns the queue. A batch runs when an engine instance is free and either a
+full batch (``batch_texts`` = B groups x N slots) is waiting or the oldest waiting text has
+waited ``max_queue_delay``. Texts, not requests, fill slots; every text's result comes from
+its own row of the output. The queue is bounded in requests (Triton's ``max_queue_size``):
+past it ``submit`` fails at once with QueueFull. A failing forward pass fails only the
+requests that had texts in it. A caller that goes away leaves its texts to be skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from muxserve.errors import InferenceFailed, NotReady, QueueFull
+
+
+@dataclass
+class BatchReport:
+    """What one forward pass did; handed to the observer (metrics, statistics)."""
+
+    texts: int
+    requests: int
+    groups: int
+    num_instances: int
+    padded_length: int
+    queue_seconds: list[float]
+    compute_seconds: float
+    failed: bool
+
+
+@dataclass(eq=False)
+class _Request:
+    future: asyncio.Future
+    results: list[np.ndarray | None]
+    remaining: int
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Text:
+    ids: list[int]
+    request: _Request
+    index: int
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+RunBatch = Callable[[list[list[int]]], Awaitable[np.ndarray]]
+
+
+class MuxScheduler:
+    def __init__(
+        self,
+        run_batch: RunBatch,
+        num_instances: int,
+        batch_texts: int,
+        max_queue_delay_s: float,
+        max_queue_size: int = 0,
+        engine_instances: int = 1,
+        length_aware: bool = True,
+        observer: Callable[[BatchReport], None] | None = None,
+        name: str = "model",
+    ) -> None:
+        if batch_texts < 1:
+            raise ValueError("batch_texts must be >= 1")
+        self.run_batch = run_batch
+        self.num_instances = num_instances
+        self.batch_texts = batch_texts
+        self.max_queue_delay_s = max_queue_delay_s
+        self.max_queue_size = max_queue_size  # 0: unbounded, as Triton
+        self.length_aware = length_aware
+        self.observer = observer
+        self.name = name
+        self._queue: list[_Text] = []
+        self._queued_requests = 0
+        self._arrived = asyncio.Event()
+        self._engine_slots = asyncio.Semaphore(engine_instances)
+        self._inflight: set[asyncio.Task] = set()
+        self._task: asyncio.Task | None = None
+        self._accepting = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._accepting = True
+        self._task = asyncio.create_task(self._batching_loop(), name=f"batcher-{self.name}")
+
+    async def drain(self) -> None:
+        """Stop accepting; answer everything already accepted."""
+        self._accepting = False
+        await self._idle.wait()
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def queue_depth(self) -> int:
+        """Texts waiting (cancelled ones included until skipped)."""
+        return len(self._queue)
+
+    @property
+    def queued_requests(self) -> int:
+        return self._queued_requests
+
+    # ------------------------------------------------------------------ submit
+
+    async def submit(self, rows: list[list[int]]) -> np.ndarray:
+        """Queue a request's texts; returns their logits [len(rows), C] in order."""
+        if not self._accepting:
+            raise NotReady(f"model {self.name} is not accepting requests (shutting down)")
+        if not rows:
+            raise ValueError("empty request")
+        if self.max_queue_size and self._queued_requests >= self.max_queue_size:
+            raise QueueFull(f"model {self.name}: queue is full ({self.max_queue_size} requests waiting); retry later")
+        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows))
+        now = time.monotonic()
+        self._queue.extend(_Text(r, request, i, now) for i, r in enumerate(rows))
+        self._queued_requests += 1
+        self._idle.clear()
+        self._arrived.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            request.cancelled = True  # its queued texts are skipped, not computed
+            self._forget_cancelled()
+            raise
+
+    # ------------------------------------------------------------------ batching
+
+    def _forget_cancelled(self) -> None:
+        before = len(self._queue)
+        dropped = {id(t.request) for t in self._queue if t.request.cancelled}
+        if dropped:
+            self._queue = [t for t in self._queue if not t.request.cancelled]
+            self._queued_requests -= len(dropped)
+        if before and not self._queue and not self._inflight:
+            self._idle.set()
+
+    async def _batching_loop(self) -> None:
+        while True:
+            await self._engine_slots.acquire()  # texts keep arriving while engines are busy
+            try:
+                await self._wait_for_batch()
+            except BaseException:
+                self._engine_slots.release()
+                raise
+            batch = self._take()
+            if not batch:
+                self._engine_slots.release()
+                continue
+            task = asyncio.create_task(self._execute(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _wait_for_batch(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            if len(self._queue) >= self.batch_texts:
+                return
+            wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
+            if wait <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[_Text]:
+        """Choose up to ``batch_texts`` texts. Overdue texts go first (oldest first); with
+        length-aware batching the rest are those closest in length to the oldest text, from a
+        window of the oldest 4 batches, so the padded length stays short. Within the batch,
+        texts are ordered by length so that each mux group holds texts of similar length."""
+        queue = [t for t in self._queue if not t.request.cancelled]
+        cap = self.batch_texts
+        if len(queue) <= cap:
+            batch, rest = queue, []
+        elif not self.length_aware:
+            batch, rest = queue[:cap], queue[cap:]
+        else:
+            window = queue[: 4 * cap]
+            deadline = time.monotonic() - self.max_queue_delay_s
+            overdue = [t for t in window if t.enqueued <= deadline][:cap]
+            chosen = {id(t) for t in overdue}
+            anchor = len(window[0].ids)
+            others = sorted((t for t in window if id(t) not in chosen), key=lambda t: abs(len(t.ids) - anchor))
+            for t in others[: cap - len(overdue)]:
+                chosen.add(id(t))
+            batch = [t for t in window if id(t) in chosen]
+            rest = [t for t in window if id(t) not in chosen] + queue[4 * cap :]
+        self._queue = rest
+        if self.length_aware:
+            batch.sort(key=lambda t: len(t.ids))
+        # a request leaves the queue when its last text is taken
+        queued = {id(t.request) for t in rest}
+        self._queued_requests = len(queued)
+        return batch
+
+    async def _execute(self, batch: list[_Text]) -> None:
+        start = time.monotonic()
+        queue_seconds = [start - t.enqueued for t in batch]
+        failed = False
+        try:
+            logits = await self.run_batch([t.ids for t in batch])
+            if len(logits) != len(batch):
+                raise RuntimeError(f"engine returned {len(logits)} rows for {len(batch)} texts")
+            for row, text in zip(logits, batch, strict=True):
+                self._deliver(text, row)
+        except Exception as exc:  # a failing pass fails only its own requests
+            failed = True
+            error = InferenceFailed(f"forward pass failed: {type(exc).__name__}: {exc}")
+            for request in {id(t.request): t.request for t in batch}.values():
+                if not request.future.done():
+                    request.future.set_exception(error)
+        finally:
+            compute = time.monotonic() - start
+            self._engine_slots.release()
+            if not self._queue and len(self._inflight) <= 1:
+                self._idle.set()
+            if self.observer is not None:
+                requests = len({id(t.request) for t in batch})
+                groups = -(-len(batch) // self.num_instances)
+                padded = max(len(t.ids) for t in batch)
+                self.observer(BatchReport(len(batch), requests, groups, self.num_instances, padded, queue_seconds, compute, failed))
+
+    @staticmethod
+    def _deliver(text: _Text, row: np.ndarray) -> None:
+        request = text.request
+        request.results[text.index] = row
+        request.remaining -= 1
+        if request.remaining == 0 and not request.future.done():
+            request.future.set_result(np.stack(request.results))

@@ -1,0 +1,96 @@
+"""Assembles and runs the server: registry -> data plane -> HTTP and gRPC, one event loop.
+
+SIGTERM/SIGINT drain: the server stops accepting (ready turns false, new requests get 503),
+answers every accepted request, then closes both listeners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+
+from muxserve.dataplane import DataPlane
+from muxserve.metrics import Metrics
+from muxserve.registry import ModelRegistry
+from muxserve.settings import Settings
+
+log = logging.getLogger("muxserve")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the drain below owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class MuxServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.registry = ModelRegistry(settings.model_repository, settings, self.metrics)
+        self.shadow = None
+        self.plane = DataPlane(self.registry, settings)
+        self._stop = asyncio.Event()
+        self.http: _UvicornServer | None = None
+        self.grpc = None
+
+    async def start(self) -> None:
+        await self.registry.load_all()
+        if self.settings.shadow:
+            from muxserve.shadow import ShadowSampler
+
+            self.shadow = ShadowSampler.from_registry(self.registry, self.metrics)
+            self.plane.shadow = self.shadow
+        from muxserve.http_app import create_app
+
+        app = create_app(self.plane, self.metrics, self.settings.max_request_bytes)
+        config = uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port, log_level=self.settings.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30)
+        self.http = _UvicornServer(config)
+        if self.settings.grpc_port > 0:
+            from muxserve.grpc_server import create_grpc_server
+
+            self.grpc = create_grpc_server(self.plane, f"{self.settings.host}:{self.settings.grpc_port}")
+            await self.grpc.start()
+            log.info("gRPC listening on %s:%d", self.settings.host, self.settings.grpc_port)
+        log.info("HTTP listening on http://%s:%d", self.settings.host, self.settings.http_port)
+
+    async def drain_and_stop(self) -> None:
+        log.info("draining: no new requests; answering those accepted")
+        self.plane.draining = True
+        await self.registry.drain()
+        if self.shadow is not None:
+            await self.shadow.stop()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=5)
+        if self.http is not None:
+            self.http.should_exit = True
+        self._stop.set()
+
+    async def run(self) -> None:
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain_and_stop()))
+        assert self.http is not None
+        http_task = asyncio.create_task(self.http.serve())
+        await self._stop.wait()
+        await http_task
+        await self.registry.unload_all()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(MuxServer(settings).run())
+    else:
+        uvloop.run(MuxServer(settings).run())

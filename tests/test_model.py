@@ -1,0 +1,323 @@
+"""MUX-BERT model: shapes, short groups, slot routing, the N=1 baseline, ensembling, losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from muxtiny import CLS, PAD, SEP, TINY_VOCAB, random_batch, tiny_config, tiny_model
+
+from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+
+torch.set_num_threads(1)
+
+VARIANTS = ("gaussian_hadamard", "gaussian_attention_v2")
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_output_shapes(n: int, variant: str, task: str) -> None:
+    labels = ["a", "b", "c"]
+    model = tiny_model(num_instances=n, muxing_variant=variant, task=task, labels=labels)
+    length = 9
+    # full groups, one text, and counts that are not a multiple of N
+    for texts in sorted({1, n, 2 * n, 2 * n + 1, 3 * n - 1} - {0}):
+        ids, mask = random_batch(texts, length, gen(texts))
+        with torch.no_grad():
+            out = model(ids, mask)
+        expected = (texts, len(labels)) if task == "sequence_classification" else (texts, length, len(labels))
+        assert tuple(out.shape) == expected, (texts, out.shape)
+        assert torch.isfinite(out).all()
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError):
+        tiny_config(num_instances=0)
+    with pytest.raises(ValueError):
+        tiny_config(muxing_variant="nope")
+    with pytest.raises(ValueError):
+        tiny_config(task="nope")
+    with pytest.raises(ValueError):
+        tiny_config(short_group_policy="nope")
+    with pytest.raises(ValueError):
+        tiny_config(hidden_size=30, num_attention_heads=4)
+    cfg = tiny_config(num_instances=5)
+    assert MuxBertConfig.from_dict({**cfg.to_dict(), "unknown_key": 1}) == cfg
+
+
+# --------------------------------------------------------------------------- the N=1 baseline
+
+
+def test_n1_is_a_plain_bert_state_dict() -> None:
+    keys = set(tiny_model(num_instances=1).state_dict())
+    assert not [k for k in keys if k.startswith(("instance_embedding", "demux_module", "demultiplexer", "retrieval_head", "muxing_attention"))]
+    assert "classifier.weight" in keys and "bert.embeddings.word_embeddings.weight" in keys
+    mux = set(tiny_model(num_instances=2).state_dict())
+    assert {"instance_embedding", "demux_module.demux_instance_embedding", "demux_module.dense_1.weight", "demux_module.dense_2.weight", "demultiplexer.pre_decoder.weight", "retrieval_head.bias"} <= mux
+
+
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_n1_padding_mask(task: str) -> None:
+    """A text alone gives the same logits as inside a longer, padded batch with other texts."""
+    model = tiny_model(num_instances=1, task=task)
+    ids, mask = random_batch(4, 16, gen(1), min_len=10)
+    ids[2, 5:], mask[2, 5:] = PAD, 0
+    ids[2, 4] = SEP
+    alone_ids = ids[2:3, :5]
+    with torch.no_grad():
+        alone = model(alone_ids, torch.ones_like(alone_ids))
+        batched = model(ids, mask)
+    if task == "sequence_classification":
+        torch.testing.assert_close(batched[2], alone[0], atol=1e-5, rtol=0)
+    else:
+        torch.testing.assert_close(batched[2, :5], alone[0], atol=1e-5, rtol=0)
+    # and the padding actually matters: without the mask the logits move
+    with torch.no_grad():
+        unmasked = model(ids, torch.ones_like(mask))
+    assert (unmasked[2] - batched[2]).abs().max() > 1e-4
+
+
+def test_n1_permutation_equivariant() -> None:
+    model = tiny_model(num_instances=1)
+    ids, mask = random_batch(7, 12, gen(2))
+    perm = torch.randperm(7, generator=gen(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[perm], mask[perm]), model(ids, mask)[perm], atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_n1_equals_huggingface_bert() -> None:
+    """N=1 is BERT's encoder + a linear classifier on the [CLS] state (no pooler)."""
+    transformers = pytest.importorskip("transformers")
+    model = tiny_model(num_instances=1)
+    cfg = model.config
+    hf_cfg = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps, pad_token_id=cfg.pad_token_id, hidden_act="gelu",
+    )
+    hf = transformers.BertModel(hf_cfg, add_pooling_layer=False).eval()
+    missing, unexpected = hf.load_state_dict(model.bert.state_dict(), strict=False)
+    assert not unexpected and all("position_ids" in k or "token_type_ids" in k for k in missing)
+    ids, mask = random_batch(5, 14, gen(4))
+    with torch.no_grad():
+        cls_state = hf(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        torch.testing.assert_close(model(ids, mask), model.classifier(cls_state), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------- short groups
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_short_group_copy_equals_explicit_group(variant: str) -> None:
+    """Policy "copy": the last group is filled round robin with its own real texts, and a text's
+    logits equal those of the full group built explicitly with the same copies."""
+    n, t = 5, 7
+    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy="copy")
+    ids, mask = random_batch(t, 10, gen(5))
+    real = [5, 6]
+    group = [real[i % len(real)] for i in range(n)]  # [5, 6, 5, 6, 5]
+    with torch.no_grad():
+        out = model(ids, mask)
+        explicit = model(ids[group], mask[group])
+        full = model(ids[:5], mask[:5])
+    assert out.shape[0] == t
+    torch.testing.assert_close(out[5:], explicit[:2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:5], full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_short_group_pad_equals_explicit_group(variant: str) -> None:
+    """Policy "pad": empty slots hold a [CLS][SEP] text; same logits as the explicit group."""
+    n, t = 4, 6
+    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy="pad")
+    ids, mask = random_batch(t, 10, gen(6))
+    filler_ids = torch.full((2, 10), PAD, dtype=torch.long)
+    filler_ids[:, 0], filler_ids[:, 1] = CLS, SEP
+    filler_mask = (filler_ids != PAD).long()
+    with torch.no_grad():
+        out = model(ids, mask)
+        explicit = model(torch.cat([ids[4:], filler_ids]), torch.cat([mask[4:], filler_mask]))
+    assert out.shape[0] == t
+    torch.testing.assert_close(out[4:], explicit[:2], atol=1e-5, rtol=0)
+
+
+def test_short_group_policies_agree_on_full_groups() -> None:
+    """The filler policy only touches the short group: the full groups' logits are identical."""
+    n, t = 5, 12
+    copy = tiny_model(num_instances=n, short_group_policy="copy")
+    pad = tiny_model(num_instances=n, short_group_policy="pad")
+    pad.load_state_dict(copy.state_dict())
+    ids, mask = random_batch(t, 10, gen(7))
+    with torch.no_grad():
+        a, b = copy(ids, mask), pad(ids, mask)
+    assert a.shape == b.shape == (t, 2)
+    torch.testing.assert_close(a[:10], b[:10], atol=1e-5, rtol=0)
+    assert (a[10:] - b[10:]).abs().max() > 0  # the short group did see different fillers
+
+
+# --------------------------------------------------------------------------- mux groups and slots
+
+
+@pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_groups_are_independent(n: int, variant: str) -> None:
+    """Changing the texts of one group leaves every other group's outputs exactly as they were."""
+    model = tiny_model(num_instances=n, muxing_variant=variant)
+    ids, mask = random_batch(3 * n, 10, gen(8))
+    other_ids, other_mask = random_batch(n, 10, gen(9))
+    ids2, mask2 = ids.clone(), mask.clone()
+    ids2[n : 2 * n], mask2[n : 2 * n] = other_ids, other_mask
+    with torch.no_grad():
+        a, b = model(ids, mask), model(ids2, mask2)
+    torch.testing.assert_close(a[:n], b[:n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(a[2 * n :], b[2 * n :], atol=1e-5, rtol=0)
+    assert (a[n : 2 * n] - b[n : 2 * n]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_permuting_groups_permutes_outputs(n: int) -> None:
+    model = tiny_model(num_instances=n)
+    ids, mask = random_batch(3 * n, 10, gen(10))
+    groups = torch.tensor([2, 0, 1])
+    rows = (groups[:, None] * n + torch.arange(n)).reshape(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[rows], mask[rows]), model(ids, mask)[rows], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_slot_interference_and_order(variant: str) -> None:
+    """N=2: the text in slot 1 moves the output of slot 0 (they share one sequence), the output
+    count and order stay, and swapping the slots is not a mere swap of outputs (slot keys)."""
+    model = tiny_model(num_instances=2, muxing_variant=variant)
+    ids, mask = random_batch(2, 10, gen(11))
+    ids2 = ids.clone()
+    ids2[1, 1:-1] = torch.randint(10, TINY_VOCAB, (8,), generator=gen(12))
+    with torch.no_grad():
+        a = model(ids, mask)
+        b = model(ids2, mask)
+        swapped = model(ids[[1, 0]], mask[[1, 0]])
+    assert a.shape == b.shape == (2, 2)
+    assert (a[0] - b[0]).abs().max() > 1e-6
+    assert (swapped - a[[1, 0]]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("n", [2, 5])
+def test_row_reads_its_own_slot(n: int) -> None:
+    """Row b*N+i is demultiplexed with slot key k_i from group b's shared [CLS] state."""
+    model = tiny_model(num_instances=n)
+    ids, mask = random_batch(2 * n, 10, gen(13))
+    with torch.no_grad():
+        out = model(ids, mask)
+        hidden = model.encode(ids, mask)[:, 0]  # [B, d]
+        keys = model.demux_module.demux_instance_embedding
+        for row in range(2 * n):
+            b, i = divmod(row, n)
+            feat = model.demultiplexer(model.demux_module.mlp(keys[i], hidden[b]))
+            torch.testing.assert_close(out[row], model.classifier(feat), atol=1e-5, rtol=0)
+
+
+def test_mux_forces_cls_at_position_0() -> None:
+    """index_pos reads every slot at the shared position 0, which always holds [CLS]."""
+    model = tiny_model(num_instances=2)
+    ids, mask = random_batch(4, 8, gen(14))
+    ids2 = ids.clone()
+    ids2[:, 0] = 42
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids2, mask), model(ids, mask), atol=0, rtol=0)
+
+
+def test_instance_keys_fixed_and_seeded() -> None:
+    """Keys v_i have norm ``gaussian_hadamard_norm``, depend on the config's seed only (not on the
+    global RNG), and are not trained unless ``learn_muxing``."""
+    a = tiny_model(seed=1, num_instances=5, gaussian_hadamard_norm=2.0)
+    b = tiny_model(seed=2, num_instances=5, gaussian_hadamard_norm=2.0)  # other init, same key seed
+    torch.testing.assert_close(a.instance_embedding, b.instance_embedding)
+    torch.testing.assert_close(a.instance_embedding.norm(dim=-1), torch.full((5,), 2.0))
+    assert not a.instance_embedding.requires_grad
+    assert tiny_model(num_instances=2, learn_muxing=True).instance_embedding.requires_grad
+    other = MuxBertModel(tiny_config(num_instances=5, gaussian_hadamard_norm=2.0, seed=3))
+    assert (other.instance_embedding - a.instance_embedding).abs().max() > 0.1
+
+
+# --------------------------------------------------------------------------- ensembling
+
+
+@pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_ensemble_shape_and_determinism(n: int, task: str) -> None:
+    model = tiny_model(num_instances=n, task=task)
+    ids, mask = random_batch(2 * n + 1, 9, gen(15))
+    plain = model(ids, mask)
+    e1 = model.predict_ensemble(ids, mask, gen(0))
+    e2 = model.predict_ensemble(ids, mask, gen(0))
+    e3 = model.predict_ensemble(ids, mask, gen(1))
+    assert e1.shape == plain.shape
+    torch.testing.assert_close(e1, e2, atol=0, rtol=0)
+    assert (e1 - e3).abs().max() > 0  # another draw of slots and groups
+    assert (e1 - plain).abs().max() > 0
+
+
+def test_ensemble_averages_the_copies() -> None:
+    """predict_ensemble = mean over the N scattered copies of each text (recomputed by hand)."""
+    n, t = 2, 4
+    model = tiny_model(num_instances=n)
+    ids, mask = random_batch(t, 9, gen(16))
+    g = gen(5)
+    order = torch.cat([torch.randperm(t, generator=g) for _ in range(n)])
+    with torch.no_grad():
+        logits = model(ids[order], mask[order])
+    expected = torch.stack([logits[order == i].mean(0) for i in range(t)])
+    torch.testing.assert_close(model.predict_ensemble(ids, mask, gen(5)), expected, atol=1e-6, rtol=0)
+
+
+def test_ensemble_n1_equals_forward() -> None:
+    model = tiny_model(num_instances=1)
+    ids, mask = random_batch(5, 9, gen(17))
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict_ensemble(ids, mask, gen(0)), model(ids, mask), atol=0, rtol=0)
+
+
+# --------------------------------------------------------------------------- training heads
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_retrieval_logits_targets(variant: str) -> None:
+    n = 2
+    model = tiny_model(num_instances=n, muxing_variant=variant)
+    ids, mask = random_batch(2 * n, 10, gen(18))
+    logits, targets = model.retrieval_logits(ids, mask, gen(0))
+    assert logits.shape == (targets.shape[0], TINY_VOCAB)
+    # one scored position per group and position at most, never [CLS] position 0, never a pad
+    assert 0 < targets.shape[0] <= 2 * (10 - 1)
+    assert (targets != PAD).all() and (targets != CLS).all()
+    loss = F.cross_entropy(logits, targets)
+    loss.backward()
+    assert model.demux_module.dense_1.weight.grad is not None
+    assert model.instance_embedding.grad is None  # fixed keys
+
+
+def test_mlm_logits_reads_each_slot() -> None:
+    n = 2
+    model = tiny_model(num_instances=n)
+    ids, mask = random_batch(2 * n, 10, gen(19), min_len=6)
+    chosen = torch.zeros_like(mask, dtype=torch.bool)
+    chosen[0, 2] = chosen[3, 4] = chosen[1, 1] = True
+    with torch.no_grad():
+        logits = model.mlm_logits(ids, mask, chosen)
+        hidden = model.encode(ids, mask)
+        w = model.bert.embeddings.word_embeddings.weight
+        keys = model.demux_module.demux_instance_embedding
+        rows, cols = chosen.nonzero(as_tuple=True)
+        for p, (r, c) in enumerate(zip(rows.tolist(), cols.tolist(), strict=True)):
+            expect = F.linear(model.retrieval_head(model.demux_module.mlp(keys[r % n], hidden[r // n, c])), w, model.retrieval_head.bias)
+            torch.testing.assert_close(logits[p], expect, atol=1e-5, rtol=0)
+    assert logits.shape == (3, TINY_VOCAB)
