@@ -1,0 +1,168 @@
+"""The mux scheduler against a fake engine whose output row encodes its input row."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from muxserve.errors import InferenceFailed, NotReady, QueueFull
+from muxserve.scheduler import BatchReport, MuxScheduler
+
+
+class FakeEngine:
+    """Row i of the output = [sum(ids), len(ids)]; records every batch it ran."""
+
+    def __init__(self, delay: float = 0.0, fail_when: int | None = None) -> None:
+        self.batches: list[list[list[int]]] = []
+        self.delay = delay
+        self.fail_when = fail_when  # a batch containing this token id raises
+
+    async def __call__(self, rows: list[list[int]]) -> np.ndarray:
+        self.batches.append(rows)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_when is not None and any(self.fail_when in r for r in rows):
+            raise RuntimeError("boom")
+        return np.array([[sum(r), len(r)] for r in rows], dtype=np.float32)
+
+
+def make(engine: FakeEngine, **kw: object) -> MuxScheduler:
+    args = dict(num_instances=2, batch_texts=8, max_queue_delay_s=0.05, max_queue_size=0)
+    args.update(kw)
+    s = MuxScheduler(engine, **args)
+    s.start()
+    return s
+
+
+def expected(rows: list[list[int]]) -> np.ndarray:
+    return np.array([[sum(r), len(r)] for r in rows], dtype=np.float32)
+
+
+async def test_texts_from_many_requests_share_one_pass_and_get_their_own_rows() -> None:
+    engine = FakeEngine()
+    s = make(engine, batch_texts=8, max_queue_delay_s=1.0)
+    requests = [[[i * 10 + j] * (1 + j) for j in range(2)] for i in range(4)]  # 4 requests x 2 texts = 8 texts
+    results = await asyncio.gather(*(s.submit(r) for r in requests))
+    assert len(engine.batches) == 1 and len(engine.batches[0]) == 8  # full batch: no waiting for the delay
+    for rows, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(rows))
+    await s.stop()
+
+
+async def test_partial_batch_runs_after_max_queue_delay() -> None:
+    engine = FakeEngine()
+    s = make(engine, batch_texts=64, max_queue_delay_s=0.1)
+    t0 = time.monotonic()
+    out = await s.submit([[1, 2, 3]])
+    waited = time.monotonic() - t0
+    np.testing.assert_array_equal(out, expected([[1, 2, 3]]))
+    assert 0.09 <= waited < 1.0
+    await s.stop()
+
+
+async def test_batch_never_exceeds_capacity_and_nothing_is_lost() -> None:
+    engine = FakeEngine(delay=0.01)
+    s = make(engine, batch_texts=6, max_queue_delay_s=0.005)
+    rng = np.random.default_rng(0)
+    requests = [[list(rng.integers(1, 1000, size=int(rng.integers(1, 20)))) for _ in range(int(rng.integers(1, 9)))] for _ in range(200)]
+    results = await asyncio.gather(*(s.submit(r) for r in requests))
+    for rows, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(rows))
+    assert all(len(b) <= 6 for b in engine.batches)
+    assert sum(len(b) for b in engine.batches) == sum(len(r) for r in requests)
+    await s.stop()
+
+
+async def test_queue_full_rejects_at_once() -> None:
+    engine = FakeEngine(delay=0.2)
+    s = make(engine, batch_texts=2, max_queue_delay_s=0.0, max_queue_size=2)
+    first = asyncio.create_task(s.submit([[1], [2]]))  # taken by the engine
+    await asyncio.sleep(0.05)
+    waiting = [asyncio.create_task(s.submit([[3]])), asyncio.create_task(s.submit([[4]]))]
+    await asyncio.sleep(0.01)
+    t0 = time.monotonic()
+    with pytest.raises(QueueFull, match="queue is full"):
+        await s.submit([[5]])
+    assert time.monotonic() - t0 < 0.05
+    await asyncio.gather(first, *waiting)  # accepted ones are all answered
+    await s.stop()
+
+
+async def test_failing_pass_fails_only_its_own_requests() -> None:
+    engine = FakeEngine(fail_when=666)
+    s = make(engine, batch_texts=2, max_queue_delay_s=0.0)
+    bad = asyncio.create_task(s.submit([[666], [1]]))
+    with pytest.raises(InferenceFailed, match="boom"):
+        await bad
+    good = await s.submit([[7], [8]])
+    np.testing.assert_array_equal(good, expected([[7], [8]]))
+    await s.stop()
+
+
+async def test_cancelled_request_is_not_computed() -> None:
+    engine = FakeEngine(delay=0.1)
+    s = make(engine, batch_texts=2, max_queue_delay_s=0.0)
+    busy = asyncio.create_task(s.submit([[1], [2]]))
+    await asyncio.sleep(0.02)  # engine busy; the next request waits in the queue
+    gone = asyncio.create_task(s.submit([[999], [998]]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    kept = asyncio.create_task(s.submit([[3]]))
+    await busy
+    np.testing.assert_array_equal(await kept, expected([[3]]))
+    assert all(999 not in r for b in engine.batches for r in b)
+    assert s.queued_requests == 0
+    await s.stop()
+
+
+async def test_drain_answers_accepted_and_refuses_new() -> None:
+    engine = FakeEngine(delay=0.05)
+    s = make(engine, batch_texts=4, max_queue_delay_s=0.01)
+    accepted = [asyncio.create_task(s.submit([[i]])) for i in range(10)]
+    await asyncio.sleep(0)
+    drained = asyncio.create_task(s.drain())
+    await asyncio.sleep(0)
+    with pytest.raises(NotReady):
+        await s.submit([[42]])
+    await drained
+    assert all(t.done() and not t.exception() for t in accepted)
+    await s.stop()
+
+
+async def test_length_aware_batches_pick_similar_lengths_and_sort_groups() -> None:
+    engine = FakeEngine(delay=0.05)
+    s = make(engine, batch_texts=4, max_queue_delay_s=10.0)
+    blocker = asyncio.create_task(s.submit([[1]] * 4))  # occupies the engine while the queue fills
+    await asyncio.sleep(0.01)
+    lengths = [5, 60, 6, 61, 7, 62, 8, 63]
+    tasks = [asyncio.create_task(s.submit([[1] * n])) for n in lengths]
+    await asyncio.gather(blocker, *tasks)
+    second = [len(r) for r in engine.batches[1]]
+    assert second == [5, 6, 7, 8]  # closest to the oldest text (length 5), sorted
+    await s.stop()
+
+
+async def test_arrival_order_when_length_aware_is_off() -> None:
+    engine = FakeEngine(delay=0.05)
+    s = make(engine, batch_texts=4, max_queue_delay_s=10.0, length_aware=False)
+    blocker = asyncio.create_task(s.submit([[1]] * 4))
+    await asyncio.sleep(0.01)
+    lengths = [5, 60, 6, 61, 7, 62, 8, 63]
+    tasks = [asyncio.create_task(s.submit([[1] * n])) for n in lengths]
+    await asyncio.gather(blocker, *tasks)
+    assert [len(r) for r in engine.batches[1]] == [5, 60, 6, 61]
+    await s.stop()
+
+
+async def test_observer_sees_every_pass() -> None:
+    reports: list[BatchReport] = []
+    engine = FakeEngine()
+    s = make(engine, batch_texts=4, max_queue_delay_s=0.01, observer=reports.append, num_instances=4)
+    await asyncio.gather(*(s.submit([[i], [i + 1]]) for i in range(3)))
+    assert sum(r.texts for r in reports) == 6
+    assert sum(len(r.queue_seconds) for r in reports) == 6
+    assert all(r.groups == -(-r.texts // 4) for r in reports)
+    await s.stop()
