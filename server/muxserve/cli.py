@@ -24,6 +24,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-ratio", type=float, default=0.06)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--retrieval-coeff", type=float, default=0.0)
+    p.add_argument("--retrieval-fraction", type=float, default=1.0, help="share of positions scored by the retrieval loss")
     p.add_argument("--teacher", help="fine-tuned baseline folder to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
@@ -42,7 +43,7 @@ def _run_train(a: argparse.Namespace) -> int:
         stage=a.stage, out=a.out, train_files=a.train, init=a.init, dev_file=a.dev, num_instances=a.num_instances,
         muxing_variant=a.muxing, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
-        retrieval_coeff=a.retrieval_coeff, teacher=a.teacher, distill_alpha=a.distill_alpha,
+        retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, distill_alpha=a.distill_alpha,
         distill_temperature=a.distill_temperature, freeze_word_embeddings=a.freeze_word_embeddings,
         eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, seed=a.seed, limit=a.limit,
     )

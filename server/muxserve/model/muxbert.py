@@ -392,11 +392,12 @@ class MuxBertModel(nn.Module):
 
     # ---------------------------------------------------------------- training losses
 
-    def retrieval_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def retrieval_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None, fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Priming: at every position pick a random slot; predict that slot's token there.
 
-        Pads and the forced [CLS] are excluded, and the vocabulary projection runs only on the
-        P scored positions. Returns (logits [P, V], targets [P]).
+        Pads and the forced [CLS] are excluded, and the vocabulary projection (the costly part)
+        runs only on the P scored positions, a random ``fraction`` of them if < 1.
+        Returns (logits [P, V], targets [P]).
         """
         n = self.config.num_instances
         hidden = self.encode(input_ids, attention_mask)
@@ -406,6 +407,8 @@ class MuxBertModel(nn.Module):
         targets = input_ids.view(b, n, length).gather(1, pick)[:, 0]
         scored = attention_mask.view(b, n, length).gather(1, pick)[:, 0].bool()
         scored[:, 0] = False
+        if fraction < 1.0:
+            scored &= torch.rand(scored.shape, generator=generator).to(scored.device) < fraction
         logits = self.retrieval_head.decode(hidden[scored], slot[scored], self.demux_module, self.bert.embeddings.word_embeddings.weight)
         return logits, targets[scored]
 

@@ -47,6 +47,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     max_length: int = 64
     retrieval_coeff: float = 0.0  # finetune: weight of the auxiliary retrieval loss
+    retrieval_fraction: float = 1.0  # share of positions scored by the retrieval loss (it costs a vocab projection each)
     teacher: str | None = None  # finetune: a fine-tuned baseline folder to distil from
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
@@ -207,7 +208,7 @@ class Trainer:
         ids, mask = self.tokenizer.pad([self.ids[i] for i in batch])
         stats: dict = {}
         if cfg.stage == "prime":
-            logits, targets = self.model.retrieval_logits(ids, mask, gen)
+            logits, targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
             loss = F.cross_entropy(logits, targets)
             stats["retrieval_acc"] = float((logits.argmax(-1) == targets).float().mean())
             return loss, stats
@@ -231,7 +232,7 @@ class Trainer:
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             stats["distill_loss"] = float(kd)
         if cfg.retrieval_coeff > 0 and self.model.config.is_mux:
-            r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen)
+            r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
             r_loss = F.cross_entropy(r_logits, r_targets)
             loss = loss + cfg.retrieval_coeff * r_loss
             stats["retrieval_loss"] = float(r_loss)
