@@ -299,6 +299,9 @@ def test_retrieval_logits_targets(variant: str) -> None:
     # one scored position per group and position at most, never [CLS] position 0, never a pad
     assert 0 < targets.shape[0] <= 2 * (10 - 1)
     assert (targets != PAD).all() and (targets != CLS).all()
+    # a fraction of the positions only (the vocabulary projection is the costly part)
+    few, few_targets = model.retrieval_logits(ids, mask, gen(0), fraction=0.3)
+    assert few.shape[0] == few_targets.shape[0] < targets.shape[0]
     loss = F.cross_entropy(logits, targets)
     loss.backward()
     assert model.demux_module.dense_1.weight.grad is not None

