@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from muxserve.commands import package, serve
+from muxserve.commands import export, package, serve
 
-MODULES: list[ModuleType] = [serve, package]
+MODULES: list[ModuleType] = [serve, package, export]
