@@ -2,6 +2,6 @@
 
 from types import ModuleType
 
-from muxserve.commands import export, package, serve
+from muxserve.commands import bench, export, package, serve
 
-MODULES: list[ModuleType] = [serve, package, export]
+MODULES: list[ModuleType] = [serve, package, export, bench]

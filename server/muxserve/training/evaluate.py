@@ -46,23 +46,34 @@ class ForwardThroughput:
 
 
 @torch.no_grad()
-def forward_throughput(model: MuxBertModel, batch_texts: int, seq_len: int, min_seconds: float = 3.0, warmup: int = 2, vocab_low: int = 1000, vocab_high: int = 20000) -> ForwardThroughput:
-    """Texts/s of the forward pass alone at a fixed batch of texts and sequence length."""
+def forward_throughput(model: MuxBertModel, batch_texts: int, seq_len: int, min_seconds: float = 3.0, warmup: int = 2, vocab_low: int = 1000, vocab_high: int = 20000, min_runs: int = 3) -> ForwardThroughput:
+    """Texts/s of the forward pass alone at a fixed batch of texts and sequence length.
+
+    Random token ids in [vocab_low, vocab_high) (clamped to the model's vocabulary), no padding.
+    On CUDA the device is synchronised after the warm-up and after every forward pass, before
+    the clock is read, so that the time covers the kernels and not only their launch.
+    """
     model.eval()
     device = next(model.parameters()).device
+    vocab_high = min(vocab_high, model.config.vocab_size)
+    vocab_low = min(vocab_low, vocab_high // 2)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab_low, vocab_high, (batch_texts, seq_len), generator=gen).to(device)
     mask = torch.ones_like(ids)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     for _ in range(warmup):
         model(ids, mask)
+    sync()
     runs, start = 0, time.perf_counter()
     while True:
         model(ids, mask)
+        sync()
         runs += 1
         elapsed = time.perf_counter() - start
-        if elapsed >= min_seconds and runs >= 3:
+        if elapsed >= min_seconds and runs >= min_runs:
             break
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
     return ForwardThroughput(runs * batch_texts / elapsed, elapsed, runs * batch_texts)
