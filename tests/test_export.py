@@ -66,6 +66,19 @@ def test_export_cli_writes_version_folder(tmp_path, capsys) -> None:
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["model"] == "tiny-mux2" and line["ok"] is True and line["max_abs_diff"] <= 1e-4
     assert (repo / "tiny-mux2" / "1" / EXPORT_FILE).exists()
+    assert line["dtype"] == "float32"
     out = tmp_path / "elsewhere" / "m.pt"
     assert main(["export", "--model-repository", str(repo), "--model", "tiny-mux2", "--out", str(out)]) == 0
     assert json.loads(capsys.readouterr().out)["out"] == str(out) and out.exists()
+
+
+def test_export_fp16(tmp_path) -> None:
+    """A half-precision export (for GPUs) matches the half-precision eager model."""
+    folder = save_tiny(tiny_model(num_instances=2), tmp_path / "m")
+    result = export_torchscript(folder, tmp_path / "half.pt", seq_len=12, dtype=torch.float16)
+    assert result["ok"] and result["dtype"] == "float16", result
+    traced, _ = load_exported(tmp_path / "half.pt")
+    ids, mask = random_batch(3, 9, gen(1))
+    with torch.no_grad():
+        assert traced(ids, mask).dtype == torch.float16
+    assert result["bytes"] < export_torchscript(folder, tmp_path / "full.pt", seq_len=12)["bytes"]

@@ -137,13 +137,13 @@ def compare(traced: torch.jit.ScriptModule, model: MuxBertModel, shapes: list[tu
     return results
 
 
-def export_torchscript(model_dir: str | Path, out_path: str | Path | None = None, seq_len: int = 64, device: str = "cpu", tolerance: float = TOLERANCE) -> dict:
-    """Trace the model in ``model_dir`` (fp32), save it to ``out_path`` (default
-    ``model_dir/model.pt``), reload the file and compare it with eager on several batch sizes and
-    lengths. Returns a summary with ``max_abs_diff`` and ``ok`` (max_abs_diff <= tolerance)."""
+def export_torchscript(model_dir: str | Path, out_path: str | Path | None = None, seq_len: int = 64, device: str = "cpu", tolerance: float = TOLERANCE, dtype: torch.dtype = torch.float32) -> dict:
+    """Trace the model in ``model_dir`` (fp32 unless ``dtype``), save it to ``out_path`` (default
+    ``model_dir/model.pt``), reload the file and compare it with eager (same dtype) on several batch
+    sizes and lengths. Returns a summary with ``max_abs_diff`` and ``ok`` (<= tolerance)."""
     model_dir = Path(model_dir)
     out_path = Path(out_path) if out_path is not None else model_dir / EXPORT_FILE
-    model = load_model(model_dir, device=device)
+    model = load_model(model_dir, device=device, dtype=dtype)
     seq_len = max(4, min(seq_len, model.config.max_position_embeddings))
     traced = trace(model, seq_len)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def export_torchscript(model_dir: str | Path, out_path: str | Path | None = None
     worst = max(c["max_abs_diff"] for c in checks)
     return {
         "model_dir": str(model_dir), "out": str(out_path), "num_instances": model.config.num_instances,
-        "task": model.config.task, "trace_seq_len": seq_len, "device": device, "max_abs_diff": worst,
+        "task": model.config.task, "trace_seq_len": seq_len, "device": device, "dtype": str(dtype).removeprefix("torch."), "max_abs_diff": worst,
         "tolerance": tolerance, "ok": worst <= tolerance, "checks": checks, "bytes": out_path.stat().st_size,
     }
 

@@ -16,6 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output file (default: <version folder>/model.pt)")
     p.add_argument("--seq-len", type=int, default=64, help="sequence length of the example used for tracing")
     p.add_argument("--device", default="cpu", help="device to trace and check on (cpu, cuda)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weights and compute dtype of the exported module")
     p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference on logits allowed (exit 1 above)")
     p.add_argument("--threads", type=int, default=0)
 
@@ -29,6 +30,6 @@ def run(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     directory = resolve_model_dir(a.model_repository, a.model, a.version)
-    result = export_torchscript(directory, a.out, seq_len=a.seq_len, device=a.device, tolerance=a.tolerance)
+    result = export_torchscript(directory, a.out, seq_len=a.seq_len, device=a.device, tolerance=a.tolerance, dtype=getattr(torch, a.dtype))
     print(json.dumps({"model": a.model, **{k: v for k, v in result.items() if k != "checks"}, "checks": result["checks"]}))
     return 0 if result["ok"] else 1
