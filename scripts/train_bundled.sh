@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The recipe of the bundled models: baseline, then for each N priming + fine-tuning with
+# distillation from the baseline, then packaging into model_repository/ (fp16).
+# Every stage checkpoints and resumes: re-running this script continues where it stopped.
+# Usage: bash scripts/train_bundled.sh [N ...]      (default: 2 5 10); THREADS=2 RUNS=runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data}
+RUNS=${RUNS:-runs}
+THREADS=${THREADS:-2}
+SST2_TRAIN=$DATA/sst2/train.tsv
+SST2_DEV=$DATA/sst2/dev.tsv
+NS=${*:-2 5 10}
+
+# 1. the plain baseline (N=1): all-MiniLM-L6-v2 fine-tuned on SST-2
+muxserve train finetune --train "$SST2_TRAIN" --dev "$SST2_DEV" --out "$RUNS/sst2-bert" \
+  --epochs 1 --batch-size 32 --lr 1e-4 --eval-every 500 --threads "$THREADS"
+muxserve package "$RUNS/sst2-bert/best" --name sst2-bert
+
+for N in $NS; do
+  # 2. priming: recover every slot's tokens from the muxed output (SST-2 + AG News sentences)
+  muxserve train prime -N "$N" --train "$SST2_TRAIN" "$DATA/agnews/train.tsv" --out "$RUNS/mux$N-prime" \
+    --steps 1000 --batch-size $((32 * N)) --lr 1e-4 --retrieval-fraction 0.5 --threads "$THREADS"
+  # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term
+  EPOCHS=$([ "$N" -ge 5 ] && echo 2 || echo 1)
+  muxserve train finetune -N "$N" --init "$RUNS/mux$N-prime/final" --teacher "$RUNS/sst2-bert/best" \
+    --train "$SST2_TRAIN" --dev "$SST2_DEV" --out "$RUNS/sst2-mux$N" --epochs "$EPOCHS" \
+    --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS"
+  muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert
+done
