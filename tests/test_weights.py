@@ -295,3 +295,26 @@ def test_convert_reference_directory(tmp_path, fmt: str) -> None:
     for key, value in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value.half().float()), key  # fp16 on disk
     torch.testing.assert_close(logits(loaded), logits(source), atol=2e-2, rtol=0)
+
+
+def test_int8_word_embeddings_roundtrip_is_close_and_smaller(tmp_path):
+    """The repository format: word embeddings per-row int8, the rest fp16."""
+    import os
+
+    import torch
+
+    from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+    from muxserve.model.weights import WEIGHTS_FILE, load_model, save_model
+
+    torch.manual_seed(0)
+    model = MuxBertModel(MuxBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_instances=2)).eval()
+    save_model(model, tmp_path / "fp16")
+    save_model(model, tmp_path / "int8", int8_embeddings=True)
+    assert os.path.getsize(tmp_path / "int8" / WEIGHTS_FILE) < 0.6 * os.path.getsize(tmp_path / "fp16" / WEIGHTS_FILE)
+    loaded = load_model(tmp_path / "int8")
+    w, w8 = model.bert.embeddings.word_embeddings.weight, loaded.bert.embeddings.word_embeddings.weight
+    row_max = w.abs().amax(1, keepdim=True)
+    assert ((w - w8).abs() <= row_max / 127 * 0.51 + 1e-3 * row_max).all()  # half a quantization step (+ fp16 scale)
+    ids = torch.randint(5, 30000, (4, 12))
+    mask = torch.ones_like(ids)
+    torch.testing.assert_close(loaded(ids, mask), model(ids, mask), atol=2e-2, rtol=0)

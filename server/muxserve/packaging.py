@@ -37,16 +37,17 @@ def write_config(path: str | Path, cfg: mc.ModelConfig) -> None:
     Path(path).write_text(text_format.MessageToString(cfg))
 
 
-def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, **config_kwargs: object) -> Path:
+def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, int8_embeddings: bool = True, **config_kwargs: object) -> Path:
     """Copy a saved model (e.g. a training run's ``best/``) into ``repository/name/version/``
-    as fp16 safetensors + tokenizer, and write ``config.pbtxt`` unless one exists."""
+    as fp16 safetensors (word embeddings int8) + tokenizer, and write ``config.pbtxt`` unless
+    one exists."""
     model = load_model(source)
     folder = Path(repository) / name
     target = folder / str(version)
     if target.exists():
         shutil.rmtree(target)
     tokenizer = Path(source) / TOKENIZER_FILE
-    save_model(model, target, dtype=dtype, tokenizer_file=tokenizer if tokenizer.exists() else None)
+    save_model(model, target, dtype=dtype, tokenizer_file=tokenizer if tokenizer.exists() else None, int8_embeddings=int8_embeddings)
     cfg_path = folder / CONFIG_PBTXT
     if config is not None or not cfg_path.exists():
         write_config(cfg_path, config or default_config(name, model.config.num_instances, model.config.num_labels, baseline, **config_kwargs))

