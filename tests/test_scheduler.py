@@ -132,6 +132,25 @@ async def test_drain_answers_accepted_and_refuses_new() -> None:
     await s.stop()
 
 
+async def test_drain_with_engine_instances_finishing_together() -> None:
+    """Two passes on two engine instances that complete in the same loop iteration: the
+    scheduler still turns idle, so a drain (SIGTERM) returns."""
+    gate = asyncio.Event()
+
+    async def engine(rows: list[list[int]]) -> np.ndarray:
+        await gate.wait()
+        return expected(rows)
+
+    s = MuxScheduler(engine, num_instances=1, batch_texts=1, max_queue_delay_s=0.0, engine_instances=2)
+    s.start()
+    requests = [asyncio.create_task(s.submit([[i]])) for i in range(2)]
+    await asyncio.sleep(0.02)
+    gate.set()
+    await asyncio.gather(*requests)
+    await asyncio.wait_for(s.drain(), 2)
+    await s.stop()
+
+
 async def test_length_aware_batches_pick_similar_lengths_and_sort_groups() -> None:
     engine = FakeEngine(delay=0.05)
     s = make(engine, batch_texts=4, max_queue_delay_s=10.0)

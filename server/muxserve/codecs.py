@@ -1,4 +1,5 @@
-"""Tensor codecs in one place: KServe v2 datatypes, the BYTES wire format, JSON data."""
+"""Tensor codecs in one place: KServe v2 datatypes, the BYTES wire format, JSON data, and the
+gRPC typed tensor contents and parameters."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ CONFIG_DATATYPES = {
     "TYPE_BOOL": "BOOL", "TYPE_UINT8": "UINT8", "TYPE_UINT16": "UINT16", "TYPE_UINT32": "UINT32", "TYPE_UINT64": "UINT64",
     "TYPE_INT8": "INT8", "TYPE_INT16": "INT16", "TYPE_INT32": "INT32", "TYPE_INT64": "INT64",
     "TYPE_FP16": "FP16", "TYPE_FP32": "FP32", "TYPE_FP64": "FP64", "TYPE_STRING": "BYTES", "TYPE_BF16": "BF16",
+}
+
+
+# KServe v2 datatype -> the InferTensorContents field that carries it over gRPC (FP16/BF16: raw only)
+CONTENTS_FIELDS = {
+    "BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents", "INT64": "int64_contents",
+    "UINT8": "uint_contents", "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
+    "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents",
 }
 
 
@@ -74,6 +83,42 @@ def encode_raw(datatype: str, data: np.ndarray) -> bytes:
     if datatype == "BYTES":
         return encode_bytes_tensor([_as_bytes(x) for x in data.reshape(-1)])
     return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
+
+
+def decode_contents(datatype: str, contents: Any) -> list[Any] | np.ndarray:
+    """gRPC ``InferTensorContents`` -> list of bytes (BYTES) or a flat numpy array."""
+    field = CONTENTS_FIELDS.get(datatype)
+    if field is None:
+        if datatype in NUMPY_DTYPES:
+            raise BadRequest(f"datatype {datatype} has no typed contents field: send it in raw_input_contents")
+        raise BadRequest(f"unsupported datatype {datatype!r}")
+    values = getattr(contents, field)
+    if datatype == "BYTES":
+        return list(values)
+    return np.asarray(values, dtype=NUMPY_DTYPES[datatype])
+
+
+def parameters_from_proto(params: Any) -> dict[str, Any]:
+    """A gRPC ``map<string, InferParameter>`` -> plain dict (the set member of each oneof)."""
+    out: dict[str, Any] = {}
+    for key, param in params.items():
+        which = param.WhichOneof("parameter_choice")
+        out[key] = getattr(param, which) if which else None
+    return out
+
+
+def parameters_to_proto(params: dict[str, Any], target: Any) -> None:
+    """Plain dict -> a gRPC ``map<string, InferParameter>`` (bool, int, float, else string)."""
+    for key, value in params.items():
+        param = target[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int | np.integer):
+            param.int64_param = int(value)
+        elif isinstance(value, float | np.floating):
+            param.double_param = float(value)
+        else:
+            param.string_param = str(value)
 
 
 def flatten_json_data(data: Any) -> list[Any]:

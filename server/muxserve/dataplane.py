@@ -117,7 +117,7 @@ class DataPlane:
             raise
         probs = _softmax(logits)
         best = probs.argmax(-1)
-        return [{"label": served.labels[int(i)], "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
+        return [{"label": _label(served, i), "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
 
     async def _run(self, served: ServedModel, texts: list[str], start: float) -> tuple[np.ndarray, list[int]]:
         assert served.tokenizer is not None and served.scheduler is not None and served.monitor is not None
@@ -190,12 +190,18 @@ class DataPlane:
         if k > 0:  # Triton's classification extension: "score:index:label", best first
             k = min(k, logits.shape[1])
             order = np.argsort(-logits, axis=1)[:, :k]
-            rows = [[f"{logits[b, c]:f}:{c}:{served.labels[c]}".encode() for c in order[b]] for b in range(batch)]
+            rows = [[f"{logits[b, c]:f}:{c}:{_label(served, c)}".encode() for c in order[b]] for b in range(batch)]
             return OutputTensor(name, "BYTES", [batch, k], np.array(rows, dtype=object).reshape(batch, k))
         if name == LOGITS:
             return OutputTensor(LOGITS, "FP32", [batch, logits.shape[1]], logits.astype(np.float32, copy=False))
-        labels = np.array([served.labels[int(i)].encode() for i in logits.argmax(-1)], dtype=object).reshape(batch, 1)
+        labels = np.array([_label(served, i).encode() for i in logits.argmax(-1)], dtype=object).reshape(batch, 1)
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
+
+
+def _label(served: ServedModel, index: int) -> str:
+    """The label of a logits column; columns past the labels (the echo engine's) by number."""
+    index = int(index)
+    return served.labels[index] if index < len(served.labels) else str(index)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

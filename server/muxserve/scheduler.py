@@ -231,7 +231,10 @@ class MuxScheduler:
         finally:
             compute = time.monotonic() - start
             self._engine_slots.release()
-            if not self._queue and len(self._inflight) <= 1:
+            # this task leaves the in-flight set now, not in its done callback: two passes that
+            # finish in the same loop iteration would each still count the other
+            self._inflight.discard(asyncio.current_task())
+            if not self._queue and not self._inflight:
                 self._idle.set()
             if self.observer is not None:
                 requests = len({id(t.request) for t in batch})

@@ -1,0 +1,226 @@
+"""gRPC adapter (grpc.aio): ``inference.GRPCInferenceService`` as Triton speaks it.
+
+A thin layer like the HTTP one: decode the protobuf into ``muxserve.types``, call the data plane,
+encode the answer. Tensors come in ``raw_input_contents`` (tritonclient's way; BYTES with 4-byte
+length prefixes) or in typed ``contents``; outputs go back in ``raw_output_contents``.
+``ModelStreamInfer`` runs every request of a stream as its own task, so texts of one stream fill
+mux groups together, and writes each response as it completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from muxserve.codecs import decode_contents, decode_raw, encode_raw, parameters_from_proto, parameters_to_proto
+from muxserve.dataplane import DataPlane
+from muxserve.errors import BadRequest, ModelNotFound, ServingError
+from muxserve.stats import statistics_proto
+from muxserve.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+
+log = logging.getLogger("muxserve")
+
+MAX_SEND_BYTES = 64 * 1024 * 1024
+
+
+def status_code(exc: ServingError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def internal_message(exc: BaseException) -> str:
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+# ---------------------------------------------------------------------------- message codec
+
+
+def decode_infer_request(req: pb.ModelInferRequest) -> InferRequest:
+    raw = req.raw_input_contents
+    if raw and len(raw) != len(req.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs: send every input raw or none")
+    inputs = []
+    for i, tensor in enumerate(req.inputs):
+        params = parameters_from_proto(tensor.parameters)
+        if "shared_memory_region" in params:
+            raise BadRequest(f"input '{tensor.name}': shared memory is not supported")
+        data = decode_raw(tensor.datatype, raw[i]) if raw else decode_contents(tensor.datatype, tensor.contents)
+        inputs.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), data, params))
+    outputs = None
+    if req.outputs:
+        outputs = []
+        for out in req.outputs:
+            params = parameters_from_proto(out.parameters)
+            if "shared_memory_region" in params:
+                raise BadRequest(f"output '{out.name}': shared memory is not supported")
+            outputs.append(RequestedOutput(out.name, params))
+    return InferRequest(req.model_name, inputs, req.model_version, req.id, outputs, parameters_from_proto(req.parameters))
+
+
+def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
+    for out in resp.outputs:
+        tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
+        parameters_to_proto(out.parameters, tensor.parameters)
+        msg.raw_output_contents.append(encode_raw(out.datatype, out.data))
+    parameters_to_proto(resp.parameters, msg.parameters)
+    return msg
+
+
+# ---------------------------------------------------------------------------- the service
+
+
+def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Data-plane errors -> their gRPC status with the message as details."""
+
+    @functools.wraps(method)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except ServingError as exc:
+            await context.abort(status_code(exc), exc.message)
+        except Exception as exc:
+            log.exception("gRPC %s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, internal_message(exc))
+
+    return wrapper
+
+
+def _unsupported(rpc: str, what: str) -> Callable[..., Awaitable[Any]]:
+    async def method(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{rpc}: {what} is not supported by muxserve")
+
+    method.__name__ = rpc
+    return method
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    # -- health and metadata
+
+    @_unary
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.plane.live())
+
+    @_unary
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.plane.ready())
+
+    @_unary
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
+        except ModelNotFound:  # as Triton: an unknown model is simply not ready
+            return pb.ModelReadyResponse(ready=False)
+
+    @_unary
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ServerMetadataResponse:
+        return json_format.ParseDict(self.plane.server_metadata(), pb.ServerMetadataResponse())
+
+    @_unary
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> pb.ModelMetadataResponse:
+        return json_format.ParseDict(self.plane.model_metadata(request.name, request.version), pb.ModelMetadataResponse())
+
+    @_unary
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=self.plane.model_config(request.name, request.version))
+
+    @_unary
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
+        return statistics_proto(self.plane.statistics(request.name, request.version))
+
+    @_unary
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
+        if request.repository_name:
+            raise BadRequest(f"unknown repository '{request.repository_name}': muxserve serves one repository (leave the name empty)")
+        return json_format.ParseDict({"models": self.plane.repository_index(request.ready)}, pb.RepositoryIndexResponse())
+
+    # -- inference
+
+    async def _infer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
+        return encode_infer_response(await self.plane.infer(decode_infer_request(req)))
+
+    @_unary
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request runs as its own task; responses go out as they complete, errors in
+        ``error_message`` (with the request's id), and the stream goes on."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(req: pb.ModelInferRequest) -> None:
+            try:
+                msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req))
+            except ServingError as exc:
+                msg = self._stream_error(req, exc.message)
+            except Exception as exc:
+                log.exception("gRPC ModelStreamInfer request failed")
+                msg = self._stream_error(req, internal_message(exc))
+            done.put_nowait(msg)
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    task = asyncio.create_task(one(req))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:  # the client closed its side: finish what it sent
+                    await asyncio.wait(set(tasks))
+            finally:
+                done.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (msg := await done.get()) is not None:
+                yield msg
+            await reader  # surfaces a failed read (e.g. a malformed message) as the RPC's status
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    @staticmethod
+    def _stream_error(req: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+        response = pb.ModelInferResponse(model_name=req.model_name, model_version=req.model_version, id=req.id)
+        return pb.ModelStreamInferResponse(error_message=message, infer_response=response)
+
+    # -- not supported
+
+    RepositoryModelLoad = _unsupported("RepositoryModelLoad", "loading models at run time (the repository is read at start)")
+    RepositoryModelUnload = _unsupported("RepositoryModelUnload", "unloading models at run time")
+    SystemSharedMemoryStatus = _unsupported("SystemSharedMemoryStatus", "system shared memory")
+    SystemSharedMemoryRegister = _unsupported("SystemSharedMemoryRegister", "system shared memory")
+    SystemSharedMemoryUnregister = _unsupported("SystemSharedMemoryUnregister", "system shared memory")
+    CudaSharedMemoryStatus = _unsupported("CudaSharedMemoryStatus", "CUDA shared memory")
+    CudaSharedMemoryRegister = _unsupported("CudaSharedMemoryRegister", "CUDA shared memory")
+    CudaSharedMemoryUnregister = _unsupported("CudaSharedMemoryUnregister", "CUDA shared memory")
+    TraceSetting = _unsupported("TraceSetting", "tracing")
+    LogSettings = _unsupported("LogSettings", "changing log settings at run time (use --log-level)")
+
+
+def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
+    """A grpc.aio server on the running event loop; messages up to the HTTP body limit in, 64 MiB out.
+    Larger requests get RESOURCE_EXHAUSTED from gRPC itself."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", plane.settings.max_request_bytes),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"gRPC cannot listen on {address}")
+    return server
