@@ -126,3 +126,26 @@ def test_prime_needs_mux() -> None:
         TrainConfig(stage="prime", out="x", train_files=["x"], num_instances=1)
     with pytest.raises(ValueError, match="multiple of num_instances"):
         TrainConfig(stage="finetune", out="x", train_files=["x"], num_instances=5, batch_size=8)
+
+
+def test_distillation_uses_cached_teacher_logits_in_text_order(tmp_path) -> None:
+    """Teacher logits are computed once (sorted by length for speed), cached beside the teacher,
+    and row i belongs to training text i."""
+    from muxserve.model.tokenizer import TextTokenizer
+    from muxserve.training.data import read_tsv
+    from muxserve.training.evaluate import predict
+
+    teacher_dir = tiny_init(tmp_path, 1)
+    cfg = config(tmp_path, "finetune", 2, steps=4, teacher=str(teacher_dir), distill_alpha=0.5)
+    trainer = Trainer(cfg)
+    caches = list(Path(teacher_dir).glob("teacher-logits-*.pt"))
+    assert len(caches) == 1
+    data = read_tsv(cfg.train_files[0], ["negative", "positive"])
+    teacher = load_model(teacher_dir)
+    expected = torch.cat([predict(teacher, TextTokenizer(Path(teacher_dir) / TOKENIZER_FILE, 16), [t]) for t in data.texts[:10]])
+    torch.testing.assert_close(trainer.teacher_logits[:10], expected, atol=1e-4, rtol=0)
+    trainer.run(progress=False)
+    assert any("distill_loss" in r for r in read_log(Path(cfg.out)))
+    # a second student reuses the cache
+    again = Trainer(config(tmp_path, "finetune", 2, steps=4, teacher=str(teacher_dir), out=str(tmp_path / "again")))
+    torch.testing.assert_close(again.teacher_logits, trainer.teacher_logits)

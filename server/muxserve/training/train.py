@@ -9,6 +9,7 @@ it; ``OUT/final`` and (with a dev set) ``OUT/best`` hold the results; ``OUT/log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -189,17 +190,24 @@ class Trainer:
     # ------------------------------------------------------------------ teacher
 
     def _teacher_logits(self) -> torch.Tensor:
-        cache = self.out / "teacher_logits.pt"
+        """The baseline's logits on the training texts, computed once and cached beside the
+        teacher (keyed by the texts), so every N distils from the same run of the teacher."""
+        key = hashlib.sha1("\n".join(self.data.texts).encode() + str(self.cfg.max_length).encode()).hexdigest()[:16]
+        cache = Path(self.cfg.teacher) / f"teacher-logits-{key}.pt"
         if cache.exists():
-            logits = torch.load(cache)
-            if logits.shape[0] == len(self.data.texts):
-                return logits
+            return torch.load(cache)
         teacher = load_model(self.cfg.teacher)
+        if teacher.config.num_instances != 1:
+            raise ValueError("the teacher must be a plain (N=1) model")
         if teacher.config.labels != self.labels:
             raise ValueError(f"teacher labels {teacher.config.labels} != {self.labels}")
-        logits = predict(teacher, TextTokenizer(Path(self.cfg.teacher) / TOKENIZER_FILE, self.cfg.max_length), self.data.texts, batch_texts=256)
-        torch.save(logits, cache)
-        return logits
+        # N=1: grouping does not matter, so sort by length to pad little, then restore the order
+        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+        logits = predict(teacher, TextTokenizer(Path(self.cfg.teacher) / TOKENIZER_FILE, self.cfg.max_length), [self.data.texts[i] for i in order], batch_texts=256)
+        restored = torch.empty_like(logits)
+        restored[torch.tensor(order)] = logits
+        torch.save(restored, cache)
+        return restored
 
     # ------------------------------------------------------------------ one step
 
