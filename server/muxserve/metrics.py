@@ -21,6 +21,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 
 FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99, 1.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 THROUGHPUT_WINDOW_S = 10.0
+# reasons a request to a loaded model version can fail with (errors.py, and "cancelled" when the
+# caller went away); exported at zero from the start, so that the first failure shows in rate()
+FAILURE_REASONS = ("bad_request", "queue_full", "not_ready", "internal", "cancelled")
 
 # the *_created series double the exposition for no use here
 disable_created_metrics()
@@ -49,7 +52,7 @@ class Metrics:
         self.baseline_ratio = Gauge("muxserve_baseline_throughput_ratio", f"Throughput of a mux model over that of its baseline, last {THROUGHPUT_WINDOW_S:.0f} s", ["model", "baseline"], registry=r)
         self.shadow_texts = Counter("muxserve_shadow_texts_total", "Texts of a mux model also run through its baseline (shadow sampling)", ["model", "baseline"], registry=r)
         self.shadow_agreements = Counter("muxserve_shadow_agreements_total", "Shadow-sampled texts whose mux label equals the baseline label", ["model", "baseline"], registry=r)
-        self.shadow_dropped = Counter("muxserve_shadow_dropped_total", "Texts not shadow-sampled because the shadow queue was full", ["model", "baseline"], registry=r)
+        self.shadow_dropped = Counter("muxserve_shadow_dropped_total", "Sampled texts not compared: shadow queue full or baseline pass failed", ["model", "baseline"], registry=r)
         self.shadow_agreement = Gauge("muxserve_shadow_agreement_ratio", "Agreement rate of mux and baseline labels over all shadow-sampled texts", ["model", "baseline"], registry=r)
 
 
@@ -97,6 +100,8 @@ class ModelMonitor:
         for name in (metrics.texts, metrics.executions, metrics.failed_executions):
             name.labels(**self.labels)
         metrics.requests.labels(**self.labels, outcome="success", reason="")
+        for reason in FAILURE_REASONS:
+            metrics.requests.labels(**self.labels, outcome="failure", reason=reason)
 
     def set_ready(self, ready: bool) -> None:
         self.metrics.ready.labels(**self.labels).set(1 if ready else 0)
@@ -163,4 +168,5 @@ def refresh_throughput(metrics: Metrics, monitors: dict[str, ModelMonitor]) -> N
     for monitor in monitors.values():
         if monitor.baseline and monitor.baseline in by_model:
             base = by_model[monitor.baseline]
-            metrics.baseline_ratio.labels(model=monitor.model, baseline=monitor.baseline).set(by_model[monitor.model] / base if base > 0 else 0.0)
+            # NaN, not 0, while the baseline serves nothing: the ratio is unknown, not zero
+            metrics.baseline_ratio.labels(model=monitor.model, baseline=monitor.baseline).set(by_model[monitor.model] / base if base > 0 else float("nan"))

@@ -4,11 +4,16 @@ A mux model whose config sets ``shadow_sample_rate`` (and names a ``baseline``) 
 fraction of the texts it served, with its labels, to a bounded queue. A background task runs
 them through the baseline's engine when the baseline has no queued work of its own (lower
 priority than real traffic, never on the request path), and counts how often the labels agree.
+
+The texts travel as the mux model's token ids, so the pair must share a tokenizer (checked at
+start); rows longer than the baseline's ``max_seq_length`` are cut as its own tokenizer would.
+Texts that cannot be compared (shadow queue full, failed baseline pass) are counted as dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -40,6 +45,9 @@ class ShadowSampler:
         self.pairs = {id(p.mux): p for p in pairs}
         self.random = random.Random(seed)
         for pair in pairs:
+            labels = {"model": pair.mux.name, "baseline": pair.baseline.name}
+            for counter in (metrics.shadow_texts, metrics.shadow_agreements, metrics.shadow_dropped):
+                counter.labels(**labels)  # exported at zero from the start, so rate() works
             pair.task = asyncio.create_task(self._consume(pair), name=f"shadow-{pair.mux.name}")
 
     @classmethod
@@ -56,6 +64,9 @@ class ShadowSampler:
                 continue
             if base.labels != served.labels:
                 log.warning("shadow sampling for %s disabled: labels differ from %s", served.name, base.name)
+                continue
+            if _digest(served) != _digest(base):
+                log.warning("shadow sampling for %s disabled: its tokenizer differs from that of %s", served.name, base.name)
                 continue
             pairs.append(_Pair(served, base, min(1.0, rate)))
             log.info("shadow sampling %.0f%% of %s through %s", 100 * min(1.0, rate), served.name, base.name)
@@ -80,6 +91,8 @@ class ShadowSampler:
         engine, scheduler = pair.baseline.engine, pair.baseline.scheduler
         assert engine is not None and scheduler is not None
         batch_size = scheduler.batch_texts
+        assert pair.baseline.model_config is not None
+        max_len, sep = pair.baseline.model_config.max_seq_length, pair.baseline.model_config.sep_token_id
         while True:
             items = [await pair.queue.get()]
             while len(items) < batch_size and not pair.queue.empty():
@@ -87,9 +100,10 @@ class ShadowSampler:
             while scheduler.queue_depth > 0:  # real traffic first
                 await asyncio.sleep(IDLE_POLL_S)
             try:
-                base_logits = await engine.run([row for row, _ in items])
+                base_logits = await engine.run([row if len(row) <= max_len else row[: max_len - 1] + [sep] for row, _ in items])
             except Exception as exc:
                 log.warning("shadow batch for %s failed: %s", pair.mux.name, exc)
+                self.metrics.shadow_dropped.labels(**labels).inc(len(items))
                 continue
             finally:
                 for _ in items:
@@ -110,3 +124,9 @@ class ShadowSampler:
             if pair.task is not None:
                 pair.task.cancel()
         await asyncio.gather(*(p.task for p in self.pairs.values() if p.task is not None), return_exceptions=True)
+
+
+def _digest(served: ServedModel) -> str:
+    """Identity of a model's tokenizer (the file's bytes)."""
+    assert served.tokenizer is not None
+    return hashlib.sha256(served.tokenizer.path.read_bytes()).hexdigest()
