@@ -1,0 +1,65 @@
+"""Measure the bundled models and write model_repository/MODELS.json + a markdown table.
+
+SST-2 dev accuracy (plain and ensembled) of the weights as served (fp16 / int8 embeddings),
+and forward throughput at sequence length 64 and equal texts per batch, all models in one run:
+
+    python scripts/model_card.py [--model-repository model_repository] [--data ../shared/data/sst2/dev.tsv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from muxserve.commands.bench import bench_models
+from muxserve.model.tokenizer import TextTokenizer
+from muxserve.model.weights import TOKENIZER_FILE, load_model
+from muxserve.repository import resolve_model_dir, scan
+from muxserve.training.data import read_tsv
+from muxserve.training.evaluate import accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"))
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-ensemble", action="store_true")
+    a = p.parse_args()
+
+    repo = Path(a.model_repository)
+    entries = scan(repo)
+    models = sorted(entries, key=lambda m: (int(entries[m].parameter("num_instances", "1") or 1), m))
+    card: dict[str, dict] = {}
+    for name in models:
+        directory = resolve_model_dir(repo, name)
+        model = load_model(directory)
+        tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
+        data = read_tsv(a.data, model.config.labels)
+        plain = accuracy(model, tok, data)
+        ens = None if a.no_ensemble or model.config.num_instances == 1 else accuracy(model, tok, data, ensemble=True)
+        size = sum(f.stat().st_size for f in (repo / name).rglob("*") if f.is_file())
+        card[name] = {"num_instances": model.config.num_instances, "sst2_dev_accuracy": round(plain["accuracy"], 4), "sst2_dev_n": plain["n"], "sst2_dev_accuracy_ensemble": round(ens["accuracy"], 4) if ens else None, "size_mb": round(size / 2**20, 1)}
+        print(f"{name}: {card[name]}", file=sys.stderr)
+    bench = bench_models(str(repo), models, seq_len=64, batch_texts=320, seconds=a.seconds, rounds=a.rounds, log=lambda line: print(line, file=sys.stderr))
+    for row in bench:
+        card[row["model"]].update(forward_texts_per_s=round(row["texts_per_s"], 1), forward_ratio_to_baseline=round(row["ratio_to_baseline"], 2), forward_threads=row["threads"])
+    meta = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "seq_len": 64, "batch_texts": 320}
+    (repo / "MODELS.json").write_text(json.dumps(card, indent=2) + "\n")
+    print(json.dumps(meta))
+    print("| model | N | SST-2 dev acc | ensembled | forward texts/s (len 64) | × sst2-bert | size MB |\n|---|---|---|---|---|---|---|")
+    for name, c in card.items():
+        ens = f"{100 * c['sst2_dev_accuracy_ensemble']:.1f}" if c["sst2_dev_accuracy_ensemble"] is not None else "–"
+        print(f"| {name} | {c['num_instances']} | {100 * c['sst2_dev_accuracy']:.1f} | {ens} | {c['forward_texts_per_s']:.0f} | {c['forward_ratio_to_baseline']:.2f}× | {c['size_mb']} |")
+
+
+if __name__ == "__main__":
+    main()
