@@ -1,14 +1,20 @@
 """Closed-loop load generator on stock tritonclient (HTTP or gRPC asyncio).
 
 ``concurrency`` workers each keep exactly one request in flight for ``duration_s`` seconds
-(after ``warmup_s``), cycling through the given texts. Used by ``muxserve bench serve`` and
-the scripts in ``benchmarks/``.
+(after ``warmup_s``), cycling through the given texts. With ``warmup_cycles`` the warm-up also
+lasts until every worker has completed that many requests (at most ``max_warmup_s``): at high
+concurrency a request's latency can exceed any fixed warm-up, and only requests sent after the
+first cycle see the steady-state queue. ``on_start`` / ``on_stop`` (coroutine
+functions) run when the measuring window opens and closes, e.g. to snapshot the server's own
+statistics over exactly that window. Used by ``muxserve bench serve`` and the scripts in
+``benchmarks/``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -26,6 +32,7 @@ class LoadResult:
     errors: int
     latencies_ms: list[float] = field(repr=False, default_factory=list)
     first_error: str = ""
+    warmup_seconds: float = 0.0
 
     @property
     def requests_per_s(self) -> float:
@@ -56,7 +63,7 @@ def _client(protocol: str, url: str):
     raise ValueError(f"protocol must be http or grpc, not {protocol!r}")
 
 
-async def closed_loop(url: str, model: str, texts: list[str], concurrency: int, duration_s: float, texts_per_request: int = 1, protocol: str = "http", warmup_s: float = 2.0, binary: bool = True) -> LoadResult:
+async def closed_loop(url: str, model: str, texts: list[str], concurrency: int, duration_s: float, texts_per_request: int = 1, protocol: str = "http", warmup_s: float = 2.0, binary: bool = True, on_start: Callable[[], Awaitable[object]] | None = None, on_stop: Callable[[], Awaitable[object]] | None = None, warmup_cycles: int = 0, max_warmup_s: float = 120.0) -> LoadResult:
     module, client = _client(protocol, url)
     encoded = [t.encode() for t in texts]
     counter = 0
@@ -80,7 +87,14 @@ async def closed_loop(url: str, model: str, texts: list[str], concurrency: int, 
             outputs = [module.InferRequestedOutput("LABEL"), module.InferRequestedOutput("LOGITS")]
         return [tensor], outputs
 
+    cycled = 0
+    all_cycled = asyncio.Event()
+    if warmup_cycles <= 0:
+        all_cycled.set()
+
     async def worker() -> None:
+        nonlocal cycled
+        done = 0
         while not stop:
             inputs, outputs = make_inputs()
             t0 = time.perf_counter()
@@ -91,6 +105,11 @@ async def closed_loop(url: str, model: str, texts: list[str], concurrency: int, 
                 ok = False
                 if not result.first_error:
                     result.first_error = f"{type(exc).__name__}: {exc}"[:300]
+            done += 1
+            if done == warmup_cycles:
+                cycled += 1
+                if cycled == concurrency:
+                    all_cycled.set()
             if measuring and not stop:
                 if ok:
                     result.requests += 1
@@ -101,12 +120,22 @@ async def closed_loop(url: str, model: str, texts: list[str], concurrency: int, 
 
     try:
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        t0 = time.perf_counter()
         await asyncio.sleep(warmup_s)
+        try:
+            await asyncio.wait_for(all_cycled.wait(), max(0.0, max_warmup_s - (time.perf_counter() - t0)))
+        except asyncio.TimeoutError:
+            pass
+        result.warmup_seconds = time.perf_counter() - t0
+        if on_start is not None:
+            await on_start()
         measuring = True
         start = time.perf_counter()
         await asyncio.sleep(duration_s)
         stop = True
         result.seconds = time.perf_counter() - start
+        if on_stop is not None:
+            await on_stop()
         await asyncio.gather(*tasks)
     finally:
         await client.close()

@@ -4,7 +4,15 @@
 sequence length, all in one process, measured in interleaved rounds so that a noisy machine (other
 jobs, frequency scaling) hurts every model alike. Prints a JSON list with ``--json``.
 
-A new subcommand (e.g. ``bench serve``) is a pair ``(add_parser, run)`` in ``SUBCOMMANDS``.
+``bench serve``: starts the server on loopback with all models, sweeps models x concurrency x
+texts per request (x protocols) with the closed-loop load generator, and writes ``results.json``,
+``results.md`` and PNG plots (throughput vs concurrency, latency vs throughput, accuracy vs
+throughput) to ``--out``, with accuracy, forward-only throughput and the physical limit per model.
+
+``bench profile``: where a request's time goes at one load (tokenize, queue, forward, the rest),
+the physical limit, and optionally a py-spy sample of the server.
+
+A new subcommand is a pair ``(add_parser, run)`` in ``SUBCOMMANDS``.
 """
 
 from __future__ import annotations
@@ -122,10 +130,94 @@ def _run_model(a: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- bench serve / profile
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_serve(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("serve", help="served throughput, latency and accuracy: sweep models x concurrency x texts per request; results.json, results.md, plots")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--models", default="", help="comma-separated (default: every model in the repository, N=1 first); the first N=1 model is the baseline of the ratios")
+    p.add_argument("--concurrency", default="1,8,32,128", help="requests in flight, comma-separated")
+    p.add_argument("--texts-per-request", default="1,8", help="comma-separated")
+    p.add_argument("--protocol", default="http", help="http, grpc or both (comma-separated)")
+    p.add_argument("--duration", type=float, default=8.0, help="measuring seconds per point")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each point's measuring window, at least; the warm-up also lasts until every worker has had an answer")
+    p.add_argument("--max-warmup", type=float, default=120.0, help="cap on that warm-up, seconds")
+    p.add_argument("--out", default="bench-results", help="output folder")
+    p.add_argument("--texts", default="", help="text source for the load: a .tsv with a header (first column) or one text per line (default: SST-2 dev)")
+    p.add_argument("--accuracy-data", default="", help="labeled TSV for accuracy (default: SST-2 dev)")
+    p.add_argument("--accuracy-limit", type=int, default=None, help="score only the first K examples")
+    p.add_argument("--no-accuracy", action="store_true")
+    p.add_argument("--forward-seconds", type=float, default=3.0, help="forward-pass-alone measurement per model (0: skip)")
+    p.add_argument("--matmul-seconds", type=float, default=2.0, help="matmul-rate measurement per model for the physical limit (0: skip)")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for `muxserve serve` (repeatable), e.g. --server-arg=--threads=1")
+
+
+def _run_serve(a: argparse.Namespace) -> int:
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from muxserve.benchrun import repository_models
+    from muxserve.benchserve import SweepOptions, run_sweep
+
+    models = _names(a.models) or repository_models(a.model_repository)
+    if not models:
+        raise SystemExit(f"no models with weights in {a.model_repository}")
+    protocols = ["http", "grpc"] if a.protocol == "both" else _names(a.protocol)
+    bad = [p for p in protocols if p not in ("http", "grpc")]
+    if bad:
+        raise SystemExit(f"--protocol: unknown {bad} (http, grpc or both)")
+    opts = SweepOptions(
+        repository=a.model_repository, models=models, concurrency=_ints(a.concurrency), texts_per_request=_ints(a.texts_per_request), protocols=protocols,
+        duration=a.duration, warmup=a.warmup, max_warmup=a.max_warmup, out=a.out, texts=a.texts, accuracy=not a.no_accuracy, accuracy_data=a.accuracy_data, accuracy_limit=a.accuracy_limit,
+        forward_seconds=a.forward_seconds, matmul_seconds=a.matmul_seconds, server_args=a.server_arg, command="muxserve " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
+    )
+    report = run_sweep(opts)
+    print((Path(a.out) / "results.md").read_text())
+    print(f"wrote {Path(a.out) / 'results.json'}, results.md and plots in {report['seconds']['total']:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _add_profile(bsub: argparse._SubParsersAction) -> None:
+    p = bsub.add_parser("profile", help="where a request's time goes at one load (tokenize, queue, forward, protocol) and the physical limit")
+    p.add_argument("--model-repository", default="model_repository")
+    p.add_argument("--models", default="sst2-bert,sst2-mux5", help="comma-separated")
+    p.add_argument("--concurrency", type=int, default=128)
+    p.add_argument("--texts-per-request", type=int, default=1)
+    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--out", default="bench-profile")
+    p.add_argument("--texts", default="", help="text source (default: SST-2 dev)")
+    p.add_argument("--matmul-seconds", type=float, default=2.0, help="0: skip the physical limit")
+    p.add_argument("--py-spy", action="store_true", help="sample the server process with py-spy during each model's run")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for `muxserve serve` (repeatable)")
+
+
+def _run_profile(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from muxserve.benchserve import run_profile
+
+    run_profile(a.model_repository, _names(a.models), a.concurrency, a.texts_per_request, a.protocol, a.duration, a.warmup, Path(a.out), a.texts, a.matmul_seconds, a.py_spy, a.server_arg)
+    return 0
+
+
 # --------------------------------------------------------------------------- dispatch
 
 SUBCOMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], None], Callable[[argparse.Namespace], int]]] = {
     "model": (_add_model, _run_model),
+    "serve": (_add_serve, _run_serve),
+    "profile": (_add_profile, _run_profile),
 }
 
 
