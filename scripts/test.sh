@@ -11,7 +11,7 @@ fi
 python -m pip install -q --upgrade pip >/dev/null
 # the CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build
 python -m pip install -q torch==2.13.0
-python -m pip install -q -e '.[test]'
+python -m pip install -q -e '.[test,bench]'
 
 # a real Prometheus for the metrics tests (Debian's package)
 if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
