@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from muxserve.model.muxbert import MuxBertModel
+from muxserve.model.muxbert import MuxBertModel, fill_short_group
 from muxserve.model.weights import CONFIG_FILE, load_model
 
 EXPORT_FILE = "model.pt"
@@ -42,25 +42,6 @@ def _quiet_jit() -> Iterator[None]:
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*")
         yield
-
-
-def fill_short_group(input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, copy: bool, cls_id: int, sep_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad ``T`` texts to a multiple of ``n`` exactly as ``MuxBertModel._fill_short_group``:
-    ``copy`` repeats the real texts of the short group round robin; ``pad`` adds [CLS][SEP]."""
-    t = input_ids.size(0)
-    missing = (n - t % n) % n
-    if missing == 0:
-        return input_ids, attention_mask
-    if copy:
-        real = n - missing
-        idx = (t - real) + torch.arange(missing, device=input_ids.device) % real
-        return torch.cat([input_ids, input_ids[idx]]), torch.cat([attention_mask, attention_mask[idx]])
-    fill_ids = torch.full([missing, input_ids.size(1)], pad_id, dtype=input_ids.dtype, device=input_ids.device)
-    fill_ids[:, 0] = cls_id
-    fill_ids[:, 1] = sep_id
-    fill_mask = torch.zeros_like(fill_ids, dtype=attention_mask.dtype)
-    fill_mask[:, :2] = 1
-    return torch.cat([input_ids, fill_ids]), torch.cat([attention_mask, fill_mask])
 
 
 @functools.cache

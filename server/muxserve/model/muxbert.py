@@ -217,6 +217,26 @@ def random_instance_keys(num_instances: int, dim: int, norm: float, seed: int) -
     return keys / keys.norm(dim=-1, keepdim=True) * norm
 
 
+def fill_short_group(input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int, copy: bool, cls_id: int, sep_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ``T`` texts to a multiple of ``n``: ``copy`` repeats the real texts of the short group
+    round robin (the reference's choice); otherwise empty [CLS][SEP] texts. Filler outputs are
+    dropped by the caller. A plain function so that TorchScript can compile it (export)."""
+    t = input_ids.size(0)
+    missing = (n - t % n) % n
+    if missing == 0:
+        return input_ids, attention_mask
+    if copy:
+        real = n - missing
+        idx = (t - real) + torch.arange(missing, device=input_ids.device) % real
+        return torch.cat([input_ids, input_ids[idx]]), torch.cat([attention_mask, attention_mask[idx]])
+    fill_ids = torch.full([missing, input_ids.size(1)], pad_id, dtype=input_ids.dtype, device=input_ids.device)
+    fill_ids[:, 0] = cls_id
+    fill_ids[:, 1] = sep_id
+    fill_mask = torch.zeros_like(fill_ids, dtype=attention_mask.dtype)
+    fill_mask[:, :2] = 1
+    return torch.cat([input_ids, fill_ids]), torch.cat([attention_mask, fill_mask])
+
+
 # --------------------------------------------------------------------------- demultiplexing
 
 
@@ -349,7 +369,7 @@ class MuxBertModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits for T texts: [T, C] (sequence) or [T, L, C] (token). T need not divide by N."""
         t = input_ids.shape[0]
-        input_ids, attention_mask = self._fill_short_group(input_ids, attention_mask)
+        input_ids, attention_mask = self.fill_short_group(input_ids, attention_mask)
         hidden = self.encode(input_ids, attention_mask)
         if self.config.task == "sequence_classification":
             hidden = hidden[:, :1]  # the shared [CLS] position only
@@ -358,24 +378,10 @@ class MuxBertModel(nn.Module):
             logits = self.classifier(self.dropout(self.demultiplex(hidden)))
         return logits[:t]
 
-    def _fill_short_group(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = self.config.num_instances
-        t = input_ids.shape[0]
-        missing = (-t) % n
-        if missing == 0:
-            return input_ids, attention_mask
-        if self.config.short_group_policy == "copy":
-            # repeat the real texts of the last (short) group, round robin
-            first = t - (n - missing)
-            idx = first + torch.arange(missing, device=input_ids.device) % (n - missing)
-            fill_ids, fill_mask = input_ids[idx], attention_mask[idx]
-        else:
-            fill_ids = torch.full((missing, input_ids.shape[1]), self.config.pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-            fill_ids[:, 0] = self.config.cls_token_id
-            fill_ids[:, 1] = self.config.sep_token_id
-            fill_mask = torch.zeros_like(fill_ids)
-            fill_mask[:, :2] = 1
-        return torch.cat([input_ids, fill_ids]), torch.cat([attention_mask, fill_mask])
+    def fill_short_group(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Complete a short last group by the model's policy (see ``fill_short_group``)."""
+        cfg = self.config
+        return fill_short_group(input_ids, attention_mask, cfg.num_instances, cfg.short_group_policy == "copy", cfg.cls_token_id, cfg.sep_token_id, cfg.pad_token_id)
 
     @torch.no_grad()
     def predict_ensemble(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
