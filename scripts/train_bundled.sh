@@ -14,7 +14,7 @@ NS=${*:-2 5 10}
 
 # 1. the plain baseline (N=1): all-MiniLM-L6-v2 fine-tuned on SST-2
 muxserve train finetune --train "$SST2_TRAIN" --dev "$SST2_DEV" --out "$RUNS/sst2-bert" \
-  --epochs 1 --batch-size 32 --lr 1e-4 --eval-every 500 --threads "$THREADS"
+  --labels negative,positive --epochs 1 --batch-size 32 --lr 1e-4 --eval-every 500 --threads "$THREADS"
 muxserve package "$RUNS/sst2-bert/best" --name sst2-bert
 
 for N in $NS; do
@@ -24,7 +24,7 @@ for N in $NS; do
   # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term
   EPOCHS=$([ "$N" -ge 5 ] && echo 2 || echo 1)
   muxserve train finetune -N "$N" --init "$RUNS/mux$N-prime/final" --teacher "$RUNS/sst2-bert/best" \
-    --train "$SST2_TRAIN" --dev "$SST2_DEV" --out "$RUNS/sst2-mux$N" --epochs "$EPOCHS" \
+    --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --epochs "$EPOCHS" \
     --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS"
   muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert
 done
