@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
 
+from muxserve.benchrun import ServerHandle, free_port  # noqa: F401  (re-exported for the tests)
+from muxserve.benchrun import start_server as benchrun_start_server
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
 from muxserve.model.weights import minilm_dir, save_model
 from muxserve.packaging import default_config, package_model
@@ -44,57 +38,9 @@ def make_tiny_repository(root: Path, models: dict[str, int], engine: str = "", *
     return root
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    proc: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    log_path: Path
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+ServerProcess = ServerHandle
 
 
 def start_server(repository: Path, log_path: Path, *extra: str, grpc: bool = True, ready_timeout: float = 120) -> ServerProcess:
-    http_port, grpc_port = free_port(), (free_port() if grpc else 0)
-    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port), *extra]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(proc, http_port, grpc_port, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            if httpx.get(f"http://{server.http_url}/v2/health/ready", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    server.stop()
-    raise RuntimeError(f"server not ready after {ready_timeout}s:\n{server.log()}")
+    """The real ``muxserve serve`` on loopback (shadow sampling as configured), once ready."""
+    return benchrun_start_server(repository, (), log_path, extra=extra, grpc=grpc, ready_timeout=ready_timeout, shadow=True)

@@ -116,13 +116,15 @@ class ServerHandle:
         return self.proc.returncode
 
 
-def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300) -> ServerHandle:
-    """``muxserve serve`` on loopback (free ports unless given, no shadow sampling), once ready."""
+def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False) -> ServerHandle:
+    """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready."""
     http_port = http_port or free_port()
     grpc_port = (grpc_port or free_port()) if grpc else 0
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--no-shadow"]
+    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    if not shadow:
+        cmd.append("--no-shadow")
     if models:
         cmd += ["--models", ",".join(models)]
     cmd += list(extra)
