@@ -3,7 +3,9 @@ tritonclient over HTTP and gRPC; their size budget; their accuracy on SST-2 dev.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import tritonclient.http.aio as aiohttpclient
 from google.protobuf import json_format
 from helpers import ROOT, SST2_DEV
 from serving import serving
@@ -63,6 +66,39 @@ def test_http_and_grpc_serve_each_bundled_model(server, model: str) -> None:
         if model == "sst2-bert":  # the baseline gets the obvious ones right (mux accuracy: the card)
             assert labels == ["positive", "negative", "positive", "negative"], labels
     np.testing.assert_allclose(h.as_numpy("LOGITS"), g.as_numpy("LOGITS"), atol=1e-5)
+
+    # JSON tensors, the asyncio client and a gRPC stream give the same answers
+    j_in = httpclient.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
+    j_in.set_data_from_numpy(data, binary_data=False)
+    j = http.infer(model, [j_in], outputs=[httpclient.InferRequestedOutput("LOGITS", binary_data=False)])
+    np.testing.assert_allclose(j.as_numpy("LOGITS"), h.as_numpy("LOGITS"), atol=1e-5)
+
+    async def via_asyncio() -> np.ndarray:
+        async with aiohttpclient.InferenceServerClient(server.http_url) as client:
+            a_in = aiohttpclient.InferInput("TEXT", [len(TEXTS), 1], "BYTES")
+            a_in.set_data_from_numpy(data)
+            return (await client.infer(model, [a_in])).as_numpy("LOGITS")
+
+    np.testing.assert_allclose(asyncio.run(via_asyncio()), h.as_numpy("LOGITS"), atol=1e-5)
+
+    answers: queue.Queue = queue.Queue()
+    grpc.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for i, text in enumerate(TEXTS):
+        s_in = grpcclient.InferInput("TEXT", [1, 1], "BYTES")
+        s_in.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        grpc.async_stream_infer(model, [s_in], request_id=str(i))
+    streamed = {}
+    for _ in TEXTS:
+        result, error = answers.get(timeout=60)
+        assert error is None, error
+        streamed[int(result.get_response().id)] = result.as_numpy("LABEL")[0][0].decode()
+    grpc.stop_stream()
+    assert set(streamed.values()) <= {"negative", "positive"} and len(streamed) == len(TEXTS)
+
+    # statistics count every text: 4 per infer call above + 4 streamed
+    stats = http.get_inference_statistics(model)["model_stats"][0]
+    assert stats["inference_count"] >= 4 * len(TEXTS)
+    assert grpc.get_inference_statistics(model).model_stats[0].inference_count == stats["inference_count"]
 
 
 @pytest.mark.skipif(not SST2_DEV.exists() or not CARD.exists(), reason="needs ../shared/data and model_repository/MODELS.json")
