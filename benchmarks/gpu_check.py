@@ -1,0 +1,105 @@
+"""The GPU check (under 5 minutes on one H100): CUDA engine parity with the CPU, fp16, model and
+served throughput, for every bundled model. Run it on any machine with a GPU:
+
+    python benchmarks/gpu_check.py --out results/gpu_check.json
+
+1. parity: logits of the CUDA engine (fp32 and fp16) against the CPU engine (fp32) on SST-2 dev
+   sentences, max abs difference and label agreement;
+2. model throughput: forward pass alone, batches of 32·N texts at length 128 (the paper's setting)
+   and of a fixed 320 texts at length 64, fp16 on CUDA, interleaved rounds;
+3. served throughput: ``muxserve serve --device cuda --precision fp16``, closed loop
+   (tritonclient asyncio, concurrency 256, one text per request) per model.
+
+``--device cpu`` runs the same script on the CPU (a smoke test of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from muxserve.benchrun import start_server
+from muxserve.commands.bench import bench_models
+from muxserve.engine import Engine, EngineOptions
+from muxserve.loadgen import closed_loop
+from muxserve.model.tokenizer import TextTokenizer
+from muxserve.repository import resolve_model_dir, scan
+from muxserve.training.data import read_tsv_sentences
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parity(repository: str, model: str, texts: list[str], device: str) -> dict:
+    directory = resolve_model_dir(repository, model)
+    cpu = Engine.load(directory, EngineOptions(device="cpu"), name=model)
+    rows = TextTokenizer(directory / "tokenizer.json", cpu.config.max_seq_length).encode(texts).ids
+    n = cpu.config.num_instances
+    batches = [rows[i : i + 32 * n] for i in range(0, len(rows), 32 * n)]
+    ref = np.concatenate([cpu.infer(b) for b in batches])
+    out = {"model": model}
+    for precision in ("fp32", "fp16") if device != "cpu" else ("fp32",):
+        eng = Engine.load(directory, EngineOptions(device=device, precision=precision), name=model)
+        got = np.concatenate([eng.infer(b) for b in batches])
+        out[f"{precision}_max_abs_diff"] = float(np.abs(got - ref).max())
+        out[f"{precision}_label_agreement"] = float((got.argmax(1) == ref.argmax(1)).mean())
+        eng.close()
+    cpu.close()
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "sst2" / "dev.tsv"))
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--seconds", type=float, default=3.0, help="per model per round, forward throughput")
+    p.add_argument("--serve-seconds", type=float, default=10.0)
+    p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--out")
+    a = p.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu for a smoke test")
+    t0 = time.time()
+    models = sorted(scan(a.model_repository), key=lambda m: (int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1), m))
+    texts = read_tsv_sentences(a.data) if Path(a.data).exists() else [f"a sentence number {i} about a film" for i in range(512)]
+    card = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
+    report: dict = {"device": card, "torch": torch.__version__, "models": models}
+
+    report["parity"] = [parity(a.model_repository, m, texts[:512], a.device) for m in models]
+    print(json.dumps(report["parity"]), file=sys.stderr)
+
+    dtype = "float16" if a.device != "cpu" else "float32"
+    lcm = int(np.lcm.reduce([int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1) for m in models]))
+    report["forward_len64"] = bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, dtype=dtype)
+    report["forward_paper"] = []
+    for m in models:  # the paper's setting: 32·N texts at length 128, per model
+        n = int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1)
+        report["forward_paper"] += bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * n, seconds=a.seconds, rounds=1, device=a.device, dtype=dtype)
+
+    extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
+    server = start_server(a.model_repository, models, Path(a.out or "gpu_check.json").with_suffix(".server.log"), extra=extra)
+    try:
+        report["served"] = [asyncio.run(closed_loop(server.http_url, m, texts, a.concurrency, a.serve_seconds, warmup_s=2)).summary() for m in models]
+    finally:
+        server.stop()
+    report["wall_seconds"] = round(time.time() - t0, 1)
+
+    print(json.dumps(report, indent=2))
+    print(f"\n{card}, torch {torch.__version__}, {report['wall_seconds']} s")
+    print(f"| model | fp32 max diff | fp16 max diff | fp16 label agreement | fwd texts/s len 64 | fwd texts/s 32·N × 128 | served texts/s (c={a.concurrency}) |\n|---|---|---|---|---|---|---|")
+    for par, f64, fp, sv in zip(report["parity"], report["forward_len64"], report["forward_paper"], report["served"], strict=True):
+        print(f"| {par['model']} | {par['fp32_max_abs_diff']:.2e} | {par.get('fp16_max_abs_diff', float('nan')):.2e} | {par.get('fp16_label_agreement', float('nan')):.3f} | {f64['texts_per_s']:.0f} | {fp['texts_per_s']:.0f} | {sv['texts_per_s']:.0f} |")
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
