@@ -238,12 +238,12 @@ class Trainer:
             soft = F.softmax(self.teacher_logits[batch] / t, dim=-1)
             kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, reduction="batchmean") * t * t
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
-            stats["distill_loss"] = float(kd)
+            stats["distill_loss"] = kd.item()
         if cfg.retrieval_coeff > 0 and self.model.config.is_mux:
             r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
             r_loss = F.cross_entropy(r_logits, r_targets)
             loss = loss + cfg.retrieval_coeff * r_loss
-            stats["retrieval_loss"] = float(r_loss)
+            stats["retrieval_loss"] = r_loss.item()
         return loss, stats
 
     def _batches(self):
