@@ -278,12 +278,21 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _plain_log_ticks(axis) -> None:
+    """A log axis labelled 1, 2, 5, 10, 20, ... in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def plot(report: dict, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     s, pts = report["settings"], report["points"]
     models, tprs, protocols = s["models"], s["texts_per_request"], s["protocols"]
@@ -327,9 +336,7 @@ def plot(report: dict, out: Path) -> list[Path]:
                 ax.plot(x, [p["p50_ms"] for p in ser], "-", marker="o", color=colors[model], label=f"{label_of[model]} p50")
                 ax.plot(x, [p["p99_ms"] for p in ser], "--", marker="^", color=colors[model], label=f"{label_of[model]} p99")
         ax.set_yscale("log")
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        _plain_log_ticks(ax.yaxis)
         ax.set_xlabel("texts/s")
         ax.set_ylabel("latency ms")
         ax.set_title(f"latency vs throughput ({protocols[0]}, {tpr} text(s)/request; concurrency rises along each line)")
@@ -355,9 +362,7 @@ def plot(report: dict, out: Path) -> list[Path]:
         ordered = sorted(rows, key=lambda r: r["peak_texts_per_s"])
         ax.plot([r["peak_texts_per_s"] for r in ordered], [r["accuracy"] for r in ordered], "-", color="grey", alpha=0.4, zorder=1)
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    _plain_log_ticks(ax.xaxis)
     ax.set_xlabel("peak served texts/s (×: physical limit)")
     ax.set_ylabel("SST-2 dev accuracy")
     ax.set_title(f"accuracy vs throughput ({protocols[0]})")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,10 +135,6 @@ class Engine:
     async def run(self, rows: list[list[int]]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.infer, rows)
-
-    async def call(self, fn: Callable[[], object]) -> object:
-        """Run something else on an engine thread (e.g. a warm-up)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def warmup(self) -> None:
         """One pass per common length bucket, so the first requests do not pay for allocation."""

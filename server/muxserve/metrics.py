@@ -7,6 +7,7 @@ so the two always agree.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -147,6 +148,11 @@ class ModelMonitor:
             self.stats.queue.add(sum(report.queue_seconds), len(report.queue_seconds))
             self.stats.compute_infer.add(report.compute_seconds)
             self.stats.batch.setdefault(report.texts, Duration()).add(report.compute_seconds)
+
+    def snapshot(self) -> ModelStatistics:
+        """A consistent copy of the statistics (the engine thread's observer may be writing)."""
+        with self._lock:
+            return copy.deepcopy(self.stats)
 
     def throughput(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
         """Texts/s served over the last ``window_s`` seconds."""

@@ -20,27 +20,26 @@ def model_statistics(served: ServedModel) -> dict[str, Any]:
     monitor = served.monitor
     if monitor is None:  # never loaded
         return {"name": served.name, "version": served.version, "last_inference": 0, "inference_count": 0, "execution_count": 0, "inference_stats": {}, "batch_stats": []}
-    with monitor._lock:
-        s = monitor.stats
-        batch_stats = [{"batch_size": size, "compute_input": _ZERO, "compute_infer": d.as_dict(), "compute_output": _ZERO} for size, d in sorted(s.batch.items())]
-        return {
-            "name": served.name,
-            "version": served.version,
-            "last_inference": s.last_inference_ms,
-            "inference_count": s.inference_count,
-            "execution_count": s.execution_count,
-            "inference_stats": {
-                "success": s.success.as_dict(),
-                "fail": s.fail.as_dict(),
-                "queue": s.queue.as_dict(),
-                "compute_input": s.compute_input.as_dict(),
-                "compute_infer": s.compute_infer.as_dict(),
-                "compute_output": s.compute_output.as_dict(),
-                "cache_hit": _ZERO,
-                "cache_miss": _ZERO,
-            },
-            "batch_stats": batch_stats,
-        }
+    s = monitor.snapshot()
+    batch_stats = [{"batch_size": size, "compute_input": _ZERO, "compute_infer": d.as_dict(), "compute_output": _ZERO} for size, d in sorted(s.batch.items())]
+    return {
+        "name": served.name,
+        "version": served.version,
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": s.success.as_dict(),
+            "fail": s.fail.as_dict(),
+            "queue": s.queue.as_dict(),
+            "compute_input": s.compute_input.as_dict(),
+            "compute_infer": s.compute_infer.as_dict(),
+            "compute_output": s.compute_output.as_dict(),
+            "cache_hit": _ZERO,
+            "cache_miss": _ZERO,
+        },
+        "batch_stats": batch_stats,
+    }
 
 
 def statistics_json(models: list[ServedModel]) -> dict[str, Any]:
