@@ -149,3 +149,42 @@ def test_distillation_uses_cached_teacher_logits_in_text_order(tmp_path) -> None
     # a second student reuses the cache
     again = Trainer(config(tmp_path, "finetune", 2, steps=4, teacher=str(teacher_dir), out=str(tmp_path / "again")))
     torch.testing.assert_close(again.teacher_logits, trainer.teacher_logits)
+
+
+def test_mux_model_starts_from_a_fine_tuned_baseline(tmp_path) -> None:
+    """--init with an N=1 folder and N=2: encoder and classifier are the baseline's, the keys,
+    the demultiplexer and the retrieval head are new."""
+    baseline_dir = tiny_init(tmp_path, 1)
+    baseline = load_model(baseline_dir)
+    trainer = Trainer(config(tmp_path, "finetune", 2, steps=2, init=str(baseline_dir)))
+    student = trainer.model.state_dict()
+    assert trainer.model.config.num_instances == 2
+    for key, value in baseline.state_dict().items():
+        torch.testing.assert_close(student[key], value, msg=key)
+    assert student["demux_module.demux_instance_embedding"].shape[0] == 2
+    trainer.run(progress=False)
+
+
+def test_feature_distillation_matches_teacher_states(tmp_path) -> None:
+    """Teacher hidden states are cached per text (real tokens only); a student that *is* the
+    teacher has feature loss 0, and the loss falls while a mux student trains on it."""
+    teacher_dir = tiny_init(tmp_path, 1)
+    cfg = config(tmp_path, "finetune", 1, steps=2, teacher=str(teacher_dir), feature_coeff=1.0, init=str(teacher_dir))
+    trainer = Trainer(cfg)
+    states = trainer.teacher_states
+    assert states is not None and list(Path(teacher_dir).glob("teacher-states-*.pt"))
+    assert int(states["offsets"][-1]) == sum(len(r) for r in trainer.ids)
+    trainer.model.eval()
+    batch = [0, 5, 9, 3]
+    ids, mask = trainer.tokenizer.pad([trainer.ids[i] for i in batch])
+    with torch.no_grad():
+        same = trainer._feature_loss(trainer.model.slot_features(ids, mask, cls_only=False), batch, mask)
+        shuffled = trainer._feature_loss(trainer.model.slot_features(ids, mask, cls_only=False), [9, 3, 0, 5], mask)
+    assert float(same) < 1e-4  # fp16 cache
+    assert float(shuffled) > 0.01
+    with pytest.raises(ValueError, match="needs a teacher"):
+        config(tmp_path, "finetune", 2, feature_coeff=1.0)
+    mux = Trainer(config(tmp_path, "finetune", 2, steps=30, teacher=str(teacher_dir), feature_coeff=1.0, init=str(teacher_dir), out=str(tmp_path / "mux")))
+    mux.run(progress=False)
+    losses = [r["feature_loss"] for r in read_log(Path(mux.cfg.out)) if "feature_loss" in r]
+    assert losses[-1] < losses[0]

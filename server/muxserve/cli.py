@@ -13,7 +13,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train", nargs="+", required=True, help="TSV file(s) sentence<TAB>label (prime/mlm use the sentences only)")
     p.add_argument("--dev", help="dev TSV for accuracy during fine-tuning")
     p.add_argument("--out", required=True, help="output folder (checkpoint.pt, log.jsonl, best/, final/)")
-    p.add_argument("--init", default="backbone", help="'backbone' (all-MiniLM-L6-v2) or a saved model folder")
+    p.add_argument("--init", default="backbone", help="'backbone' (all-MiniLM-L6-v2) or a saved model folder (an N=1 model may start a mux model)")
     p.add_argument("--num-instances", "-N", type=int, default=1)
     p.add_argument("--muxing", default="gaussian_hadamard", choices=["gaussian_hadamard", "gaussian_attention_v2"])
     p.add_argument("--labels", help="comma-separated label names (default: from the training file)")
@@ -28,6 +28,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", help="fine-tuned baseline folder to distil from")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
+    p.add_argument("--feature-coeff", type=float, default=0.0, help="weight of matching the teacher's final hidden states")
+    p.add_argument("--feature-positions", default="all", choices=["cls", "all"], help="hidden states matched: [CLS] only or every token")
     p.add_argument("--freeze-word-embeddings", action="store_true")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=100)
@@ -44,7 +46,7 @@ def _run_train(a: argparse.Namespace) -> int:
         muxing_variant=a.muxing, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
         retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, distill_alpha=a.distill_alpha,
-        distill_temperature=a.distill_temperature, freeze_word_embeddings=a.freeze_word_embeddings,
+        distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings,
         eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, seed=a.seed, limit=a.limit,
     )
     print(json.dumps(train(cfg)))

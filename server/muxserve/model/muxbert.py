@@ -370,13 +370,22 @@ class MuxBertModel(nn.Module):
         """Logits for T texts: [T, C] (sequence) or [T, L, C] (token). T need not divide by N."""
         t = input_ids.shape[0]
         input_ids, attention_mask = self.fill_short_group(input_ids, attention_mask)
-        hidden = self.encode(input_ids, attention_mask)
-        if self.config.task == "sequence_classification":
-            hidden = hidden[:, :1]  # the shared [CLS] position only
-            logits = self.classifier(self.dropout(self.demultiplex(hidden)))[:, 0]
-        else:
-            logits = self.classifier(self.dropout(self.demultiplex(hidden)))
+        cls_only = self.config.task == "sequence_classification"
+        logits = self.classify(self.slot_features(input_ids, attention_mask, cls_only))
         return logits[:t]
+
+    def slot_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
+        """Per-text final hidden states [T, L', d] (T a multiple of N): demultiplexed for N > 1,
+        the encoder output for N=1. ``cls_only`` demultiplexes position 0 alone (L' = 1)."""
+        hidden = self.encode(input_ids, attention_mask)
+        if cls_only:
+            hidden = hidden[:, :1]  # the shared [CLS] position only
+        return self.demultiplex(hidden)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Head over ``slot_features``: [T, C] from position 0 (sequence) or [T, L, C] (token)."""
+        logits = self.classifier(self.dropout(features))
+        return logits[:, 0] if self.config.task == "sequence_classification" else logits
 
     def fill_short_group(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Complete a short last group by the model's policy (see ``fill_short_group``)."""

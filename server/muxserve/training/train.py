@@ -52,6 +52,10 @@ class TrainConfig:
     teacher: str | None = None  # finetune: a fine-tuned baseline folder to distil from
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # finetune: match the teacher's final hidden states per text (MSE / teacher mean square);
+    # "cls" the [CLS] position only, "all" every real token (denser: also keeps slots apart)
+    feature_coeff: float = 0.0
+    feature_positions: str = "all"
     mlm_probability: float = 0.15
     freeze_word_embeddings: bool = False
     eval_every: int = 200
@@ -67,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"stage must be one of {STAGES}")
         if self.batch_size % self.num_instances:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_instances {self.num_instances}")
+        if self.feature_positions not in ("cls", "all"):
+            raise ValueError("feature_positions must be 'cls' or 'all'")
+        if self.feature_coeff > 0 and not self.teacher:
+            raise ValueError("feature_coeff needs a teacher")
         if self.stage in ("prime", "mlm") and self.num_instances < 2:
             raise ValueError(f"stage {self.stage} needs num_instances >= 2 (it trains the demultiplexer)")
 
@@ -77,6 +85,8 @@ def _init_model(cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
         load_backbone(model)
         return model
     src = load_model(cfg.init)
+    if src.config.num_instances == 1 and cfg.num_instances > 1:
+        return _mux_from_baseline(src, cfg, labels)
     if src.config.num_instances != cfg.num_instances:
         raise ValueError(f"{cfg.init} has num_instances={src.config.num_instances}, not {cfg.num_instances}")
     if src.config.labels == labels:
@@ -87,6 +97,20 @@ def _init_model(cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
     state = {k: v for k, v in src.state_dict().items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("classifier.") for k in missing)
+    return model
+
+
+def _mux_from_baseline(src: MuxBertModel, cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
+    """A mux model whose encoder (and classifier, same labels) start from a fine-tuned N=1
+    model; the keys, the demultiplexer and the retrieval head start fresh."""
+    conf = src.config.from_dict({**src.config.to_dict(), "num_instances": cfg.num_instances, "muxing_variant": cfg.muxing_variant, "labels": labels, "seed": cfg.seed})
+    model = MuxBertModel(conf)
+    state = src.state_dict()
+    if src.config.labels != labels:
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    fresh = ("instance_embedding", "muxing_attention", "demux_module.", "demultiplexer.", "retrieval_head.", "classifier.")
+    assert not unexpected and all(k.startswith(fresh) for k in missing), (unexpected, missing)
     return model
 
 
@@ -157,6 +181,7 @@ class Trainer:
         self.step = 0
         self.best = -1.0
         self.teacher_logits = self._teacher_logits() if cfg.teacher and cfg.stage == "finetune" else None
+        self.teacher_states = self._teacher_states() if cfg.feature_coeff > 0 and cfg.stage == "finetune" else None
         self._resume()
 
     # ------------------------------------------------------------------ checkpoints
@@ -189,18 +214,26 @@ class Trainer:
 
     # ------------------------------------------------------------------ teacher
 
-    def _teacher_logits(self) -> torch.Tensor:
-        """The baseline's logits on the training texts, computed once and cached beside the
-        teacher (keyed by the texts), so every N distils from the same run of the teacher."""
+    def _teacher_cache(self, kind: str) -> Path:
+        """Teacher outputs are computed once and cached beside the teacher, keyed by the texts,
+        so every N distils from the same run of the teacher."""
         key = hashlib.sha1("\n".join(self.data.texts).encode() + str(self.cfg.max_length).encode()).hexdigest()[:16]
-        cache = Path(self.cfg.teacher) / f"teacher-logits-{key}.pt"
-        if cache.exists():
-            return torch.load(cache)
+        return Path(self.cfg.teacher) / f"teacher-{kind}-{key}.pt"
+
+    def _load_teacher(self) -> MuxBertModel:
         teacher = load_model(self.cfg.teacher)
         if teacher.config.num_instances != 1:
             raise ValueError("the teacher must be a plain (N=1) model")
         if teacher.config.labels != self.labels:
             raise ValueError(f"teacher labels {teacher.config.labels} != {self.labels}")
+        return teacher
+
+    def _teacher_logits(self) -> torch.Tensor:
+        """The baseline's logits on the training texts [T, C]."""
+        cache = self._teacher_cache("logits")
+        if cache.exists():
+            return torch.load(cache)
+        teacher = self._load_teacher()
         # N=1: grouping does not matter, so sort by length to pad little, then restore the order
         order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
         logits = predict(teacher, TextTokenizer(Path(self.cfg.teacher) / TOKENIZER_FILE, self.cfg.max_length), [self.data.texts[i] for i in order], batch_texts=256)
@@ -208,6 +241,41 @@ class Trainer:
         restored[torch.tensor(order)] = logits
         torch.save(restored, cache)
         return restored
+
+    @torch.no_grad()
+    def _teacher_states(self) -> dict[str, torch.Tensor]:
+        """The baseline's final hidden states on the training texts, fp16, all texts' real tokens
+        concatenated: ``states [sum(len), d]`` and ``offsets [T+1]`` (row i is
+        ``states[offsets[i]:offsets[i+1]]``); ``scale`` is their mean square."""
+        cache = self._teacher_cache("states")
+        if cache.exists():
+            return torch.load(cache)
+        teacher = self._load_teacher().eval()
+        lengths = torch.tensor([len(r) for r in self.ids])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        states = torch.empty(int(offsets[-1]), teacher.config.hidden_size, dtype=torch.float16)
+        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+        for start in range(0, len(order), 256):
+            rows = order[start : start + 256]
+            ids, mask = self.tokenizer.pad([self.ids[i] for i in rows])
+            hidden = teacher.slot_features(ids, mask, cls_only=False)
+            for j, i in enumerate(rows):
+                states[offsets[i] : offsets[i + 1]] = hidden[j, : lengths[i]].half()
+        result = {"states": states, "offsets": offsets, "scale": states[:: max(1, len(states) // 100_000)].float().pow(2).mean()}
+        torch.save(result, cache)
+        return result
+
+    def _feature_loss(self, features: torch.Tensor, batch: list[int], mask: torch.Tensor) -> torch.Tensor:
+        """MSE between the student's per-text features [T, L', d] and the teacher's, over real
+        tokens (L' = 1: [CLS] only), relative to the teacher's mean square."""
+        ts = self.teacher_states
+        assert ts is not None
+        target = torch.zeros_like(features)
+        for j, i in enumerate(batch):
+            row = ts["states"][ts["offsets"][i] : ts["offsets"][i + 1]][: features.shape[1]]
+            target[j, : len(row)] = row.float()
+        weight = mask[:, : features.shape[1]].to(features.dtype)[..., None]
+        return ((features - target).pow(2) * weight).sum() / (weight.sum() * features.shape[-1] * ts["scale"])
 
     # ------------------------------------------------------------------ one step
 
@@ -229,7 +297,13 @@ class Trainer:
             stats["mlm_acc"] = float((logits.argmax(-1) == targets).float().mean())
             return F.cross_entropy(logits, targets), stats
         labels = torch.tensor([self.data.labels[i] for i in batch])
-        logits = self.model(ids, mask)
+        if self.teacher_states is None:
+            logits = self.model(ids, mask)
+        else:
+            features = self.model.slot_features(ids, mask, cls_only=cfg.feature_positions == "cls")
+            logits = self.model.classify(features[:, :1])
+            feature_loss = self._feature_loss(features, batch, mask)
+            stats["feature_loss"] = feature_loss.item()
         loss = F.cross_entropy(logits, labels)
         stats["task_loss"] = loss.item()
         stats["train_acc"] = float((logits.argmax(-1) == labels).float().mean())
@@ -239,6 +313,8 @@ class Trainer:
             kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, reduction="batchmean") * t * t
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             stats["distill_loss"] = kd.item()
+        if self.teacher_states is not None:
+            loss = loss + cfg.feature_coeff * feature_loss
         if cfg.retrieval_coeff > 0 and self.model.config.is_mux:
             r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
             r_loss = F.cross_entropy(r_logits, r_targets)
