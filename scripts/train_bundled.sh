@@ -18,13 +18,17 @@ muxserve train finetune --train "$SST2_TRAIN" --dev "$SST2_DEV" --out "$RUNS/sst
 muxserve package "$RUNS/sst2-bert/best" --name sst2-bert
 
 for N in $NS; do
-  # 2. priming: recover every slot's tokens from the muxed output (SST-2 + AG News sentences)
-  muxserve train prime -N "$N" --train "$SST2_TRAIN" "$DATA/agnews/train.tsv" --out "$RUNS/mux$N-prime" \
-    --steps 1000 --batch-size $((32 * N)) --lr 1e-4 --retrieval-fraction 0.5 --threads "$THREADS"
+  # keys scaled so that the mixture keeps the word-embedding scale whatever N (norm 4 at N=2):
+  # with unit keys the superimposed content is 1/3 of a raw word embedding and drowns in the
+  # position embeddings (README, "Training recipe")
+  NORM=$(python -c "print(round(4 * ($N / 2) ** 0.5, 1))")
+  # 2. priming, starting from the fine-tuned baseline: recover every slot's tokens from the muxed
+  #    output (SST-2 phrases: short, so cheap steps)
+  muxserve train prime -N "$N" --init "$RUNS/sst2-bert/best" --train "$SST2_TRAIN" --out "$RUNS/mux$N-prime" \
+    --steps 2400 --batch-size $((32 * N)) --lr 5e-4 --warmup-ratio 0.05 --hadamard-norm "$NORM" --retrieval-fraction 0.5 --threads "$THREADS"
   # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term
-  EPOCHS=$([ "$N" -ge 5 ] && echo 2 || echo 1)
   muxserve train finetune -N "$N" --init "$RUNS/mux$N-prime/final" --teacher "$RUNS/sst2-bert/best" \
-    --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --epochs "$EPOCHS" \
+    --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --steps 3600 \
     --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS"
   muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert
 done

@@ -156,9 +156,12 @@ def test_mux_model_starts_from_a_fine_tuned_baseline(tmp_path) -> None:
     the demultiplexer and the retrieval head are new."""
     baseline_dir = tiny_init(tmp_path, 1)
     baseline = load_model(baseline_dir)
-    trainer = Trainer(config(tmp_path, "finetune", 2, steps=2, init=str(baseline_dir)))
+    trainer = Trainer(config(tmp_path, "finetune", 2, steps=2, init=str(baseline_dir), hadamard_norm=4.0))
     student = trainer.model.state_dict()
     assert trainer.model.config.num_instances == 2
+    # new keys at the requested norm (gaussian_hadamard_norm), kept in the config for serving
+    assert trainer.model.config.gaussian_hadamard_norm == 4.0
+    torch.testing.assert_close(student["instance_embedding"].norm(dim=-1), torch.full((2,), 4.0))
     for key, value in baseline.state_dict().items():
         torch.testing.assert_close(student[key], value, msg=key)
     assert student["demux_module.demux_instance_embedding"].shape[0] == 2
