@@ -117,3 +117,19 @@ def test_card_lists_every_bundled_model() -> None:
         pytest.skip("no model card")
     assert sorted(json.loads(CARD.read_text())) == BUNDLED
     assert Path(REPOSITORY / "sst2-bert").exists()
+
+
+MUX_MODELS = [m for m in BUNDLED if m != "sst2-bert"]
+
+
+@pytest.mark.skipif(not SST2_DEV.exists() or not CARD.exists(), reason="needs ../shared/data and model_repository/MODELS.json")
+@pytest.mark.parametrize("model", MUX_MODELS)
+def test_ensembling_is_no_worse_on_the_fine_tuned_mux_models(model: str) -> None:
+    """`muxserve eval --ensemble` (each text run N times in scattered slots, logits averaged) scores
+    no lower on SST-2 dev than the plain pass, and reproduces the card's ensembled accuracy."""
+    card = json.loads(CARD.read_text())[model]
+    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--ensemble"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["ensemble"] is True and result["n"] == 872
+    assert result["accuracy"] == pytest.approx(card["sst2_dev_accuracy_ensemble"], abs=0.002)
+    assert result["accuracy"] >= card["sst2_dev_accuracy"]
