@@ -231,14 +231,18 @@ class Trainer:
             raise ValueError(f"teacher labels {teacher.config.labels} != {self.labels}")
         return teacher
 
+    def _order_by_length(self) -> list[int]:
+        """Training texts shortest first: the teacher is N=1, so grouping does not matter and
+        similar lengths pad little; callers restore the text order."""
+        return sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+
     def _teacher_logits(self) -> torch.Tensor:
         """The baseline's logits on the training texts [T, C]."""
         cache = self._teacher_cache("logits")
         if cache.exists():
             return torch.load(cache)
         teacher = self._load_teacher()
-        # N=1: grouping does not matter, so sort by length to pad little, then restore the order
-        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+        order = self._order_by_length()
         logits = predict(teacher, TextTokenizer(Path(self.cfg.teacher) / TOKENIZER_FILE, self.cfg.max_length), [self.data.texts[i] for i in order], batch_texts=256)
         restored = torch.empty_like(logits)
         restored[torch.tensor(order)] = logits
@@ -257,7 +261,7 @@ class Trainer:
         lengths = torch.tensor([len(r) for r in self.ids])
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         states = torch.empty(int(offsets[-1]), teacher.config.hidden_size, dtype=torch.float16)
-        order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
+        order = self._order_by_length()
         for start in range(0, len(order), 256):
             rows = order[start : start + 256]
             ids, mask = self.tokenizer.pad([self.ids[i] for i in rows])
