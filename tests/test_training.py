@@ -95,11 +95,24 @@ def test_finetune_learns_and_resumes(tmp_path) -> None:
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 85
 
 
-def test_finetune_mux2_with_retrieval_term(tmp_path) -> None:
-    cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_finetune_mux2_with_retrieval_term(tmp_path, bf16: bool) -> None:
+    cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5, bf16=bf16)
     Trainer(cfg).run(progress=False)
     rows = [r for r in read_log(Path(cfg.out)) if "loss" in r]
     assert rows and all("retrieval_loss" in r and "task_loss" in r for r in rows)
+
+
+def test_bf16_autocast_learns_and_keeps_fp32_weights(tmp_path) -> None:
+    dev = write_tsv(tmp_path / "dev.tsv", 16, seed=1)
+    cfg = config(tmp_path, "finetune", 1, steps=80, log_every=10, eval_every=80, bf16=True, dev_file=str(dev))
+    trainer = Trainer(cfg)
+    trainer.run(progress=False)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    log = read_log(Path(cfg.out))
+    losses = [r["task_loss"] for r in log if "task_loss" in r]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
+    assert [r["dev_accuracy"] for r in log if "dev_accuracy" in r][-1] >= 0.9
 
 
 def test_resume_rejects_other_stage(tmp_path) -> None:

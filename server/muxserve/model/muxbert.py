@@ -377,7 +377,10 @@ class MuxBertModel(nn.Module):
     def slot_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
         """Per-text final hidden states [T, L', d] (T a multiple of N): demultiplexed for N > 1,
         the encoder output for N=1. ``cls_only`` demultiplexes position 0 alone (L' = 1)."""
-        hidden = self.encode(input_ids, attention_mask)
+        return self.slot_features_from(self.encode(input_ids, attention_mask), cls_only)
+
+    def slot_features_from(self, hidden: torch.Tensor, cls_only: bool) -> torch.Tensor:
+        """``slot_features`` over an encoder output already at hand (``encode``)."""
         if cls_only:
             hidden = hidden[:, :1]  # the shared [CLS] position only
         return self.demultiplex(hidden)
@@ -414,8 +417,12 @@ class MuxBertModel(nn.Module):
         runs only on the P scored positions, a random ``fraction`` of them if < 1.
         Returns (logits [P, V], targets [P]).
         """
+        return self.retrieval_logits_from(self.encode(input_ids, attention_mask), input_ids, attention_mask, generator, fraction)
+
+    def retrieval_logits_from(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator: torch.Generator | None = None, fraction: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``retrieval_logits`` over an encoder output already at hand (``encode``), so that
+        fine-tuning scores its auxiliary retrieval term on the pass that classifies."""
         n = self.config.num_instances
-        hidden = self.encode(input_ids, attention_mask)
         b, length, _ = hidden.shape
         slot = torch.randint(n, (b, length), generator=generator).to(hidden.device)
         pick = slot[:, None, :]

@@ -65,6 +65,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 20
     threads: int = 0  # 0: leave torch's default
+    bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
     seed: int = 0
     limit: int | None = None  # use only the first K training rows (tests, smoke runs)
     extra: dict = field(default_factory=dict)
@@ -304,12 +305,14 @@ class Trainer:
             stats["mlm_acc"] = float((logits.argmax(-1) == targets).float().mean())
             return F.cross_entropy(logits, targets), stats
         labels = torch.tensor([self.data.labels[i] for i in batch])
-        if self.teacher_states is None:
-            logits = self.model(ids, mask)
-        else:
-            features = self.model.slot_features(ids, mask, cls_only=cfg.feature_positions == "cls")
-            logits = self.model.classify(features[:, :1])
-            feature_loss = self._feature_loss(features, batch, mask)
+        retrieval = cfg.retrieval_coeff > 0 and self.model.config.is_mux
+        # one encoder pass serves the task, the feature and the retrieval terms
+        hidden = self.model.encode(ids, mask)
+        cls_only = self.teacher_states is None or cfg.feature_positions == "cls"
+        features = self.model.slot_features_from(hidden, cls_only)
+        logits = self.model.classify(features[:, :1]).float()
+        if self.teacher_states is not None:
+            feature_loss = self._feature_loss(features.float(), batch, mask)
             stats["feature_loss"] = feature_loss.item()
         loss = F.cross_entropy(logits, labels)
         stats["task_loss"] = loss.item()
@@ -322,9 +325,9 @@ class Trainer:
             stats["distill_loss"] = kd.item()
         if self.teacher_states is not None:
             loss = loss + cfg.feature_coeff * feature_loss
-        if cfg.retrieval_coeff > 0 and self.model.config.is_mux:
-            r_logits, r_targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
-            r_loss = F.cross_entropy(r_logits, r_targets)
+        if retrieval:
+            r_logits, r_targets = self.model.retrieval_logits_from(hidden, ids, mask, gen, cfg.retrieval_fraction)
+            r_loss = F.cross_entropy(r_logits.float(), r_targets)
             loss = loss + cfg.retrieval_coeff * r_loss
             stats["retrieval_loss"] = r_loss.item()
         return loss, stats
@@ -365,7 +368,10 @@ class Trainer:
         batches = self._batches()
         while self.step < self.total_steps:
             batch = next(batches)
-            loss, stats = self._loss(batch, gen)
+            # bf16 autocast: matmuls in bfloat16, weights and optimizer state stay fp32
+            # (2.5x faster steps on CPUs with AVX512-BF16/AMX, README "Training recipe")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, stats = self._loss(batch, gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
