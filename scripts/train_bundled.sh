@@ -25,10 +25,10 @@ for N in $NS; do
   # 2. priming, starting from the fine-tuned baseline: recover every slot's tokens from the muxed
   #    output (SST-2 phrases: short, so cheap steps)
   muxserve train prime -N "$N" --init "$RUNS/sst2-bert/best" --train "$SST2_TRAIN" --out "$RUNS/mux$N-prime" \
-    --steps 2400 --batch-size $((32 * N)) --lr 5e-4 --warmup-ratio 0.05 --hadamard-norm "$NORM" --retrieval-fraction 0.5 --threads "$THREADS"
+    --steps 2400 --batch-size $((32 * N)) --lr 5e-4 --warmup-ratio 0.05 --hadamard-norm "$NORM" --retrieval-fraction 0.5 --threads "$THREADS" --bf16
   # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term
   muxserve train finetune -N "$N" --init "$RUNS/mux$N-prime/final" --teacher "$RUNS/sst2-bert/best" \
     --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --steps 3600 \
-    --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS"
+    --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS" --bf16
   muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert
 done

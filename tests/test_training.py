@@ -95,9 +95,9 @@ def test_finetune_learns_and_resumes(tmp_path) -> None:
     assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 85
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_finetune_mux2_with_retrieval_term(tmp_path, bf16: bool) -> None:
-    cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5, bf16=bf16)
+@pytest.mark.parametrize(("bf16", "mixed"), [(False, False), (True, True)])
+def test_finetune_mux2_with_retrieval_term(tmp_path, bf16: bool, mixed: bool) -> None:
+    cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5, bf16=bf16, mixed_length_groups=mixed)
     Trainer(cfg).run(progress=False)
     rows = [r for r in read_log(Path(cfg.out)) if "loss" in r]
     assert rows and all("retrieval_loss" in r and "task_loss" in r for r in rows)

@@ -88,3 +88,21 @@ def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random
         # shuffle within the batch so that mux groups mix texts at random
         rng.shuffle(batch)
         yield batch
+
+
+def group_bucketed_batches(lengths: Sequence[int], batch_size: int, group_size: int, rng: random.Random, chunk_batches: int = 50) -> Iterator[list[int]]:
+    """One epoch of batches of mux groups whose members are drawn at random, whatever their
+    lengths (as at evaluation and serving time, where a group mixes a long and a short text);
+    only whole groups are bucketed by their longest member, to keep the padding between groups low.
+    Consecutive ``group_size`` indices of a batch form one group."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    groups = [order[i : i + group_size] for i in range(0, len(order) - len(order) % group_size, group_size)]
+    per_batch = max(1, batch_size // group_size)
+    batches: list[list[int]] = []
+    chunk = per_batch * chunk_batches
+    for start in range(0, len(groups), chunk):
+        part = sorted(groups[start : start + chunk], key=lambda g: max(lengths[i] for i in g))
+        batches.extend([i for g in part[j : j + per_batch] for i in g] for j in range(0, len(part), per_batch))
+    rng.shuffle(batches)
+    yield from batches

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from muxserve.model.muxbert import MuxBertModel
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, backbone_config, load_backbone, load_model, minilm_dir, save_model
-from muxserve.training.data import LabeledTexts, label_names_of, length_bucketed_batches, read_texts, read_tsv
+from muxserve.training.data import LabeledTexts, group_bucketed_batches, label_names_of, length_bucketed_batches, read_texts, read_tsv
 from muxserve.training.evaluate import accuracy, predict
 
 STAGES = ("prime", "mlm", "finetune")
@@ -65,6 +65,9 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 20
     threads: int = 0  # 0: leave torch's default
+    # mux groups of texts drawn at random whatever their lengths (as at evaluation), instead of
+    # similar-length texts only; whole groups are still bucketed by length
+    mixed_length_groups: bool = False
     bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
     seed: int = 0
     limit: int | None = None  # use only the first K training rows (tests, smoke runs)
@@ -338,7 +341,11 @@ class Trainer:
         epoch, skip = divmod(self.step, self.steps_per_epoch)
         while True:
             rng = random.Random(self.cfg.seed * 1000 + epoch)
-            for i, batch in enumerate(length_bucketed_batches(lengths, self.cfg.batch_size, rng)):
+            if self.cfg.mixed_length_groups:
+                epoch_batches = group_bucketed_batches(lengths, self.cfg.batch_size, self.cfg.num_instances, rng)
+            else:
+                epoch_batches = length_bucketed_batches(lengths, self.cfg.batch_size, rng)
+            for i, batch in enumerate(epoch_batches):
                 if i < skip:
                     continue
                 if len(batch) % self.cfg.num_instances:
