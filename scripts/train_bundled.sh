@@ -22,13 +22,16 @@ for N in $NS; do
   # with unit keys the superimposed content is 1/3 of a raw word embedding and drowns in the
   # position embeddings (README, "Training recipe")
   NORM=$(python -c "print(round(4 * ($N / 2) ** 0.5, 1))")
+  case $N in 2) PRIME=1100 FINETUNE=2400 ;; 5) PRIME=2400 FINETUNE=8000 ;; *) PRIME=3400 FINETUNE=8000 ;; esac
   # 2. priming, starting from the fine-tuned baseline: recover every slot's tokens from the muxed
   #    output (SST-2 phrases: short, so cheap steps)
   muxserve train prime -N "$N" --init "$RUNS/sst2-bert/best" --train "$SST2_TRAIN" --out "$RUNS/mux$N-prime" \
-    --steps 2400 --batch-size $((32 * N)) --lr 5e-4 --warmup-ratio 0.05 --hadamard-norm "$NORM" --retrieval-fraction 0.5 --threads "$THREADS" --bf16
-  # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term
+    --steps "$PRIME" --batch-size $((32 * N)) --lr 5e-4 --warmup-ratio 0.05 --hadamard-norm "$NORM" --retrieval-fraction 0.5 --threads "$THREADS" --bf16
+  # 3. fine-tuning: task loss + distillation from the baseline + a small retrieval term, on mux
+  #    groups of texts drawn regardless of length (as `muxserve eval` groups them)
   muxserve train finetune -N "$N" --init "$RUNS/mux$N-prime/final" --teacher "$RUNS/sst2-bert/best" \
-    --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --steps 3600 \
-    --batch-size $((32 * N)) --lr 1e-4 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --eval-every 200 --threads "$THREADS" --bf16
-  muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert
+    --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$RUNS/sst2-mux$N" --steps "$FINETUNE" \
+    --batch-size $((32 * N)) --lr 1e-4 --warmup-ratio 0.03 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --mixed-length-groups \
+    --eval-every 400 --threads "$THREADS" --bf16
+  muxserve package "$RUNS/sst2-mux$N/best" --name "sst2-mux$N" --baseline sst2-bert --shadow-sample-rate 0.05
 done
