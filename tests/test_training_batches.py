@@ -48,7 +48,7 @@ def test_mixed_groups_draw_members_at_random_but_bucket_whole_groups() -> None:
     assert padded_tokens(batches, lengths, n) < 0.9 * padded_tokens(random_batches, lengths, n)
 
 
-def test_mixed_groups_differ_by_epoch_and_repeat_by_seed() -> None:
+def test_mixed_groups_repeat_by_seed_and_differ_across_seeds() -> None:
     lengths = lengths_of(300)
     first = list(group_bucketed_batches(lengths, 20, 2, random.Random(5)))
     assert first == list(group_bucketed_batches(lengths, 20, 2, random.Random(5)))

@@ -76,16 +76,8 @@ def read_tsv_sentences(path: str | Path) -> list[str]:
 def length_bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random, chunk_batches: int = 50) -> Iterator[list[int]]:
     """One epoch of shuffled batches; within chunks of ``chunk_batches`` batches, texts of similar
     length share a batch (less padding) while the order across batches stays random."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    batches: list[list[int]] = []
-    chunk = batch_size * chunk_batches
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start : start + chunk], key=lambda i: lengths[i])
-        batches.extend(part[i : i + batch_size] for i in range(0, len(part), batch_size))
-    rng.shuffle(batches)
-    for batch in batches:
-        # shuffle within the batch so that mux groups mix texts at random
+    for batch in group_bucketed_batches(lengths, batch_size, 1, rng, chunk_batches):
+        # shuffle within the batch so that mux groups mix texts at random (of similar lengths)
         rng.shuffle(batch)
         yield batch
 
