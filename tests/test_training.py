@@ -216,3 +216,37 @@ def test_feature_distillation_matches_teacher_states(tmp_path) -> None:
     mux.run(progress=False)
     losses = [r["feature_loss"] for r in read_log(Path(mux.cfg.out)) if "feature_loss" in r]
     assert losses[-1] < losses[0]
+
+
+def test_transfer_texts_learn_from_the_teacher_alone(tmp_path) -> None:
+    """--transfer texts carry no label: the task loss skips them, the distillation term covers
+    them (teacher logits for every text, labeled or not), and a batch of transfer texts only
+    trains on the teacher's logits."""
+    teacher_dir = tiny_init(tmp_path, 1)
+    transfer = tmp_path / "transfer.tsv"
+    transfer.write_text("sentence\tlabel\n" + "".join(f"the plot was {w} and {v}\t-\n" for w in POSITIVE for v in NEGATIVE))
+    with pytest.raises(ValueError, match="transfer_files needs"):
+        config(tmp_path, "finetune", 2, transfer_files=[str(transfer)])
+    cfg = config(tmp_path, "finetune", 2, steps=40, teacher=str(teacher_dir), transfer_files=[str(transfer)], distill_alpha=0.5, lr=1e-2)
+    trainer = Trainer(cfg)
+    assert len(trainer.data.texts) == 64 + 25 and trainer.data.labels[64:] == [-1] * 25
+    assert trainer.teacher_logits is not None and trainer.teacher_logits.shape == (89, 2)
+    transfer_only = list(range(64, 72))
+    loss, stats = trainer._loss(transfer_only, torch.Generator().manual_seed(0))
+    assert stats["task_loss"] == 0.0 and "train_acc" not in stats
+    assert loss.item() == pytest.approx(0.5 * stats["distill_loss"], rel=1e-5) and stats["distill_loss"] > 0
+    loss.backward()
+    assert trainer.model.classifier.weight.grad.abs().sum() > 0
+    # the student's distance to the teacher on the transfer texts falls as it trains
+    trainer.model.zero_grad(set_to_none=True)
+
+    def transfer_kd() -> float:
+        trainer.model.eval()
+        with torch.no_grad():
+            _, s = trainer._loss(list(range(64, 88)), torch.Generator().manual_seed(0))
+        return s["distill_loss"]
+
+    before = transfer_kd()
+    trainer.run(progress=False)
+    assert transfer_kd() < before
+    assert any("train_acc" in r for r in read_log(Path(cfg.out)))

@@ -27,6 +27,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieval-coeff", type=float, default=0.0)
     p.add_argument("--retrieval-fraction", type=float, default=1.0, help="share of positions scored by the retrieval loss")
     p.add_argument("--teacher", help="fine-tuned baseline folder to distil from")
+    p.add_argument("--transfer", nargs="+", default=[], help="finetune: unlabeled TSV file(s) (sentence column) learned from the teacher's logits alone")
     p.add_argument("--distill-alpha", type=float, default=0.5)
     p.add_argument("--distill-temperature", type=float, default=2.0)
     p.add_argument("--feature-coeff", type=float, default=0.0, help="weight of matching the teacher's final hidden states")
@@ -48,7 +49,7 @@ def _run_train(a: argparse.Namespace) -> int:
         stage=a.stage, out=a.out, train_files=a.train, init=a.init, dev_file=a.dev, num_instances=a.num_instances,
         muxing_variant=a.muxing, hadamard_norm=a.hadamard_norm, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
-        retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, distill_alpha=a.distill_alpha,
+        retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, transfer_files=a.transfer, distill_alpha=a.distill_alpha,
         distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings,
         eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, mixed_length_groups=a.mixed_length_groups, bf16=a.bf16, seed=a.seed, limit=a.limit,
     )

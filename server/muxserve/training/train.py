@@ -28,6 +28,7 @@ from muxserve.training.data import LabeledTexts, group_bucketed_batches, label_n
 from muxserve.training.evaluate import accuracy, predict
 
 STAGES = ("prime", "mlm", "finetune")
+UNLABELED = -1  # label of a transfer-set text: only the teacher's logits train on it
 
 
 @dataclass
@@ -53,6 +54,9 @@ class TrainConfig:
     retrieval_coeff: float = 0.0  # finetune: weight of the auxiliary retrieval loss
     retrieval_fraction: float = 1.0  # share of positions scored by the retrieval loss (it costs a vocab projection each)
     teacher: str | None = None  # finetune: a fine-tuned baseline folder to distil from
+    # finetune: unlabeled texts (sentence column of TSVs) learned from the teacher's logits alone,
+    # a distillation transfer set beside the labeled data
+    transfer_files: list[str] = field(default_factory=list)
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     # finetune: match the teacher's final hidden states per text (MSE / teacher mean square);
@@ -82,6 +86,8 @@ class TrainConfig:
             raise ValueError("feature_positions must be 'cls' or 'all'")
         if self.feature_coeff > 0 and not self.teacher:
             raise ValueError("feature_coeff needs a teacher")
+        if self.transfer_files and (self.stage != "finetune" or not self.teacher):
+            raise ValueError("transfer_files needs stage finetune and a teacher (their only targets are its logits)")
         if self.stage in ("prime", "mlm") and self.num_instances < 2:
             raise ValueError(f"stage {self.stage} needs num_instances >= 2 (it trains the demultiplexer)")
 
@@ -164,6 +170,8 @@ class Trainer:
             for extra in cfg.train_files[1:]:
                 more = read_tsv(extra, labels)
                 data = LabeledTexts(data.texts + more.texts, data.labels + more.labels)
+            transfer = read_texts(cfg.transfer_files)
+            data = LabeledTexts(data.texts + transfer, data.labels + [UNLABELED] * len(transfer))
         else:
             labels = cfg.labels or ["negative", "positive"]
             texts = read_texts(cfg.train_files)
@@ -317,9 +325,13 @@ class Trainer:
         if self.teacher_states is not None:
             feature_loss = self._feature_loss(features.float(), batch, mask)
             stats["feature_loss"] = feature_loss.item()
-        loss = F.cross_entropy(logits, labels)
+        labeled = labels != UNLABELED
+        if labeled.any():
+            loss = F.cross_entropy(logits[labeled], labels[labeled])
+            stats["train_acc"] = float((logits[labeled].argmax(-1) == labels[labeled]).float().mean())
+        else:  # a batch of transfer texts only
+            loss = logits.sum() * 0.0
         stats["task_loss"] = loss.item()
-        stats["train_acc"] = float((logits.argmax(-1) == labels).float().mean())
         if self.teacher_logits is not None:
             t = cfg.distill_temperature
             soft = F.softmax(self.teacher_logits[batch] / t, dim=-1)
@@ -390,7 +402,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss):.3f}")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                mean = {k: sum(w[k] for w in window) / len(window) for k in window[0]}
+                keys = dict.fromkeys(k for w in window for k in w)  # train_acc is absent on transfer-only steps
+                mean = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **mean})
                 window = []
             if self.dev is not None and cfg.stage == "finetune" and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
