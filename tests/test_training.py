@@ -250,3 +250,18 @@ def test_transfer_texts_learn_from_the_teacher_alone(tmp_path) -> None:
     trainer.run(progress=False)
     assert transfer_kd() < before
     assert any("train_acc" in r for r in read_log(Path(cfg.out)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("stage", ["prime", "mlm", "finetune"])
+def test_training_on_cuda_matches_cpu(tmp_path, stage: str) -> None:
+    """--device cuda: the same steps on the GPU give the CPU's losses (fp32, same seed)."""
+    teacher = {"teacher": str(tiny_init(tmp_path, 1)), "feature_coeff": 1.0, "retrieval_coeff": 0.1} if stage == "finetune" else {}
+    losses = {}
+    for device in ("cpu", "cuda"):
+        cfg = config(tmp_path, stage, 2, steps=10, out=str(tmp_path / f"{stage}-{device}"), device=device, **teacher)
+        trainer = Trainer(cfg)
+        trainer.run(progress=False)
+        assert next(trainer.model.parameters()).device.type == device
+        losses[device] = [r["loss"] for r in read_log(Path(cfg.out)) if "loss" in r]
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-3, abs=2e-3)

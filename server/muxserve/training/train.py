@@ -73,6 +73,7 @@ class TrainConfig:
     # similar-length texts only; whole groups are still bucketed by length
     mixed_length_groups: bool = False
     bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
+    device: str = "cpu"  # "cuda" trains on a GPU (batches built on the CPU, moved per step)
     seed: int = 0
     limit: int | None = None  # use only the first K training rows (tests, smoke runs)
     extra: dict = field(default_factory=dict)
@@ -182,7 +183,8 @@ class Trainer:
         self.tokenizer = TextTokenizer(self.tokenizer_path, cfg.max_length)
         self.ids = self.tokenizer.encode(data.texts).ids
         self.dev = read_tsv(cfg.dev_file, labels) if cfg.dev_file else None
-        self.model = _init_model(cfg, labels)
+        self.device = torch.device(cfg.device)
+        self.model = _init_model(cfg, labels).to(self.device)
         self.model.config.max_seq_length = cfg.max_length
         if cfg.freeze_word_embeddings:
             self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
@@ -236,7 +238,7 @@ class Trainer:
         return Path(self.cfg.teacher) / f"teacher-{kind}-{key}.pt"
 
     def _load_teacher(self) -> MuxBertModel:
-        teacher = load_model(self.cfg.teacher)
+        teacher = load_model(self.cfg.teacher).to(self.device)
         if teacher.config.num_instances != 1:
             raise ValueError("the teacher must be a plain (N=1) model")
         if teacher.config.labels != self.labels:
@@ -277,7 +279,7 @@ class Trainer:
         for start in range(0, len(order), 256):
             rows = order[start : start + 256]
             ids, mask = self.tokenizer.pad([self.ids[i] for i in rows])
-            hidden = teacher.slot_features(ids, mask, cls_only=False)
+            hidden = teacher.slot_features(ids.to(self.device), mask.to(self.device), cls_only=False).cpu()
             for j, i in enumerate(rows):
                 states[offsets[i] : offsets[i + 1]] = hidden[j, : lengths[i]].half()
         result = {"states": states, "offsets": offsets, "scale": states[:: max(1, len(states) // 100_000)].float().pow(2).mean()}
@@ -302,20 +304,23 @@ class Trainer:
         cfg = self.cfg
         ids, mask = self.tokenizer.pad([self.ids[i] for i in batch])
         stats: dict = {}
+        if cfg.stage == "mlm":
+            masked, chosen = _mask_tokens(ids, mask, cfg.mlm_probability, self.model.config.vocab_size, 103, gen)
+            if not chosen.any():
+                chosen[0, 1] = True
+            masked, chosen = masked.to(self.device), chosen.to(self.device)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         if cfg.stage == "prime":
             logits, targets = self.model.retrieval_logits(ids, mask, gen, cfg.retrieval_fraction)
             loss = F.cross_entropy(logits, targets)
             stats["retrieval_acc"] = float((logits.argmax(-1) == targets).float().mean())
             return loss, stats
         if cfg.stage == "mlm":
-            masked, chosen = _mask_tokens(ids, mask, cfg.mlm_probability, self.model.config.vocab_size, 103, gen)
-            if not chosen.any():
-                chosen[0, 1] = True
             logits = self.model.mlm_logits(masked, mask, chosen)
             targets = ids[chosen]
             stats["mlm_acc"] = float((logits.argmax(-1) == targets).float().mean())
             return F.cross_entropy(logits, targets), stats
-        labels = torch.tensor([self.data.labels[i] for i in batch])
+        labels = torch.tensor([self.data.labels[i] for i in batch], device=self.device)
         retrieval = cfg.retrieval_coeff > 0 and self.model.config.is_mux
         # one encoder pass serves the task, the feature and the retrieval terms
         hidden = self.model.encode(ids, mask)
@@ -334,7 +339,7 @@ class Trainer:
         stats["task_loss"] = loss.item()
         if self.teacher_logits is not None:
             t = cfg.distill_temperature
-            soft = F.softmax(self.teacher_logits[batch] / t, dim=-1)
+            soft = F.softmax(self.teacher_logits[batch].to(self.device) / t, dim=-1)
             kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft, reduction="batchmean") * t * t
             loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kd
             stats["distill_loss"] = kd.item()
@@ -389,7 +394,7 @@ class Trainer:
             batch = next(batches)
             # bf16 autocast: matmuls in bfloat16, weights and optimizer state stay fp32
             # (2.4x faster steps on this AVX512-BF16 CPU: benchmarks/train_step.py)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
                 loss, stats = self._loss(batch, gen)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
