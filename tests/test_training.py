@@ -265,3 +265,21 @@ def test_training_on_cuda_matches_cpu(tmp_path, stage: str) -> None:
         assert next(trainer.model.parameters()).device.type == device
         losses[device] = [r["loss"] for r in read_log(Path(cfg.out)) if "loss" in r]
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-3, abs=2e-3)
+
+
+def test_learn_muxing_trains_the_keys_and_saves_them(tmp_path) -> None:
+    """Keys are fixed by default; --learn-muxing trains them (without weight decay) and the
+    saved model carries the trained keys and the flag."""
+    fixed = Trainer(config(tmp_path, "finetune", 2, steps=10, out=str(tmp_path / "fixed")))
+    start = fixed.model.instance_embedding.detach().clone()
+    fixed.run(progress=False)
+    torch.testing.assert_close(fixed.model.instance_embedding.detach(), start)
+    learned = Trainer(config(tmp_path, "finetune", 2, steps=10, learn_muxing=True, out=str(tmp_path / "learned")))
+    torch.testing.assert_close(learned.model.instance_embedding.detach(), start)
+    learned.run(progress=False)
+    assert (learned.model.instance_embedding.detach() - start).abs().max() > 1e-3
+    saved = load_model(tmp_path / "learned" / "final")
+    assert saved.config.learn_muxing
+    torch.testing.assert_close(saved.instance_embedding.detach(), learned.model.instance_embedding.detach())
+    with pytest.raises(ValueError, match="learn_muxing needs a mux model"):
+        Trainer(config(tmp_path, "finetune", 1, steps=1, learn_muxing=True, out=str(tmp_path / "n1")))

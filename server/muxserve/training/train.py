@@ -65,6 +65,8 @@ class TrainConfig:
     feature_positions: str = "all"
     mlm_probability: float = 0.15
     freeze_word_embeddings: bool = False
+    # train the multiplexer's keys v_i too (the reference's learn_muxing); saved in the config
+    learn_muxing: bool = False
     eval_every: int = 200
     save_every: int = 100
     log_every: int = 20
@@ -186,13 +188,20 @@ class Trainer:
         self.device = torch.device(cfg.device)
         self.model = _init_model(cfg, labels).to(self.device)
         self.model.config.max_seq_length = cfg.max_length
+        if cfg.learn_muxing:
+            if not self.model.config.is_mux:
+                raise ValueError("learn_muxing needs a mux model (num_instances >= 2)")
+            self.model.config.learn_muxing = True
+            self.model.instance_embedding.requires_grad_(True)
         if cfg.freeze_word_embeddings:
             self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         self.steps_per_epoch = math.ceil(len(self.ids) / cfg.batch_size)
         self.total_steps = cfg.steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        # no weight decay on biases, norms and the multiplexer keys (decay would shrink the keys)
+        keys = {id(getattr(self.model, "instance_embedding", None))}
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in keys]
+        no_decay = [p for p in params if p.ndim < 2 or id(p) in keys]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
         self.step = 0
