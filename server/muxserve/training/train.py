@@ -414,7 +414,7 @@ class Trainer:
             window.append({"loss": loss.item(), **stats})
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss):.3f}")
+                bar.set_postfix(loss=f"{loss.item():.3f}")
             if self.step % cfg.log_every == 0 or self.step == self.total_steps:
                 keys = dict.fromkeys(k for w in window for k in w)  # train_acc is absent on transfer-only steps
                 mean = {k: sum(w[k] for w in window if k in w) / sum(k in w for w in window) for k in keys}

@@ -1,0 +1,82 @@
+"""Probe: what does a mux model lose when its N slots hold ONE text? Interference or the keyed path?
+
+A mux2 model fine-tuned on groups of two texts scores the same on SST-2 dev whether a group holds
+two sentences or one sentence copied into both slots (README, short-group table). That alone does
+not say whether the keyed input path (``mean_i(E ⊙ v_i)``, the second embedding pass, the demux
+MLP) costs accuracy by itself, or whether the model just learned one way of working for two texts.
+This probe fine-tunes the same model on groups whose slots all hold one text (each training text
+copied N times: the same trainer, losses and teacher, only the grouping differs) and evaluates
+on copied groups too. If it comes near the baseline, the keyed path can carry one text at full
+accuracy and the loss of the N-text model is interference between the texts of a group.
+
+    python benchmarks/copy_groups_probe.py --init model_repository/sst2-mux2/1 --out /work/runs/copy-mux2 \\
+        --teacher /work/runs/bert2 --steps 2500 --threads 1
+
+Writes OUT/log.jsonl (dev accuracy on copied groups every --eval-every steps), as ``muxserve train``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from muxserve.training.evaluate import predict
+from muxserve.training.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class CopyGroupTrainer(Trainer):
+    """Every mux group of a training batch holds one text in all its slots; dev accuracy is
+    measured on such groups too."""
+
+    def _batches(self):
+        n = self.cfg.num_instances
+        for batch in super()._batches():
+            yield [i for i in batch[: len(batch) // n] for _ in range(n)]
+
+    def evaluate(self) -> dict | None:
+        if self.dev is None:
+            return None
+        n = self.cfg.num_instances
+        copied = [t for t in self.dev.texts for _ in range(n)]
+        with torch.no_grad():
+            logits = predict(self.model.eval(), self.tokenizer, copied)[::n]
+        right = int((logits.argmax(-1) == torch.tensor(self.dev.labels)).sum())
+        return {"accuracy": right / len(self.dev.texts), "n": len(self.dev.texts)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    data = ROOT.parent / "shared" / "data" / "sst2"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", required=True, help="a mux model folder")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher", required=True, help="the fine-tuned baseline folder")
+    parser.add_argument("--train", default=str(data / "train.tsv"))
+    parser.add_argument("--dev", default=str(data / "dev.tsv"))
+    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    cfg = TrainConfig(
+        stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=_num_instances(args.init),
+        labels=["negative", "positive"], steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.02, teacher=args.teacher,
+        retrieval_coeff=0.1, retrieval_fraction=0.25, eval_every=args.eval_every, threads=args.threads, bf16=True, mixed_length_groups=True,
+    )
+    trainer = CopyGroupTrainer(cfg)
+    print(json.dumps({"dev_accuracy_copied_at_start": trainer.evaluate()}))
+    print(json.dumps(trainer.run()))
+    return 0
+
+
+def _num_instances(folder: str) -> int:
+    return json.loads((Path(folder) / "muxbert.json").read_text())["num_instances"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
