@@ -11,6 +11,8 @@ accuracy and the loss of the N-text model is interference between the texts of a
 
     python benchmarks/copy_groups_probe.py --init model_repository/sst2-mux2/1 --out /work/runs/copy-mux2 \\
         --teacher /work/runs/bert2 --steps 2500 --threads 1
+    python benchmarks/copy_groups_probe.py --init /work/runs/bert2 -N 2 --out /work/runs/copy-bert-mux2 \\
+        --teacher /work/runs/bert2 --steps 2500 --threads 1      # from the baseline: no priming
 
 Writes OUT/log.jsonl (dev accuracy on copied groups every --eval-every steps), as ``muxserve train``.
 """
@@ -52,7 +54,9 @@ class CopyGroupTrainer(Trainer):
 def main(argv: list[str] | None = None) -> int:
     data = ROOT.parent / "shared" / "data" / "sst2"
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--init", required=True, help="a mux model folder")
+    parser.add_argument("--init", required=True, help="a mux model folder, or the N=1 baseline's (fresh keys and demux)")
+    parser.add_argument("--num-instances", "-N", type=int, help="N for a baseline init (default: the init's)")
+    parser.add_argument("--hadamard-norm", type=float, default=4.0, help="key norm for a baseline init")
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher", required=True, help="the fine-tuned baseline folder")
     parser.add_argument("--train", default=str(data / "train.tsv"))
@@ -64,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     cfg = TrainConfig(
-        stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=_num_instances(args.init),
+        stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=args.num_instances or _num_instances(args.init),
+        hadamard_norm=args.hadamard_norm,
         labels=["negative", "positive"], steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.02, teacher=args.teacher,
         retrieval_coeff=0.1, retrieval_fraction=0.25, eval_every=args.eval_every, threads=args.threads, bf16=True, mixed_length_groups=True,
     )

@@ -283,3 +283,24 @@ def test_learn_muxing_trains_the_keys_and_saves_them(tmp_path) -> None:
     torch.testing.assert_close(saved.instance_embedding.detach(), learned.model.instance_embedding.detach())
     with pytest.raises(ValueError, match="learn_muxing needs a mux model"):
         Trainer(config(tmp_path, "finetune", 1, steps=1, learn_muxing=True, out=str(tmp_path / "n1")))
+
+
+def test_copy_curriculum_fades_from_copied_to_real_groups(tmp_path) -> None:
+    """--copy-curriculum K: at step 0 every group holds one text in all slots, at step K/2 about
+    half of them, from step K on none; the same step gives the same groups (resume)."""
+    trainer = Trainer(config(tmp_path, "finetune", 2, steps=4, batch_size=8, copy_curriculum_steps=100))
+    batch = list(range(400))
+
+    def copied_share(step: int) -> float:
+        trainer.step = step
+        out = trainer._copy_groups(batch)
+        assert len(out) == len(batch) and all(out[g] in batch[g : g + 2] for g in range(0, 400, 2))
+        return sum(out[g] == out[g + 1] for g in range(0, 400, 2)) / 200
+
+    assert copied_share(0) == 1.0
+    assert 0.35 < copied_share(50) < 0.65
+    assert copied_share(100) == 0.0 and copied_share(500) == 0.0
+    trainer.step = 50
+    assert trainer._copy_groups(batch) == trainer._copy_groups(batch)
+    trainer.step = 0
+    trainer.run(progress=False)  # trains on copied groups without error

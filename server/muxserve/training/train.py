@@ -74,6 +74,10 @@ class TrainConfig:
     # mux groups of texts drawn at random whatever their lengths (as at evaluation), instead of
     # similar-length texts only; whole groups are still bucketed by length
     mixed_length_groups: bool = False
+    # finetune: over the first K steps a mux group holds one text copied into all its slots with a
+    # probability falling linearly from 1 to 0, so a model started from the baseline meets the
+    # keyed input path before it has to keep texts apart (0: off)
+    copy_curriculum_steps: int = 0
     bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
     device: str = "cpu"  # "cuda" trains on a GPU (batches built on the CPU, moved per step)
     seed: int = 0
@@ -377,8 +381,22 @@ class Trainer:
                 if len(batch) % self.cfg.num_instances:
                     batch = batch[: len(batch) - len(batch) % self.cfg.num_instances]
                 if batch:
-                    yield batch
+                    yield self._copy_groups(batch)
             epoch, skip = epoch + 1, 0
+
+    def _copy_groups(self, batch: list[int]) -> list[int]:
+        """Under the copy curriculum, replace each group by copies of its first text with
+        probability 1 - step / copy_curriculum_steps (seeded by step: the same after a resume)."""
+        k, n = self.cfg.copy_curriculum_steps, self.cfg.num_instances
+        if k <= 0 or self.step >= k or n < 2:
+            return batch
+        p = 1.0 - self.step / k
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.step)
+        out: list[int] = []
+        for g in range(0, len(batch), n):
+            group = batch[g : g + n]
+            out.extend([group[0]] * n if rng.random() < p else group)
+        return out
 
     # ------------------------------------------------------------------ loop
 
