@@ -13,6 +13,7 @@ accuracy and the loss of the N-text model is interference between the texts of a
         --teacher /work/runs/bert2 --steps 2500 --threads 1
     python benchmarks/copy_groups_probe.py --init /work/runs/bert2 -N 2 --out /work/runs/copy-bert-mux2 \\
         --teacher /work/runs/bert2 --steps 2500 --threads 1      # from the baseline: no priming
+    python benchmarks/copy_groups_probe.py --init /work/runs/bert2 -N 2 --constant-keys ...  # keys all equal
 
 Writes OUT/log.jsonl (dev accuracy on copied groups every --eval-every steps), as ``muxserve train``.
 """
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", required=True, help="a mux model folder, or the N=1 baseline's (fresh keys and demux)")
     parser.add_argument("--num-instances", "-N", type=int, help="N for a baseline init (default: the init's)")
     parser.add_argument("--hadamard-norm", type=float, default=4.0, help="key norm for a baseline init")
+    parser.add_argument("--constant-keys", action="store_true", help="every key = the same constant vector (a plain rescaling: isolates the cost of random keys from that of the second embedding pass and the demux)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher", required=True, help="the fine-tuned baseline folder")
     parser.add_argument("--train", default=str(data / "train.tsv"))
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         retrieval_coeff=0.1, retrieval_fraction=0.25, eval_every=args.eval_every, threads=args.threads, bf16=True, mixed_length_groups=True,
     )
     trainer = CopyGroupTrainer(cfg)
+    if args.constant_keys:
+        keys = trainer.model.instance_embedding
+        keys.data.fill_(float(keys.norm(dim=-1).mean()) / keys.shape[-1] ** 0.5)
     print(json.dumps({"dev_accuracy_copied_at_start": trainer.evaluate()}))
     print(json.dumps(trainer.run()))
     return 0

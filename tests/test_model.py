@@ -248,6 +248,22 @@ def test_instance_keys_fixed_and_seeded() -> None:
     assert (other.instance_embedding - a.instance_embedding).abs().max() > 0.1
 
 
+def test_instance_key_mean_shifts_the_same_draws() -> None:
+    """``gaussian_hadamard_mean`` draws v_i ~ N(mean, I) from the same seed: 0 is the reference's
+    keys exactly; a mean makes the keys alike (cosine ~ mean^2 / (1 + mean^2)) at the same norm."""
+    from muxserve.model.muxbert import random_instance_keys
+
+    reference = random_instance_keys(2, 384, 4.0, seed=0)
+    torch.testing.assert_close(random_instance_keys(2, 384, 4.0, seed=0, mean=0.0), reference)
+    shifted = random_instance_keys(2, 384, 4.0, seed=0, mean=2.0)
+    torch.testing.assert_close(shifted.norm(dim=-1), torch.full((2,), 4.0))
+    cosine = float(F.cosine_similarity(shifted[0], shifted[1], dim=0))
+    assert 0.7 < cosine < 0.9 and abs(float(F.cosine_similarity(reference[0], reference[1], dim=0))) < 0.2
+    model = tiny_model(num_instances=2, gaussian_hadamard_mean=2.0)
+    assert float(model.instance_embedding.mean()) > 0
+    assert MuxBertConfig.from_dict(model.config.to_dict()).gaussian_hadamard_mean == 2.0
+
+
 # --------------------------------------------------------------------------- ensembling
 
 

@@ -17,6 +17,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-instances", "-N", type=int, default=1)
     p.add_argument("--muxing", default="gaussian_hadamard", choices=["gaussian_hadamard", "gaussian_attention_v2"])
     p.add_argument("--hadamard-norm", type=float, default=1.0, help="L2 norm of the fixed instance keys of a new mux model (gaussian_hadamard_norm)")
+    p.add_argument("--hadamard-mean", type=float, default=0.0, help="mean of the new keys' distribution, v_i ~ N(mean, I) (0: the reference)")
     p.add_argument("--labels", help="comma-separated label names (default: from the training file)")
     p.add_argument("--steps", type=int, default=0)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -50,7 +51,7 @@ def _run_train(a: argparse.Namespace) -> int:
 
     cfg = TrainConfig(
         stage=a.stage, out=a.out, train_files=a.train, init=a.init, dev_file=a.dev, num_instances=a.num_instances,
-        muxing_variant=a.muxing, hadamard_norm=a.hadamard_norm, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
+        muxing_variant=a.muxing, hadamard_norm=a.hadamard_norm, hadamard_mean=a.hadamard_mean, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
         retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, transfer_files=a.transfer, distill_alpha=a.distill_alpha,
         distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings, learn_muxing=a.learn_muxing,

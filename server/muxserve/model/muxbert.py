@@ -52,6 +52,10 @@ class MuxBertConfig:
     muxing_variant: str = "gaussian_hadamard"
     demuxing_variant: str = "index_pos"
     gaussian_hadamard_norm: float = 1.0
+    # mean of the key distribution, v_i ~ N(mean, I_d) before scaling; 0 is the reference. A mean
+    # keeps the keyed input near a plain rescaling of the embeddings, which a pre-trained encoder
+    # reads as it is (benchmarks/copy_groups_probe.py), while the noise still tells the slots apart.
+    gaussian_hadamard_mean: float = 0.0
     learn_muxing: bool = False
     num_hidden_demux_layers: int = 2
     # Fill for groups with fewer than N texts: "copy" repeats real texts of the group (the
@@ -206,14 +210,15 @@ def padding_bias(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tens
     return bias
 
 
-def random_instance_keys(num_instances: int, dim: int, norm: float, seed: int) -> torch.Tensor:
-    """Fixed keys v_i ~ N(0, I_d), each scaled to unit L2 norm times ``norm`` (as the reference).
+def random_instance_keys(num_instances: int, dim: int, norm: float, seed: int, mean: float = 0.0) -> torch.Tensor:
+    """Fixed keys v_i ~ N(mean, I_d), each scaled to unit L2 norm times ``norm`` (the reference:
+    mean 0; the same draws for any mean).
 
     Unit norm puts E * v_i at the scale of raw word embeddings (~1/sqrt(d) per element), which
     is what the second pass through the embedding layer expects.
     """
     gen = torch.Generator().manual_seed(seed)
-    keys = torch.randn(num_instances, dim, generator=gen)
+    keys = torch.randn(num_instances, dim, generator=gen) + mean
     return keys / keys.norm(dim=-1, keepdim=True) * norm
 
 
@@ -300,7 +305,7 @@ class MuxBertModel(nn.Module):
         self.bert = BertModel(cfg)
         n, d = cfg.num_instances, cfg.hidden_size
         if cfg.is_mux:
-            keys = random_instance_keys(n, d, cfg.gaussian_hadamard_norm, cfg.seed)
+            keys = random_instance_keys(n, d, cfg.gaussian_hadamard_norm, cfg.seed, cfg.gaussian_hadamard_mean)
             self.instance_embedding = nn.Parameter(keys, requires_grad=cfg.learn_muxing)
             if cfg.muxing_variant == "gaussian_attention_v2":
                 self.muxing_attention = BertLayer(cfg)

@@ -43,6 +43,7 @@ class TrainConfig:
     # L2 norm of the fixed keys v_i (the reference's gaussian_hadamard_norm; MUX-PLMs use 1.0).
     # Only for a new mux model (backbone or baseline init); a mux init keeps its own keys.
     hadamard_norm: float = 1.0
+    hadamard_mean: float = 0.0  # mean of the new keys' distribution (gaussian_hadamard_mean)
     labels: list[str] | None = None  # default: from the training file
     steps: int = 0  # 0: derive from epochs
     epochs: float = 1.0
@@ -101,7 +102,7 @@ class TrainConfig:
 
 def _init_model(cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
     if cfg.init == "backbone":
-        model = MuxBertModel(backbone_config(num_instances=cfg.num_instances, muxing_variant=cfg.muxing_variant, labels=labels, max_seq_length=cfg.max_length, seed=cfg.seed, gaussian_hadamard_norm=cfg.hadamard_norm))
+        model = MuxBertModel(backbone_config(num_instances=cfg.num_instances, muxing_variant=cfg.muxing_variant, labels=labels, max_seq_length=cfg.max_length, seed=cfg.seed, gaussian_hadamard_norm=cfg.hadamard_norm, gaussian_hadamard_mean=cfg.hadamard_mean))
         load_backbone(model)
         return model
     src = load_model(cfg.init)
@@ -123,7 +124,7 @@ def _init_model(cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
 def _mux_from_baseline(src: MuxBertModel, cfg: TrainConfig, labels: list[str]) -> MuxBertModel:
     """A mux model whose encoder (and classifier, same labels) start from a fine-tuned N=1
     model; the keys, the demultiplexer and the retrieval head start fresh."""
-    conf = src.config.from_dict({**src.config.to_dict(), "num_instances": cfg.num_instances, "muxing_variant": cfg.muxing_variant, "labels": labels, "seed": cfg.seed, "gaussian_hadamard_norm": cfg.hadamard_norm})
+    conf = src.config.from_dict({**src.config.to_dict(), "num_instances": cfg.num_instances, "muxing_variant": cfg.muxing_variant, "labels": labels, "seed": cfg.seed, "gaussian_hadamard_norm": cfg.hadamard_norm, "gaussian_hadamard_mean": cfg.hadamard_mean})
     model = MuxBertModel(conf)
     state = src.state_dict()
     if src.config.labels != labels:
