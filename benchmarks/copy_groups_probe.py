@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", required=True, help="a mux model folder, or the N=1 baseline's (fresh keys and demux)")
     parser.add_argument("--num-instances", "-N", type=int, help="N for a baseline init (default: the init's)")
     parser.add_argument("--hadamard-norm", type=float, default=4.0, help="key norm for a baseline init")
+    parser.add_argument("--hadamard-mean", type=float, default=0.0, help="key mean for a baseline init (gaussian_hadamard_mean)")
     parser.add_argument("--constant-keys", action="store_true", help="every key = the same constant vector (a plain rescaling: isolates the cost of random keys from that of the second embedding pass and the demux)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--teacher", required=True, help="the fine-tuned baseline folder")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = TrainConfig(
         stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=args.num_instances or _num_instances(args.init),
-        hadamard_norm=args.hadamard_norm,
+        hadamard_norm=args.hadamard_norm, hadamard_mean=args.hadamard_mean,
         labels=["negative", "positive"], steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.02, teacher=args.teacher,
         retrieval_coeff=0.1, retrieval_fraction=0.25, eval_every=args.eval_every, threads=args.threads, bf16=True, mixed_length_groups=True,
     )
