@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from muxserve.model.muxbert import MuxBertModel
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
 from muxserve.repository import resolve_model_dir
@@ -33,9 +34,9 @@ from muxserve.training.evaluate import predict
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def correct_per_grouping(model_dir: Path, texts: list[str], labels: list[int], groupings: int, seed: int = 0) -> torch.Tensor:
+def correct_per_grouping(model: MuxBertModel, model_dir: Path, texts: list[str], labels: list[int], groupings: int, seed: int = 0) -> torch.Tensor:
     """[K, T] bool: sentence t right under grouping k (grouping 0 = file order)."""
-    model = load_model(model_dir).eval()
+    model.eval()
     tok = TextTokenizer(model_dir / TOKENIZER_FILE, model.config.max_seq_length)
     rng = random.Random(seed)
     target = torch.tensor(labels)
@@ -95,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(names) != 2:
         parser.error("--models takes exactly two models: A,B")
     dirs = [resolve_model_dir(args.model_repository, m) for m in names]
-    labels_of = load_model(dirs[0]).config.labels
-    data = read_tsv(args.data, labels_of)
-    a, b = (correct_per_grouping(d, data.texts, data.labels, args.groupings) for d in dirs)
+    models = [load_model(d) for d in dirs]
+    data = read_tsv(args.data, models[0].config.labels)
+    a, b = (correct_per_grouping(m, d, data.texts, data.labels, args.groupings) for m, d in zip(models, dirs, strict=True))
     result = {"a": names[0], "b": names[1], "n": len(data.texts), **compare(a, b)}
     text = json.dumps(result, indent=2)
     print(text)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from muxserve.model.weights import load_config
 from muxserve.training.evaluate import predict
 from muxserve.training.train import TrainConfig, Trainer
 
@@ -36,10 +37,8 @@ class CopyGroupTrainer(Trainer):
     """Every mux group of a training batch holds one text in all its slots; dev accuracy is
     measured on such groups too."""
 
-    def _batches(self):
-        n = self.cfg.num_instances
-        for batch in super()._batches():
-            yield [i for i in batch[: len(batch) // n] for _ in range(n)]
+    def _copy_probability(self) -> float:
+        return 1.0  # the trainer's copy curriculum, held at its start
 
     def evaluate(self) -> dict | None:
         if self.dev is None:
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     cfg = TrainConfig(
-        stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=args.num_instances or _num_instances(args.init),
+        stage="finetune", out=args.out, train_files=[args.train], dev_file=args.dev, init=args.init, num_instances=args.num_instances or load_config(args.init).num_instances,
         hadamard_norm=args.hadamard_norm, hadamard_mean=args.hadamard_mean,
         labels=["negative", "positive"], steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup_ratio=0.02, teacher=args.teacher,
         retrieval_coeff=0.1, retrieval_fraction=0.25, eval_every=args.eval_every, threads=args.threads, bf16=True, mixed_length_groups=True,
@@ -83,10 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"dev_accuracy_copied_at_start": trainer.evaluate()}))
     print(json.dumps(trainer.run()))
     return 0
-
-
-def _num_instances(folder: str) -> int:
-    return json.loads((Path(folder) / "muxbert.json").read_text())["num_instances"]
 
 
 if __name__ == "__main__":

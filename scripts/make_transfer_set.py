@@ -20,12 +20,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
-
-from muxserve.training.data import read_tsv_sentences  # noqa: E402
+from muxserve.training.data import read_tsv_sentences
 
 CONNECTIVES = [" ", " , ", " , but ", " but ", " and ", " ; ", " . ", " , yet ", " , although "]
 
@@ -67,6 +63,10 @@ def make_transfer_set(sentences: list[str], size: int, seed: int = 0) -> list[st
     return texts
 
 
+def mean_words(texts: list[str]) -> float:
+    return sum(len(t.split()) for t in texts) / len(texts)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("train_tsv")
@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=120_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    texts = make_transfer_set(read_tsv_sentences(args.train_tsv), args.size, args.seed)
+    sentences = read_tsv_sentences(args.train_tsv)
+    texts = make_transfer_set(sentences, args.size, args.seed)
     with open(args.out_tsv, "w", encoding="utf-8") as fh:
         fh.write("sentence\tlabel\n")
         fh.writelines(f"{t}\t-\n" for t in texts)
-    print(f"{len(texts)} texts -> {args.out_tsv}")
+    print(f"{len(texts)} texts of {mean_words(texts):.1f} words on average (input: {mean_words(sentences):.1f}) -> {args.out_tsv}")
     return 0
 
 

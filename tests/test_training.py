@@ -191,6 +191,9 @@ def test_mux_model_starts_from_a_fine_tuned_baseline(tmp_path) -> None:
         torch.testing.assert_close(student[key], value, msg=key)
     assert student["demux_module.demux_instance_embedding"].shape[0] == 2
     trainer.run(progress=False)
+    # --hadamard-mean reaches the new keys (and the saved config)
+    shifted = Trainer(config(tmp_path, "finetune", 2, steps=1, init=str(baseline_dir), hadamard_norm=4.0, hadamard_mean=2.0, out=str(tmp_path / "mean")))
+    assert shifted.model.config.gaussian_hadamard_mean == 2.0 and float(shifted.model.instance_embedding.mean()) > 0.1
 
 
 def test_feature_distillation_matches_teacher_states(tmp_path) -> None:
@@ -303,4 +306,6 @@ def test_copy_curriculum_fades_from_copied_to_real_groups(tmp_path) -> None:
     trainer.step = 50
     assert trainer._copy_groups(batch) == trainer._copy_groups(batch)
     trainer.step = 0
-    trainer.run(progress=False)  # trains on copied groups without error
+    first = next(trainer._batches())  # the batches the loop trains on carry the copies
+    assert all(first[g] == first[g + 1] for g in range(0, len(first), 2))
+    trainer.run(progress=False)

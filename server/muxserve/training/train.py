@@ -204,9 +204,9 @@ class Trainer:
         self.total_steps = cfg.steps or max(1, int(cfg.epochs * self.steps_per_epoch))
         params = [p for p in self.model.parameters() if p.requires_grad]
         # no weight decay on biases, norms and the multiplexer keys (decay would shrink the keys)
-        keys = {id(getattr(self.model, "instance_embedding", None))}
-        decay = [p for p in params if p.ndim >= 2 and id(p) not in keys]
-        no_decay = [p for p in params if p.ndim < 2 or id(p) in keys]
+        keys = self.model.instance_embedding if self.model.config.is_mux else None
+        decay = [p for p in params if p.ndim >= 2 and p is not keys]
+        no_decay = [p for p in params if p.ndim < 2 or p is keys]
         self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
         self.step = 0
@@ -385,13 +385,17 @@ class Trainer:
                     yield self._copy_groups(batch)
             epoch, skip = epoch + 1, 0
 
+    def _copy_probability(self) -> float:
+        """Chance that a group holds one text in every slot: 1 - step / copy_curriculum_steps."""
+        k = self.cfg.copy_curriculum_steps
+        return max(0.0, 1.0 - self.step / k) if k > 0 else 0.0
+
     def _copy_groups(self, batch: list[int]) -> list[int]:
-        """Under the copy curriculum, replace each group by copies of its first text with
-        probability 1 - step / copy_curriculum_steps (seeded by step: the same after a resume)."""
-        k, n = self.cfg.copy_curriculum_steps, self.cfg.num_instances
-        if k <= 0 or self.step >= k or n < 2:
+        """Replace each group by copies of its first text with probability ``_copy_probability``
+        (seeded by step: the same after a resume)."""
+        n, p = self.cfg.num_instances, self._copy_probability()
+        if p <= 0 or n < 2:
             return batch
-        p = 1.0 - self.step / k
         rng = random.Random(self.cfg.seed * 1_000_003 + self.step)
         out: list[int] = []
         for g in range(0, len(batch), n):
