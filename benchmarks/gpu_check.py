@@ -72,34 +72,59 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     report: dict = {"device": card, "torch": torch.__version__, "models": models}
 
-    report["parity"] = [parity(a.model_repository, m, texts[:512], a.device) for m in models]
-    print(json.dumps(report["parity"]), file=sys.stderr)
+    out = Path(a.out or "gpu_check.json")
+
+    def section(name: str, fn) -> None:
+        """One part of the check; a failure is recorded and the rest still runs. The report is
+        written after each part, so a run cut short keeps what it measured."""
+        t = time.time()
+        try:
+            report[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - the report says what broke; the other parts still measure
+            report.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+        report.setdefault("section_seconds", {})[name] = round(time.time() - t, 1)
+        print(f"{name}: {time.time() - t:.1f} s", json.dumps(report.get(name, report.get("errors", {}).get(name)))[:2000], file=sys.stderr, flush=True)
+        if a.out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=2) + "\n")
+
+    section("parity", lambda: [parity(a.model_repository, m, texts[:512], a.device) for m in models])
 
     dtype = "float16" if a.device != "cpu" else "float32"
-    lcm = int(np.lcm.reduce([int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1) for m in models]))
-    report["forward_len64"] = bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, dtype=dtype)
-    report["forward_paper"] = []
-    for m in models:  # the paper's setting: 32·N texts at length 128, per model
-        n = int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1)
-        report["forward_paper"] += bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * n, seconds=a.seconds, rounds=1, device=a.device, dtype=dtype)
+    instances = {m: int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1) for m in models}
+    lcm = int(np.lcm.reduce(list(instances.values())))
+    section("forward_len64", lambda: bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, dtype=dtype))
+    # the paper's setting: 32·N texts at length 128, per model
+    section("forward_paper", lambda: [r for m in models for r in bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * instances[m], seconds=a.seconds, rounds=1, device=a.device, dtype=dtype)])
 
-    extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
-    server = start_server(a.model_repository, models, Path(a.out or "gpu_check.json").with_suffix(".server.log"), extra=extra)
-    try:
-        report["served"] = [asyncio.run(closed_loop(server.http_url, m, texts, a.concurrency, a.serve_seconds, warmup_s=2)).summary() for m in models]
-    finally:
-        server.stop()
+    def served() -> list[dict]:
+        extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
+        server = start_server(a.model_repository, models, out.with_suffix(".server.log"), extra=extra)
+        try:
+            return [asyncio.run(closed_loop(server.http_url, m, texts, a.concurrency, a.serve_seconds, warmup_s=2)).summary() for m in models]
+        finally:
+            server.stop()
+
+    section("served", served)
     report["wall_seconds"] = round(time.time() - t0, 1)
+    if a.out:
+        out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(json.dumps(report, indent=2))
     print(f"\n{card}, torch {torch.__version__}, {report['wall_seconds']} s")
     print(f"| model | fp32 max diff | fp16 max diff | fp16 label agreement | fwd texts/s len 64 | fwd texts/s 32·N × 128 | served texts/s (c={a.concurrency}) |\n|---|---|---|---|---|---|---|")
-    for par, f64, fp, sv in zip(report["parity"], report["forward_len64"], report["forward_paper"], report["served"], strict=True):
-        print(f"| {par['model']} | {par['fp32_max_abs_diff']:.2e} | {par.get('fp16_max_abs_diff', float('nan')):.2e} | {par.get('fp16_label_agreement', float('nan')):.3f} | {f64['texts_per_s']:.0f} | {fp['texts_per_s']:.0f} | {sv['texts_per_s']:.0f} |")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(report, indent=2) + "\n")
+    def cell(rows: list[dict] | None, i: int, key: str, fmt: str) -> str:
+        try:
+            return format(rows[i][key], fmt)  # type: ignore[index]
+        except (TypeError, KeyError, IndexError):
+            return "—"
 
+    for i, m in enumerate(models):
+        par, f64, fp, sv = (report.get(k) for k in ("parity", "forward_len64", "forward_paper", "served"))
+        print(f"| {m} | {cell(par, i, 'fp32_max_abs_diff', '.2e')} | {cell(par, i, 'fp16_max_abs_diff', '.2e')} | {cell(par, i, 'fp16_label_agreement', '.3f')} | {cell(f64, i, 'texts_per_s', '.0f')} | {cell(fp, i, 'texts_per_s', '.0f')} | {cell(sv, i, 'texts_per_s', '.0f')} |")
+    if report.get("errors"):
+        print("errors:", json.dumps(report["errors"], indent=2))
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()
