@@ -2,7 +2,8 @@
 # The training call on a lent GPU machine (scripts/device/README.md): wheels, the baseline, then
 # four timed trainings in parallel on the GPU; the best model per N comes back packed
 # (scripts/weights_pack.py), with every log.
-# env: BUDGET (s per training), DEVICE (cuda), LIMIT (smoke runs), OUT
+# env: BUDGET (s per training), DEVICE (cuda), LIMIT (smoke runs), OUT, SPECS: one run per
+# "NAME N KEY_MEAN ROUNDS PRIME_SHARE", separated by ";"
 set -u
 T0=$(date +%s)
 BUDGET=${BUDGET:-300}; DEVICE=${DEVICE:-cuda}; LIMIT=${LIMIT:+--limit $LIMIT}
@@ -18,10 +19,12 @@ cp model_repository/sst2-bert/config.pbtxt $W/mr/sst2-bert/
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 echo "setup $(( $(date +%s) - T0 )) s"
-for spec in "a 2 1 2" "b 2 1 3" "c 5 0.5 2" "d 5 1 2"; do
+SPECS=${SPECS:-"a 2 1 2 0.25;b 2 1 3 0.25;c 5 0.5 2 0.25;d 5 1 2 0.25"}  # session 5, first call
+IFS=";" read -ra RUNS <<< "$SPECS"
+for spec in "${RUNS[@]}"; do
   set -- $spec
   mkdir -p $W/teacher-$1 && cp $W/mr/sst2-bert/1/* .dev/bert-extra/teacher-logits-*.pt $W/teacher-$1/
-  python3 scripts/train_timed.py -N $2 --hadamard-mean $3 --rounds $4 --teacher $W/teacher-$1 --train $W/data/train.tsv --dev $W/data/dev.tsv \
+  python3 scripts/train_timed.py -N $2 --hadamard-mean $3 --rounds $4 --prime-share $5 --teacher $W/teacher-$1 --train $W/data/train.tsv --dev $W/data/dev.tsv \
     --out $W/runs/$1 --budget-s $BUDGET --device $DEVICE --threads 3 $LIMIT > $W/runs/$1.log 2>&1 &
 done
 wait
