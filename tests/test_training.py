@@ -309,3 +309,26 @@ def test_copy_curriculum_fades_from_copied_to_real_groups(tmp_path) -> None:
     first = next(trainer._batches())  # the batches the loop trains on carry the copies
     assert all(first[g] == first[g + 1] for g in range(0, len(first), 2))
     trainer.run(progress=False)
+
+
+def test_ema_weights_are_evaluated_and_saved_and_the_raw_weights_train_on(tmp_path) -> None:
+    """--ema-decay: best/ and final/ hold the averaged weights, the model trains on with its own,
+    and a resumed run carries the average on."""
+    cfg = config(tmp_path, "finetune", 2, steps=10, ema_decay=0.9, dev_file=str(tmp_path / "train.tsv"), out=str(tmp_path / "ema"))
+    trainer = Trainer(cfg)
+    trainer.run(progress=False)
+    assert trainer.ema is not None
+    final = load_model(tmp_path / "ema" / "final").state_dict()
+    raw = trainer.model.state_dict()
+    averaged = [k for k in trainer.ema if k.startswith("bert.encoder")]
+    assert averaged
+    for k in averaged:
+        torch.testing.assert_close(final[k], trainer.ema[k])
+    assert any((raw[k].float() - trainer.ema[k]).abs().max() > 1e-4 for k in averaged)  # the average lags the weights
+    assert any(r.get("ema") for r in read_log(Path(cfg.out)) if "dev_accuracy" in r)
+    resumed = Trainer(config(tmp_path, "finetune", 2, steps=12, ema_decay=0.9, dev_file=str(tmp_path / "train.tsv"), out=str(tmp_path / "ema")))
+    assert resumed.step == 10
+    for k in averaged:
+        torch.testing.assert_close(resumed.ema[k], trainer.ema[k])
+    with pytest.raises(ValueError, match="ema_decay"):
+        config(tmp_path, "finetune", 2, ema_decay=1.0)

@@ -40,6 +40,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--mixed-length-groups", action="store_true", help="mux groups of random texts whatever their lengths (as at eval); default: similar lengths")
     p.add_argument("--copy-curriculum", type=int, default=0, metavar="STEPS", help="finetune: groups hold one text copied into every slot with probability falling from 1 to 0 over STEPS steps")
+    p.add_argument("--ema-decay", type=float, default=0.0, help="evaluate and save an exponential moving average of the weights (e.g. 0.999; 0: off)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (autocast); fp32 weights")
     p.add_argument("--device", default="cpu", help="cpu or cuda (a GPU where one is at hand)")
     p.add_argument("--seed", type=int, default=0)
@@ -55,7 +56,7 @@ def _run_train(a: argparse.Namespace) -> int:
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
         retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, transfer_files=a.transfer, distill_alpha=a.distill_alpha,
         distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings, learn_muxing=a.learn_muxing,
-        eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, mixed_length_groups=a.mixed_length_groups, bf16=a.bf16, copy_curriculum_steps=a.copy_curriculum, device=a.device, seed=a.seed, limit=a.limit,
+        eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, mixed_length_groups=a.mixed_length_groups, bf16=a.bf16, copy_curriculum_steps=a.copy_curriculum, ema_decay=a.ema_decay, device=a.device, seed=a.seed, limit=a.limit,
     )
     print(json.dumps(train(cfg)))
     return 0

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ class TrainConfig:
     # probability falling linearly from 1 to 0, so a model started from the baseline meets the
     # keyed input path before it has to keep texts apart (0: off)
     copy_curriculum_steps: int = 0
+    # an exponential moving average of the weights (decay per step; 0: off) is what evaluations
+    # score and what best/ and final/ hold: it smooths the step-to-step swings of dev accuracy
+    ema_decay: float = 0.0
     bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
     device: str = "cpu"  # "cuda" trains on a GPU (batches built on the CPU, moved per step)
     seed: int = 0
@@ -96,6 +100,8 @@ class TrainConfig:
             raise ValueError("feature_coeff needs a teacher")
         if self.transfer_files and (self.stage != "finetune" or not self.teacher):
             raise ValueError("transfer_files needs stage finetune and a teacher (their only targets are its logits)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in [0, 1)")
         if self.stage in ("prime", "mlm") and self.num_instances < 2:
             raise ValueError(f"stage {self.stage} needs num_instances >= 2 (it trains the demultiplexer)")
 
@@ -211,6 +217,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(self.total_steps, int(cfg.warmup_ratio * self.total_steps)))
         self.step = 0
         self.best = -1.0
+        # the averaged weights, fp32, beside the model's (float tensors of the state dict)
+        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()} if cfg.ema_decay > 0 else None
         self.teacher_logits = self._teacher_logits() if cfg.teacher and cfg.stage == "finetune" else None
         self.teacher_states = self._teacher_states() if cfg.feature_coeff > 0 and cfg.stage == "finetune" else None
         self._resume()
@@ -231,11 +239,13 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.step, self.best = ck["step"], ck["best"]
+        if self.ema is not None:
+            self.ema = ck.get("ema") or self.ema
         self._log({"event": "resumed", "step": self.step, "best": self.best})
 
     def _save_checkpoint(self) -> None:
         tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best, "train_config": asdict(self.cfg)}, tmp)
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "step": self.step, "best": self.best, "ema": self.ema, "train_config": asdict(self.cfg)}, tmp)
         os.replace(tmp, self.checkpoint_path)
 
     def _log(self, record: dict) -> None:
@@ -403,6 +413,32 @@ class Trainer:
             out.extend([group[0]] * n if rng.random() < p else group)
         return out
 
+    # ------------------------------------------------------------------ weight averaging
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """ema = d·ema + (1-d)·w, with d ramped up from 0.1 so early steps are not frozen in."""
+        assert self.ema is not None
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        state = self.model.state_dict()
+        keys = list(self.ema)
+        averaged = [self.ema[k] for k in keys]
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, [state[k].float() for k in keys], alpha=1 - decay)
+
+    @contextmanager
+    def _averaged_weights(self):
+        """Inside: the model holds the averaged weights (no-op without EMA); restored after."""
+        if self.ema is None:
+            yield
+            return
+        raw = {k: v.detach().clone() for k, v in self.model.state_dict().items() if k in self.ema}
+        self.model.load_state_dict(self.ema, strict=False)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(raw, strict=False)
+
     # ------------------------------------------------------------------ loop
 
     def evaluate(self) -> dict | None:
@@ -434,6 +470,8 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.step += 1
+            if self.ema is not None:
+                self._update_ema()
             window.append({"loss": loss.item(), **stats})
             if bar is not None:
                 bar.update(1)
@@ -444,21 +482,23 @@ class Trainer:
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **mean})
                 window = []
             if self.dev is not None and cfg.stage == "finetune" and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
-                result = self.evaluate()
-                assert result is not None
-                self._log({"step": self.step, "dev_accuracy": result["accuracy"], "dev_n": result["n"]})
-                if bar is not None:
-                    bar.write(f"step {self.step}: dev accuracy {result['accuracy']:.4f}")
-                if result["accuracy"] > self.best:
-                    self.best = result["accuracy"]
-                    save_model(self.model, self.out / "best", torch.float32, self.tokenizer_path)
+                with self._averaged_weights():
+                    result = self.evaluate()
+                    assert result is not None
+                    self._log({"step": self.step, "dev_accuracy": result["accuracy"], "dev_n": result["n"], **({"ema": True} if self.ema is not None else {})})
+                    if bar is not None:
+                        bar.write(f"step {self.step}: dev accuracy {result['accuracy']:.4f}")
+                    if result["accuracy"] > self.best:
+                        self.best = result["accuracy"]
+                        save_model(self.model, self.out / "best", torch.float32, self.tokenizer_path)
                 self.model.train()
             if self.step % cfg.save_every == 0:
                 self._save_checkpoint()
         if bar is not None:
             bar.close()
         self._save_checkpoint()
-        save_model(self.model, self.out / "final", torch.float32, self.tokenizer_path)
+        with self._averaged_weights():
+            save_model(self.model, self.out / "final", torch.float32, self.tokenizer_path)
         summary = {"stage": cfg.stage, "steps": self.step, "best_dev_accuracy": self.best if self.best >= 0 else None, "out": str(self.out)}
         self._log({"event": "done", **summary})
         return summary
