@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--prime-share", type=float, default=0.25)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--hadamard-mean", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.0, help="fine-tuning: evaluate and keep a moving average of the weights")
     p.add_argument("--device", default="cuda")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--limit", type=int, help="only the first K training rows (smoke runs)")
@@ -58,7 +59,7 @@ def main() -> None:
 
     def finetune(name: str, init: str, steps: int, dev: bool = True) -> TrainConfig:
         return TrainConfig(stage="finetune", out=str(out / name), init=init, teacher=a.teacher, dev_file=a.dev if dev else None, steps=steps, lr=1e-4, warmup_ratio=0.03,
-                           retrieval_coeff=0.1, retrieval_fraction=0.25, mixed_length_groups=True, eval_every=max(100, steps // 10), hadamard_norm=norm, hadamard_mean=a.hadamard_mean, **common)
+                           retrieval_coeff=0.1, retrieval_fraction=0.25, mixed_length_groups=True, eval_every=max(100, steps // 10), ema_decay=a.ema_decay, hadamard_norm=norm, hadamard_mean=a.hadamard_mean, **common)
 
     summary: dict = {"num_instances": n, "hadamard_mean": a.hadamard_mean, "budget_s": a.budget_s, "stages": []}
     calib = finetune("calibrate", a.teacher, CALIBRATION_STEPS, dev=False)

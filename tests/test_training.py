@@ -325,7 +325,8 @@ def test_ema_weights_are_evaluated_and_saved_and_the_raw_weights_train_on(tmp_pa
     for k in averaged:
         torch.testing.assert_close(final[k], trainer.ema[k])
     assert any((raw[k].float() - trainer.ema[k]).abs().max() > 1e-4 for k in averaged)  # the average lags the weights
-    assert any(r.get("ema") for r in read_log(Path(cfg.out)) if "dev_accuracy" in r)
+    evals = [r for r in read_log(Path(cfg.out)) if "dev_accuracy" in r]
+    assert evals and all(r["ema"] and 0 <= r["dev_accuracy_raw"] <= 1 for r in evals)
     resumed = Trainer(config(tmp_path, "finetune", 2, steps=12, ema_decay=0.9, dev_file=str(tmp_path / "train.tsv"), out=str(tmp_path / "ema")))
     assert resumed.step == 10
     for k in averaged:

@@ -482,10 +482,12 @@ class Trainer:
                 self._log({"step": self.step, "lr": self.scheduler.get_last_lr()[0], **mean})
                 window = []
             if self.dev is not None and cfg.stage == "finetune" and (self.step % cfg.eval_every == 0 or self.step == self.total_steps):
+                # with EMA the raw weights are scored too (logged only), to show what averaging adds
+                raw = self.evaluate() if self.ema is not None else None
                 with self._averaged_weights():
                     result = self.evaluate()
                     assert result is not None
-                    self._log({"step": self.step, "dev_accuracy": result["accuracy"], "dev_n": result["n"], **({"ema": True} if self.ema is not None else {})})
+                    self._log({"step": self.step, "dev_accuracy": result["accuracy"], "dev_n": result["n"], **({"ema": True, "dev_accuracy_raw": raw["accuracy"]} if raw else {})})
                     if bar is not None:
                         bar.write(f"step {self.step}: dev accuracy {result['accuracy']:.4f}")
                     if result["accuracy"] > self.best:
