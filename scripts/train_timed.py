@@ -9,6 +9,8 @@ Round r > 1 is a warm restart from round r-1's best, as in train_bundled.sh.
     python scripts/train_timed.py -N 2 --teacher runs/sst2-bert/best --train ../shared/data/sst2/train.tsv \\
         --dev ../shared/data/sst2/dev.tsv --out runs/timed-mux2 --budget-s 280 --device cuda --hadamard-mean 1
 
+With ``--mlm-share`` a masked-LM stage with multiplexing (``muxserve train mlm``) follows priming.
+
 Writes OUT/summary.json (step times, each stage's steps and best dev accuracy, the best folder).
 """
 
@@ -44,6 +46,8 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, required=True, help="wall-clock seconds for the whole recipe, from start-up")
     p.add_argument("--margin-s", type=float, default=15.0, help="kept free at the end (final saves)")
     p.add_argument("--prime-share", type=float, default=0.25)
+    p.add_argument("--mlm-share", type=float, default=0.0, help="share of the steps for a masked-LM stage with multiplexing after priming (0: none)")
+    p.add_argument("--mlm-train", nargs="+", help="texts for the MLM stage (TSV sentence column; default: --train)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--hadamard-mean", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.0, help="fine-tuning: evaluate and keep a moving average of the weights")
@@ -67,13 +71,21 @@ def main() -> None:
     step_s = _logged_step_time(out / "calibrate")
     shutil.rmtree(out / "calibrate")
     summary["calibration_step_s"] = step_s
-    prime_steps = max(50, int(a.prime_share * (deadline - time.time()) / step_s))
+    steps_left = (deadline - time.time()) / step_s
+    prime_steps = max(50, int(a.prime_share * steps_left))
     prime = TrainConfig(stage="prime", out=str(out / "prime"), init=a.teacher, steps=prime_steps, lr=5e-4, warmup_ratio=0.05, hadamard_norm=norm, hadamard_mean=a.hadamard_mean, retrieval_fraction=0.5, **common)
     t0 = time.time()
     result = Trainer(prime).run(progress=False)
     summary["stages"].append({**result, "seconds": round(time.time() - t0, 1)})
     init = str(out / "prime" / "final")
     step_s = _logged_step_time(out / "prime")
+    if a.mlm_share > 0:
+        mlm_common = {**common, "train_files": a.mlm_train or [a.train]}
+        mlm = TrainConfig(stage="mlm", out=str(out / "mlm"), init=init, steps=max(50, int(a.mlm_share * steps_left)), lr=1e-4, warmup_ratio=0.05, mixed_length_groups=True, **mlm_common)
+        t0 = time.time()
+        result = Trainer(mlm).run(progress=False)
+        summary["stages"].append({**result, "seconds": round(time.time() - t0, 1)})
+        init = str(out / "mlm" / "final")
     best, best_dir = -1.0, None
     for r in range(1, a.rounds + 1):
         steps = int((deadline - time.time()) / (a.rounds - r + 1) / step_s)

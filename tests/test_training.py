@@ -333,3 +333,31 @@ def test_ema_weights_are_evaluated_and_saved_and_the_raw_weights_train_on(tmp_pa
         torch.testing.assert_close(resumed.ema[k], trainer.ema[k])
     with pytest.raises(ValueError, match="ema_decay"):
         config(tmp_path, "finetune", 2, ema_decay=1.0)
+
+
+@pytest.mark.slow
+def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) -> None:
+    """scripts/train_timed.py: calibration, priming, MLM, two fine-tuning rounds (the second from the
+    first's best), each sized from measured step times, ending near the budget, not past it."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("train_timed", Path(__file__).resolve().parents[1] / "scripts" / "train_timed.py")
+    train_timed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_timed)
+    data = write_tsv(tmp_path / "train.tsv", 64, seed=0)
+    teacher = tiny_init(tmp_path, 1)
+    out = tmp_path / "timed"
+    budget = 30.0
+    argv = ["train_timed", "-N", "2", "--teacher", str(teacher), "--train", str(data), "--dev", str(data), "--out", str(out), "--budget-s", str(budget), "--margin-s", "3",
+            "--device", "cpu", "--threads", "1", "--mlm-share", "0.1", "--rounds", "2", "--hadamard-mean", "1"]
+    monkeypatch.setattr(sys, "argv", argv)
+    train_timed.main()
+    summary = json.loads((out / "summary.json").read_text())
+    stages = [s["stage"] for s in summary["stages"]]
+    assert stages[:2] == ["prime", "mlm"] and stages[2:] == ["finetune"] * (len(stages) - 2) and len(stages) >= 3
+    assert all(s["steps"] >= 50 for s in summary["stages"])
+    assert summary["best"] and (Path(summary["best"]) / "model.safetensors").exists()
+    assert load_model(summary["best"]).config.gaussian_hadamard_mean == 1.0
+    assert summary["wall_s"] < budget * 1.5  # sized from measured step times, not a fixed count
+    assert not (out / "calibrate").exists()
