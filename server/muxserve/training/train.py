@@ -239,8 +239,8 @@ class Trainer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.step, self.best = ck["step"], ck["best"]
-        if self.ema is not None:
-            self.ema = ck.get("ema") or self.ema
+        if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
+            self.ema = ck.get("ema") or {k: v.detach().clone().float() for k, v in self.model.state_dict().items() if k in self.ema}
         self._log({"event": "resumed", "step": self.step, "best": self.best})
 
     def _save_checkpoint(self) -> None:
@@ -417,7 +417,7 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        """ema = d·ema + (1-d)·w, with d ramped up from 0.1 so early steps are not frozen in."""
+        """ema = d·ema + (1-d)·w, d ramped up as (1+step)/(10+step) so the start is not frozen in."""
         assert self.ema is not None
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         state = self.model.state_dict()
