@@ -67,7 +67,9 @@ def main() -> None:
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for a smoke test")
     t0 = time.time()
-    models = sorted(scan(a.model_repository), key=lambda m: (int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1), m))
+    repository = scan(a.model_repository)
+    instances = {m: int(entry.parameter("num_instances", "1") or 1) for m, entry in repository.items()}
+    models = sorted(repository, key=lambda m: (instances[m], m))
     texts = read_tsv_sentences(a.data) if Path(a.data).exists() else [f"a sentence number {i} about a film" for i in range(512)]
     card = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "cpu"
     report: dict = {"device": card, "torch": torch.__version__, "models": models}
@@ -91,7 +93,6 @@ def main() -> None:
     section("parity", lambda: [parity(a.model_repository, m, texts[:512], a.device) for m in models])
 
     dtype = "float16" if a.device != "cpu" else "float32"
-    instances = {m: int(scan(a.model_repository)[m].parameter("num_instances", "1") or 1) for m in models}
     lcm = int(np.lcm.reduce(list(instances.values())))
     section("forward_len64", lambda: bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, dtype=dtype))
     # the paper's setting: 32·N texts at length 128, per model
@@ -119,8 +120,8 @@ def main() -> None:
         except (TypeError, KeyError, IndexError):
             return "—"
 
+    par, f64, fp, sv = (report.get(k) for k in ("parity", "forward_len64", "forward_paper", "served"))
     for i, m in enumerate(models):
-        par, f64, fp, sv = (report.get(k) for k in ("parity", "forward_len64", "forward_paper", "served"))
         print(f"| {m} | {cell(par, i, 'fp32_max_abs_diff', '.2e')} | {cell(par, i, 'fp16_max_abs_diff', '.2e')} | {cell(par, i, 'fp16_label_agreement', '.3f')} | {cell(f64, i, 'texts_per_s', '.0f')} | {cell(fp, i, 'texts_per_s', '.0f')} | {cell(sv, i, 'texts_per_s', '.0f')} |")
     if report.get("errors"):
         print("errors:", json.dumps(report["errors"], indent=2))

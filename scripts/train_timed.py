@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--mlm-share", type=float, default=0.0, help="share of the steps for a masked-LM stage with multiplexing after priming (0: none)")
     p.add_argument("--mlm-train", nargs="+", help="texts for the MLM stage (TSV sentence column; default: --train)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--min-round-steps", type=int, default=100, help="a round that would get fewer steps is not started")
     p.add_argument("--hadamard-mean", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=0.0, help="fine-tuning: evaluate and keep a moving average of the weights")
     p.add_argument("--device", default="cuda")
@@ -89,7 +90,7 @@ def main() -> None:
     best, best_dir = -1.0, None
     for r in range(1, a.rounds + 1):
         steps = int((deadline - time.time()) / (a.rounds - r + 1) / step_s)
-        if steps < 100:
+        if steps < a.min_round_steps:
             summary["stopped"] = f"round {r}: {steps} steps left in the budget"
             break
         t0 = time.time()

@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--no-tokenizer", action="store_true", help="pack: leave tokenizer.json out (it travels once)")
-    p.add_argument("--fast", action="store_true", help="pack: lzma preset 1 (5x faster, ~1%% larger)")
+    p.add_argument("--fast", action="store_true", help="pack: lzma preset 1 (faster; part 0 ~5%% larger: 14.4 vs 13.7 MB for sst2-mux2)")
     a = p.parse_args()
     if a.action == "pack":
         for path in pack(Path(a.src), Path(a.dst), tokenizer=not a.no_tokenizer, preset=1 if a.fast else 6):

@@ -316,6 +316,7 @@ def test_ema_weights_are_evaluated_and_saved_and_the_raw_weights_train_on(tmp_pa
     and a resumed run carries the average on."""
     cfg = config(tmp_path, "finetune", 2, steps=10, ema_decay=0.9, dev_file=str(tmp_path / "train.tsv"), out=str(tmp_path / "ema"))
     trainer = Trainer(cfg)
+    start = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     trainer.run(progress=False)
     assert trainer.ema is not None
     final = load_model(tmp_path / "ema" / "final").state_dict()
@@ -325,6 +326,7 @@ def test_ema_weights_are_evaluated_and_saved_and_the_raw_weights_train_on(tmp_pa
     for k in averaged:
         torch.testing.assert_close(final[k], trainer.ema[k])
     assert any((raw[k].float() - trainer.ema[k]).abs().max() > 1e-4 for k in averaged)  # the average lags the weights
+    assert any((start[k].float() - trainer.ema[k]).abs().max() > 1e-4 for k in averaged)  # and follows them
     evals = [r for r in read_log(Path(cfg.out)) if "dev_accuracy" in r]
     assert evals and all(r["ema"] and 0 <= r["dev_accuracy_raw"] <= 1 for r in evals)
     resumed = Trainer(config(tmp_path, "finetune", 2, steps=12, ema_decay=0.9, dev_file=str(tmp_path / "train.tsv"), out=str(tmp_path / "ema")))
@@ -350,7 +352,7 @@ def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) 
     out = tmp_path / "timed"
     budget = 30.0
     argv = ["train_timed", "-N", "2", "--teacher", str(teacher), "--train", str(data), "--dev", str(data), "--out", str(out), "--budget-s", str(budget), "--margin-s", "3",
-            "--device", "cpu", "--threads", "1", "--mlm-share", "0.1", "--rounds", "2", "--hadamard-mean", "1"]
+            "--device", "cpu", "--threads", "1", "--mlm-share", "0.1", "--rounds", "2", "--min-round-steps", "20", "--hadamard-mean", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     train_timed.main()
     summary = json.loads((out / "summary.json").read_text())
@@ -361,3 +363,5 @@ def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) 
     assert load_model(summary["best"]).config.gaussian_hadamard_mean == 1.0
     assert summary["wall_s"] < budget * 1.5  # sized from measured step times, not a fixed count
     assert not (out / "calibrate").exists()
+    start_of_round_2 = next(r for r in read_log(out / "r2") if r.get("event") == "start")
+    assert start_of_round_2["config"]["init"] == str(out / "r1" / "best")  # a warm restart from round 1's best

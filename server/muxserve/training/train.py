@@ -218,7 +218,8 @@ class Trainer:
         self.step = 0
         self.best = -1.0
         # the averaged weights, fp32, beside the model's (float tensors of the state dict)
-        self.ema = {k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()} if cfg.ema_decay > 0 else None
+        self.ema = self._float_state() if cfg.ema_decay > 0 else None
+        self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (averaged, live), built at the first update
         self.teacher_logits = self._teacher_logits() if cfg.teacher and cfg.stage == "finetune" else None
         self.teacher_states = self._teacher_states() if cfg.feature_coeff > 0 and cfg.stage == "finetune" else None
         self._resume()
@@ -240,7 +241,7 @@ class Trainer:
         self.scheduler.load_state_dict(ck["scheduler"])
         self.step, self.best = ck["step"], ck["best"]
         if self.ema is not None:  # a checkpoint written without EMA starts the average at its weights
-            self.ema = ck.get("ema") or {k: v.detach().clone().float() for k, v in self.model.state_dict().items() if k in self.ema}
+            self.ema = ck.get("ema") or self._float_state()
         self._log({"event": "resumed", "step": self.step, "best": self.best})
 
     def _save_checkpoint(self) -> None:
@@ -415,16 +416,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ weight averaging
 
+    def _float_state(self) -> dict[str, torch.Tensor]:
+        """An fp32 copy of the model's floating-point state (the EMA's start)."""
+        return {k: v.detach().clone().float() for k, v in self.model.state_dict().items() if v.is_floating_point()}
+
     @torch.no_grad()
     def _update_ema(self) -> None:
         """ema = d·ema + (1-d)·w, d ramped up as (1+step)/(10+step) so the start is not frozen in."""
         assert self.ema is not None
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
-        state = self.model.state_dict()
-        keys = list(self.ema)
-        averaged = [self.ema[k] for k in keys]
+        if self._ema_pairs is None:  # the live tensors stay the same objects: load_state_dict copies in place
+            state = self.model.state_dict()
+            self._ema_pairs = ([self.ema[k] for k in self.ema], [state[k] for k in self.ema])
+        averaged, live = self._ema_pairs
         torch._foreach_mul_(averaged, decay)
-        torch._foreach_add_(averaged, [state[k].float() for k in keys], alpha=1 - decay)
+        torch._foreach_add_(averaged, [t.float() for t in live], alpha=1 - decay)
 
     @contextmanager
     def _averaged_weights(self):
