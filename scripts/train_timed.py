@@ -9,7 +9,10 @@ Round r > 1 is a warm restart from round r-1's best, as in train_bundled.sh.
     python scripts/train_timed.py -N 2 --teacher runs/sst2-bert/best --train ../shared/data/sst2/train.tsv \\
         --dev ../shared/data/sst2/dev.tsv --out runs/timed-mux2 --budget-s 280 --device cuda --hadamard-mean 1
 
-With ``--mlm-share`` a masked-LM stage with multiplexing (``muxserve train mlm``) follows priming.
+With ``--mlm-share`` a masked-LM stage with multiplexing (``muxserve train mlm``) follows priming: it
+gets that share of the budget's time, its steps sized by a calibration run of its own (so a larger
+``--mlm-batch-size``, nearly free on a GPU, is timed as it runs). ``--init-mux`` starts from a mux
+model already primed (or MLM-trained) instead: no priming.
 
 Writes OUT/summary.json (step times, each stage's steps and best dev accuracy, the best folder).
 """
@@ -47,6 +50,9 @@ def main() -> None:
     p.add_argument("--margin-s", type=float, default=15.0, help="kept free at the end (final saves)")
     p.add_argument("--prime-share", type=float, default=0.25)
     p.add_argument("--mlm-share", type=float, default=0.0, help="share of the steps for a masked-LM stage with multiplexing after priming (0: none)")
+    p.add_argument("--mlm-batch-size", type=int, help="texts per MLM step (default: as fine-tuning, 32*N)")
+    p.add_argument("--mlm-lr", type=float, default=1e-4)
+    p.add_argument("--init-mux", help="a primed mux model with N slots to start from (priming is skipped; its keys are kept)")
     p.add_argument("--mlm-train", nargs="+", help="texts for the MLM stage (TSV sentence column; default: --train)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--min-round-steps", type=int, default=100, help="a round that would get fewer steps is not started")
@@ -66,26 +72,41 @@ def main() -> None:
         return TrainConfig(stage="finetune", out=str(out / name), init=init, teacher=a.teacher, dev_file=a.dev if dev else None, steps=steps, lr=1e-4, warmup_ratio=0.03,
                            retrieval_coeff=0.1, retrieval_fraction=0.25, mixed_length_groups=True, eval_every=max(100, steps // 10), ema_decay=a.ema_decay, hadamard_norm=norm, hadamard_mean=a.hadamard_mean, **common)
 
-    summary: dict = {"num_instances": n, "hadamard_mean": a.hadamard_mean, "budget_s": a.budget_s, "stages": []}
-    calib = finetune("calibrate", a.teacher, CALIBRATION_STEPS, dev=False)
-    Trainer(calib).run(progress=False)
-    step_s = _logged_step_time(out / "calibrate")
-    shutil.rmtree(out / "calibrate")
+    summary: dict = {"num_instances": n, "hadamard_mean": a.hadamard_mean, "init_mux": a.init_mux, "budget_s": a.budget_s, "stages": []}
+
+    def timed(cfg: TrainConfig) -> float:
+        """Seconds per step of a short run of ``cfg`` (then deleted)."""
+        Trainer(cfg).run(progress=False)
+        step_s = _logged_step_time(Path(cfg.out))
+        shutil.rmtree(cfg.out)
+        return step_s
+
+    step_s = timed(finetune("calibrate", a.teacher, CALIBRATION_STEPS, dev=False))
     summary["calibration_step_s"] = step_s
-    steps_left = (deadline - time.time()) / step_s
-    prime_steps = max(50, int(a.prime_share * steps_left))
-    prime = TrainConfig(stage="prime", out=str(out / "prime"), init=a.teacher, steps=prime_steps, lr=5e-4, warmup_ratio=0.05, hadamard_norm=norm, hadamard_mean=a.hadamard_mean, retrieval_fraction=0.5, **common)
-    t0 = time.time()
-    result = Trainer(prime).run(progress=False)
-    summary["stages"].append({**result, "seconds": round(time.time() - t0, 1)})
-    init = str(out / "prime" / "final")
-    step_s = _logged_step_time(out / "prime")
-    if a.mlm_share > 0:
-        mlm_common = {**common, "train_files": a.mlm_train or [a.train]}
-        mlm = TrainConfig(stage="mlm", out=str(out / "mlm"), init=init, steps=max(50, int(a.mlm_share * steps_left)), lr=1e-4, warmup_ratio=0.05, mixed_length_groups=True, **mlm_common)
+    seconds_left = deadline - time.time()
+    steps_left = seconds_left / step_s
+    if a.init_mux:
+        init = a.init_mux
+    else:
+        prime_steps = max(50, int(a.prime_share * steps_left))
+        prime = TrainConfig(stage="prime", out=str(out / "prime"), init=a.teacher, steps=prime_steps, lr=5e-4, warmup_ratio=0.05, hadamard_norm=norm, hadamard_mean=a.hadamard_mean, retrieval_fraction=0.5, **common)
         t0 = time.time()
-        result = Trainer(mlm).run(progress=False)
+        result = Trainer(prime).run(progress=False)
         summary["stages"].append({**result, "seconds": round(time.time() - t0, 1)})
+        init = str(out / "prime" / "final")
+        step_s = _logged_step_time(out / "prime")
+    if a.mlm_share > 0:
+        t0 = time.time()
+        mlm_common = {**common, "train_files": a.mlm_train or [a.train], "batch_size": a.mlm_batch_size or common["batch_size"]}
+
+        def mlm(name: str, steps: int) -> TrainConfig:
+            return TrainConfig(stage="mlm", out=str(out / name), init=init, steps=steps, lr=a.mlm_lr, warmup_ratio=0.05, mixed_length_groups=True, **mlm_common)
+
+        mlm_step_s = timed(mlm("mlm-calibrate", CALIBRATION_STEPS))
+        mlm_steps = max(50, int((a.mlm_share * seconds_left - (time.time() - t0)) / mlm_step_s))
+        t0 = time.time()
+        result = Trainer(mlm("mlm", mlm_steps)).run(progress=False)
+        summary["stages"].append({**result, "seconds": round(time.time() - t0, 1), "batch_size": mlm_common["batch_size"], "calibration_step_s": mlm_step_s})
         init = str(out / "mlm" / "final")
     best, best_dir = -1.0, None
     for r in range(1, a.rounds + 1):

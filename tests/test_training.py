@@ -352,12 +352,15 @@ def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) 
     out = tmp_path / "timed"
     budget = 30.0
     argv = ["train_timed", "-N", "2", "--teacher", str(teacher), "--train", str(data), "--dev", str(data), "--out", str(out), "--budget-s", str(budget), "--margin-s", "3",
-            "--device", "cpu", "--threads", "1", "--mlm-share", "0.1", "--rounds", "2", "--min-round-steps", "20", "--hadamard-mean", "1"]
+            "--device", "cpu", "--threads", "1", "--mlm-share", "0.1", "--mlm-batch-size", "16", "--rounds", "2", "--min-round-steps", "20", "--hadamard-mean", "1"]
     monkeypatch.setattr(sys, "argv", argv)
     train_timed.main()
     summary = json.loads((out / "summary.json").read_text())
     stages = [s["stage"] for s in summary["stages"]]
     assert stages[:2] == ["prime", "mlm"] and stages[2:] == ["finetune"] * (len(stages) - 2) and len(stages) >= 3
+    mlm_start = next(r for r in read_log(out / "mlm") if r.get("event") == "start")
+    assert mlm_start["config"]["batch_size"] == 16 and summary["stages"][1]["batch_size"] == 16
+    assert not (out / "mlm-calibrate").exists()
     assert all(s["steps"] >= 50 for s in summary["stages"])
     assert summary["best"] and (Path(summary["best"]) / "model.safetensors").exists()
     assert load_model(summary["best"]).config.gaussian_hadamard_mean == 1.0
@@ -365,3 +368,12 @@ def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) 
     assert not (out / "calibrate").exists()
     start_of_round_2 = next(r for r in read_log(out / "r2") if r.get("event") == "start")
     assert start_of_round_2["config"]["init"] == str(out / "r1" / "best")  # a warm restart from round 1's best
+    # --init-mux: no priming, fine-tuning starts from the given mux model
+    again = tmp_path / "again"
+    argv = ["train_timed", "-N", "2", "--teacher", str(teacher), "--train", str(data), "--dev", str(data), "--out", str(again), "--budget-s", "12", "--margin-s", "2",
+            "--device", "cpu", "--threads", "1", "--rounds", "1", "--min-round-steps", "20", "--init-mux", str(out / "prime" / "final")]
+    monkeypatch.setattr(sys, "argv", argv)
+    train_timed.main()
+    summary = json.loads((again / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["finetune"] and summary["init_mux"] == str(out / "prime" / "final")
+    assert next(r for r in read_log(again / "r1") if r.get("event") == "start")["config"]["init"] == str(out / "prime" / "final")

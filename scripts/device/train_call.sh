@@ -3,7 +3,8 @@
 # four timed trainings in parallel on the GPU; the best model per N comes back packed
 # (scripts/weights_pack.py), with every log.
 # env: BUDGET (s per training), DEVICE (cuda), LIMIT (smoke runs), OUT, SPECS: one run per
-# "NAME N KEY_MEAN ROUNDS PRIME_SHARE", separated by ";"
+# "NAME N [train_timed.py arguments]", separated by ";". The MLM texts (SST-2 + AG News + the
+# transfer set, made here by scripts/make_transfer_set.py) are in $W/data.
 set -u
 T0=$(date +%s)
 BUDGET=${BUDGET:-300}; DEVICE=${DEVICE:-cuda}; LIMIT=${LIMIT:+--limit $LIMIT}
@@ -14,18 +15,26 @@ fi
 export PYTHONUNBUFFERED=1
 W=${WORK:-/tmp/w}; mkdir -p $W/data $W/runs $W/cand $W/mr
 cp .dev/data/*.tsv $W/data/
+python3 scripts/make_transfer_set.py $W/data/train.tsv $W/data/transfer.tsv --size 120000 || exit 1
+sha256sum $W/data/transfer.tsv
 python3 scripts/weights_pack.py unpack .dev/bert $W/mr/sst2-bert/1 || exit 1
 cp model_repository/sst2-bert/config.pbtxt $W/mr/sst2-bert/
 nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv 2>/dev/null
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 echo "setup $(( $(date +%s) - T0 )) s"
-SPECS=${SPECS:-"a 2 1 2 0.25;b 2 1 3 0.25;c 5 0.5 2 0.25;d 5 1 2 0.25"}  # session 5, first call
+MLM_TEXTS="$W/data/train.tsv $W/data/agnews.tsv $W/data/transfer.tsv"
+# session 6: the MLM stage with batches 6-16x the CPU recipe's (nearly free on a GPU)
+SPECS=${SPECS:-"a 2 --hadamard-mean 1 --rounds 2 --prime-share 0.08 --mlm-share 0.5 --mlm-batch-size 1024 --mlm-lr 3e-4;\
+b 2 --hadamard-mean 1 --rounds 2 --prime-share 0.08 --mlm-share 0.5 --mlm-batch-size 2048 --mlm-lr 5e-4;\
+c 5 --rounds 1 --prime-share 0.12 --mlm-share 0.5 --mlm-batch-size 1280 --mlm-lr 3e-4;\
+d 5 --rounds 1 --prime-share 0.12 --mlm-share 0.5 --mlm-batch-size 2560 --mlm-lr 5e-4"}
 IFS=";" read -ra RUNS <<< "$SPECS"
 for spec in "${RUNS[@]}"; do
   set -- $spec
-  mkdir -p $W/teacher-$1 && cp $W/mr/sst2-bert/1/* .dev/bert-extra/teacher-logits-*.pt $W/teacher-$1/
-  python3 scripts/train_timed.py -N $2 --hadamard-mean $3 --rounds $4 --prime-share $5 --teacher $W/teacher-$1 --train $W/data/train.tsv --dev $W/data/dev.tsv \
-    --out $W/runs/$1 --budget-s $BUDGET --device $DEVICE --threads 3 $LIMIT > $W/runs/$1.log 2>&1 &
+  name=$1 n=$2; shift 2
+  mkdir -p $W/teacher-$name && cp $W/mr/sst2-bert/1/* .dev/bert-extra/teacher-logits-*.pt $W/teacher-$name/
+  python3 scripts/train_timed.py -N $n "$@" --mlm-train $MLM_TEXTS --teacher $W/teacher-$name --train $W/data/train.tsv --dev $W/data/dev.tsv \
+    --out $W/runs/$name --budget-s $BUDGET --device $DEVICE --threads 3 $LIMIT > $W/runs/$name.log 2>&1 &
 done
 wait
 echo "trained $(( $(date +%s) - T0 )) s"
