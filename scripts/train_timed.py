@@ -49,7 +49,7 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, required=True, help="wall-clock seconds for the whole recipe, from start-up")
     p.add_argument("--margin-s", type=float, default=15.0, help="kept free at the end (final saves)")
     p.add_argument("--prime-share", type=float, default=0.25)
-    p.add_argument("--mlm-share", type=float, default=0.0, help="share of the steps for a masked-LM stage with multiplexing after priming (0: none)")
+    p.add_argument("--mlm-share", type=float, default=0.0, help="share of the time left after calibration for a masked-LM stage with multiplexing after priming (0: none)")
     p.add_argument("--mlm-batch-size", type=int, help="texts per MLM step (default: as fine-tuning, 32*N)")
     p.add_argument("--mlm-lr", type=float, default=1e-4)
     p.add_argument("--init-mux", help="a primed mux model with N slots to start from (priming is skipped; its keys are kept)")
