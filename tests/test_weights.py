@@ -318,3 +318,22 @@ def test_int8_word_embeddings_roundtrip_is_close_and_smaller(tmp_path):
     ids = torch.randint(5, 30000, (4, 12))
     mask = torch.ones_like(ids)
     torch.testing.assert_close(loaded(ids, mask), model(ids, mask), atol=2e-2, rtol=0)
+
+
+def test_package_sets_labels_and_short_group_policy(tmp_path) -> None:
+    """`muxserve package --labels --short-group-policy`: the packaged config carries both, the
+    weights are the same, and a policy the model does not know is refused."""
+    from muxserve.model.muxbert import MuxBertConfig
+    from muxserve.packaging import package_model
+
+    torch.manual_seed(0)
+    model = MuxBertModel(MuxBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_instances=2)).eval()
+    save_model(model, tmp_path / "run")
+    assert model.config.short_group_policy == "copy"
+    target = package_model(tmp_path / "run", tmp_path / "repo", "m", labels=["neg", "pos"], short_group_policy="pad")
+    packaged = load_model(target)
+    assert packaged.config.short_group_policy == "pad" and packaged.config.labels == ["neg", "pos"]
+    torch.testing.assert_close(packaged.classifier.state_dict(), {k: v.half().float() for k, v in model.classifier.state_dict().items()})
+    assert (tmp_path / "repo" / "m" / "config.pbtxt").exists()
+    with pytest.raises(ValueError, match="short_group_policy"):
+        package_model(tmp_path / "run", tmp_path / "repo", "m2", short_group_policy="repeat")

@@ -37,15 +37,18 @@ def write_config(path: str | Path, cfg: mc.ModelConfig) -> None:
     Path(path).write_text(text_format.MessageToString(cfg))
 
 
-def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, int8_embeddings: bool = True, labels: list[str] | None = None, **config_kwargs: object) -> Path:
+def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, int8_embeddings: bool = True, labels: list[str] | None = None, short_group_policy: str | None = None, **config_kwargs: object) -> Path:
     """Copy a saved model (e.g. a training run's ``best/``) into ``repository/name/version/``
     as fp16 safetensors (word embeddings int8) + tokenizer, and write ``config.pbtxt`` unless
-    one exists. ``labels`` renames the classes (e.g. a model trained on 0/1 labels)."""
+    one exists. ``labels`` renames the classes (e.g. a model trained on 0/1 labels);
+    ``short_group_policy`` sets how the model completes a group of fewer than N texts."""
     model = load_model(source)
     if labels is not None:
         if len(labels) != model.config.num_labels:
             raise ValueError(f"{len(labels)} label names for a model with {model.config.num_labels} classes")
         model.config.labels = list(labels)
+    if short_group_policy is not None:
+        model.config = model.config.from_dict({**model.config.to_dict(), "short_group_policy": short_group_policy})  # validated there
     folder = Path(repository) / name
     target = folder / str(version)
     if target.exists():

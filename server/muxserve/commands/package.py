@@ -19,11 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue-delay-us", type=int, default=2000)
     p.add_argument("--shadow-sample-rate", type=float, default=0.0)
     p.add_argument("--labels", help="comma-separated class names, replacing the model's (same count), e.g. negative,positive")
+    p.add_argument("--short-group-policy", help="copy or pad: how a group of fewer than N texts is completed (default: the model's)")
 
 
 def run(a: argparse.Namespace) -> int:
     from muxserve.packaging import package_model
 
-    target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate, labels=a.labels.split(",") if a.labels else None)
+    target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate, labels=a.labels.split(",") if a.labels else None, short_group_policy=a.short_group_policy)
     print(json.dumps({"model": a.name, "version": a.version, "path": str(target)}))
     return 0
