@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def package_model(source: str | Path, repository: str | Path, name: str, version
             raise ValueError(f"{len(labels)} label names for a model with {model.config.num_labels} classes")
         model.config.labels = list(labels)
     if short_group_policy is not None:
-        model.config = model.config.from_dict({**model.config.to_dict(), "short_group_policy": short_group_policy})  # validated there
+        model.config = dataclasses.replace(model.config, short_group_policy=short_group_policy)  # validated there
     folder = Path(repository) / name
     target = folder / str(version)
     if target.exists():

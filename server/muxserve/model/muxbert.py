@@ -77,7 +77,7 @@ class MuxBertConfig:
         if self.task not in TASKS:
             raise ValueError(f"unknown task {self.task!r}; one of {TASKS}")
         if self.short_group_policy not in SHORT_GROUP_POLICIES:
-            raise ValueError(f"unknown short_group_policy {self.short_group_policy!r}")
+            raise ValueError(f"unknown short_group_policy {self.short_group_policy!r}; one of {SHORT_GROUP_POLICIES}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
 
