@@ -19,16 +19,18 @@ def gen(seed: int) -> torch.Generator:
 
 
 @pytest.mark.parametrize(
-    "n,variant,policy,task",
+    "n,variant,policy,task,masked",
     [
-        (1, "gaussian_hadamard", "copy", "sequence_classification"),
-        (2, "gaussian_hadamard", "copy", "sequence_classification"),
-        (2, "gaussian_attention_v2", "pad", "sequence_classification"),
-        (5, "gaussian_hadamard", "pad", "token_classification"),
+        (1, "gaussian_hadamard", "copy", "sequence_classification", False),
+        (2, "gaussian_hadamard", "copy", "sequence_classification", False),
+        (2, "gaussian_hadamard", "pad", "sequence_classification", True),
+        (2, "gaussian_attention_v2", "pad", "sequence_classification", False),
+        (5, "gaussian_hadamard", "pad", "token_classification", False),
+        (5, "gaussian_hadamard", "copy", "token_classification", True),
     ],
 )
-def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task: str) -> None:
-    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task)
+def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task: str, masked: bool) -> None:
+    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked)
     folder = save_tiny(model, tmp_path / "m")
     result = export_torchscript(folder, seq_len=16)
     assert result["ok"] and result["max_abs_diff"] <= 1e-4, result
@@ -37,8 +39,8 @@ def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task:
     assert any(c["texts"] % n for c in result["checks"]) or n == 1
     assert len({c["seq_len"] for c in result["checks"]}) >= 3
     traced, config = load_exported(folder / EXPORT_FILE)
-    assert config["num_instances"] == n and config["short_group_policy"] == policy
-    eager = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task)  # same seed: same weights
+    assert config["num_instances"] == n and config["short_group_policy"] == policy and config["mask_group_padding"] == masked
+    eager = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked)  # same seed: same weights
     for texts, length in [(2 * n, 16), (3 * n + 1, 7), (1, 30), (n + 1, 12)]:
         ids, mask = random_batch(texts, length, gen(texts * 100 + length))
         with torch.no_grad():

@@ -184,6 +184,39 @@ def test_groups_are_independent(n: int, variant: str) -> None:
 
 
 @pytest.mark.parametrize("n", [2, 5])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("task", ["sequence_classification", "token_classification"])
+def test_group_padding_mask_makes_outputs_batch_independent(n: int, variant: str, task: str) -> None:
+    """With mask_group_padding a group's logits are the same alone (padded to its own longest
+    text) as in a batch padded further for a longer group; without it (the reference) they move."""
+    ids, mask = random_batch(2 * n, 16, gen(12), min_len=3)
+    ids[:n, 7:], mask[:n, 7:] = PAD, 0  # group 0: at most 7 tokens; group 1 reaches 16
+    ids[:n, 6] = torch.where(mask[:n, 6].bool(), SEP, ids[:n, 6])
+    for masked in (True, False):
+        model = tiny_model(num_instances=n, muxing_variant=variant, task=task, mask_group_padding=masked)
+        with torch.no_grad():
+            alone = model(ids[:n, :7], mask[:n, :7])
+            batched = model(ids, mask)[:n]
+        if task == "token_classification":
+            batched = batched[:, :7]
+        gap = (alone - batched).abs().max()
+        assert gap < 1e-5 if masked else gap > 1e-4, (masked, gap)
+
+
+def test_group_padding_mask_keeps_positions_any_slot_fills() -> None:
+    """The mask hides only positions no slot fills: the short text still sees (and is moved by)
+    the tokens of its longer partner beyond its own end."""
+    model = tiny_model(num_instances=2, mask_group_padding=True)
+    ids, mask = random_batch(2, 12, gen(13), min_len=12)
+    ids[0, 5:], mask[0, 5:] = PAD, 0
+    ids[0, 4] = SEP
+    changed = ids.clone()
+    changed[1, 9] = 50 if int(ids[1, 9]) != 50 else 51
+    with torch.no_grad():
+        assert (model(ids, mask)[0] - model(changed, mask)[0]).abs().max() > 1e-5
+
+
+@pytest.mark.parametrize("n", [2, 5])
 def test_permuting_groups_permutes_outputs(n: int) -> None:
     model = tiny_model(num_instances=n)
     ids, mask = random_batch(3 * n, 10, gen(10))

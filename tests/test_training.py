@@ -288,6 +288,20 @@ def test_learn_muxing_trains_the_keys_and_saves_them(tmp_path) -> None:
         Trainer(config(tmp_path, "finetune", 1, steps=1, learn_muxing=True, out=str(tmp_path / "n1")))
 
 
+def test_mask_group_padding_is_trained_with_and_saved(tmp_path) -> None:
+    """--mask-group-padding switches the model's group padding mask on for training (and a warm
+    restart from an unmasked model); the saved model keeps it; the baseline refuses it."""
+    plain = Trainer(config(tmp_path, "finetune", 2, steps=2, out=str(tmp_path / "plain")))
+    assert not plain.model.config.mask_group_padding
+    plain.run(progress=False)
+    masked = Trainer(config(tmp_path, "finetune", 2, steps=2, init=str(tmp_path / "plain" / "final"), mask_group_padding=True, out=str(tmp_path / "masked")))
+    assert masked.model.config.mask_group_padding
+    masked.run(progress=False)
+    assert load_model(tmp_path / "masked" / "final").config.mask_group_padding
+    with pytest.raises(ValueError, match="mask_group_padding needs a mux model"):
+        Trainer(config(tmp_path, "finetune", 1, steps=1, mask_group_padding=True, out=str(tmp_path / "n1")))
+
+
 def test_copy_curriculum_fades_from_copied_to_real_groups(tmp_path) -> None:
     """--copy-curriculum K: at step 0 every group holds one text in all slots, at step K/2 about
     half of them, from step K on none; the same step gives the same groups (resume)."""

@@ -321,8 +321,9 @@ def test_int8_word_embeddings_roundtrip_is_close_and_smaller(tmp_path):
 
 
 def test_package_sets_labels_and_short_group_policy(tmp_path) -> None:
-    """`muxserve package --labels --short-group-policy`: the packaged config carries both, the
-    weights are the same, and a policy the model does not know is refused."""
+    """`muxserve package --labels --short-group-policy --mask-group-padding`: the packaged config
+    carries them, the weights are the same, and a policy the model does not know (or a padding
+    mask on the baseline) is refused."""
     from muxserve.model.muxbert import MuxBertConfig
     from muxserve.packaging import package_model
 
@@ -337,3 +338,10 @@ def test_package_sets_labels_and_short_group_policy(tmp_path) -> None:
     assert (tmp_path / "repo" / "m" / "config.pbtxt").exists()
     with pytest.raises(ValueError, match="short_group_policy"):
         package_model(tmp_path / "run", tmp_path / "repo", "m2", short_group_policy="repeat")
+    assert not packaged.config.mask_group_padding  # left as the model has it
+    masked = load_model(package_model(tmp_path / "run", tmp_path / "repo", "m3", mask_group_padding=True))
+    assert masked.config.mask_group_padding and masked.config.short_group_policy == "copy"
+    baseline = MuxBertModel(MuxBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).eval()
+    save_model(baseline, tmp_path / "base")
+    with pytest.raises(ValueError, match="mask_group_padding is for mux models"):
+        package_model(tmp_path / "base", tmp_path / "repo", "m4", mask_group_padding=True)

@@ -38,11 +38,12 @@ def write_config(path: str | Path, cfg: mc.ModelConfig) -> None:
     Path(path).write_text(text_format.MessageToString(cfg))
 
 
-def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, int8_embeddings: bool = True, labels: list[str] | None = None, short_group_policy: str | None = None, **config_kwargs: object) -> Path:
+def package_model(source: str | Path, repository: str | Path, name: str, version: int = 1, baseline: str = "", dtype: torch.dtype = torch.float16, config: mc.ModelConfig | None = None, int8_embeddings: bool = True, labels: list[str] | None = None, short_group_policy: str | None = None, mask_group_padding: bool | None = None, **config_kwargs: object) -> Path:
     """Copy a saved model (e.g. a training run's ``best/``) into ``repository/name/version/``
     as fp16 safetensors (word embeddings int8) + tokenizer, and write ``config.pbtxt`` unless
     one exists. ``labels`` renames the classes (e.g. a model trained on 0/1 labels);
-    ``short_group_policy`` sets how the model completes a group of fewer than N texts."""
+    ``short_group_policy`` sets how the model completes a group of fewer than N texts and
+    ``mask_group_padding`` whether its encoder sees the positions no text of a group fills."""
     model = load_model(source)
     if labels is not None:
         if len(labels) != model.config.num_labels:
@@ -50,6 +51,10 @@ def package_model(source: str | Path, repository: str | Path, name: str, version
         model.config.labels = list(labels)
     if short_group_policy is not None:
         model.config = dataclasses.replace(model.config, short_group_policy=short_group_policy)  # validated there
+    if mask_group_padding is not None:
+        if mask_group_padding and not model.config.is_mux:
+            raise ValueError("mask_group_padding is for mux models (the baseline masks all padding)")
+        model.config.mask_group_padding = mask_group_padding
     folder = Path(repository) / name
     target = folder / str(version)
     if target.exists():

@@ -20,11 +20,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shadow-sample-rate", type=float, default=0.0)
     p.add_argument("--labels", help="comma-separated class names, replacing the model's (same count), e.g. negative,positive")
     p.add_argument("--short-group-policy", help="copy or pad: how a group of fewer than N texts is completed (default: the model's)")
+    p.add_argument("--mask-group-padding", choices=["on", "off"], help="mux model: hide from the encoder the positions no text of a group fills (default: the model's)")
 
 
 def run(a: argparse.Namespace) -> int:
     from muxserve.packaging import package_model
 
-    target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate, labels=a.labels.split(",") if a.labels else None, short_group_policy=a.short_group_policy)
+    target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate, labels=a.labels.split(",") if a.labels else None, short_group_policy=a.short_group_policy, mask_group_padding=None if a.mask_group_padding is None else a.mask_group_padding == "on")
     print(json.dumps({"model": a.name, "version": a.version, "path": str(target)}))
     return 0

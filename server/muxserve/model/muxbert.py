@@ -61,6 +61,10 @@ class MuxBertConfig:
     # Fill for groups with fewer than N texts: "copy" repeats real texts of the group (the
     # reference's choice), "pad" uses an empty [CLS][SEP] text. Filler outputs are dropped.
     short_group_policy: str = "copy"
+    # Hide from the encoder the positions that are padding in every slot of a group. Off is the
+    # reference (no padding mask at all; its checkpoints expect that): there a group's outputs
+    # depend on how far its batch was padded, i.e. on the other groups batched with it.
+    mask_group_padding: bool = False
     # head
     task: str = "sequence_classification"
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
@@ -360,8 +364,14 @@ class MuxBertModel(nn.Module):
         input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.config.cls_token_id), input_ids[:, 1:]], dim=1)
         mixed = self.multiplex(emb(input_ids=input_ids), attention_mask)
         # As the reference (and its checkpoints): the mixture goes through the embedding layer
-        # again as inputs_embeds, and the encoder runs without a padding mask.
-        return self.bert.encoder(emb(inputs_embeds=mixed))
+        # again as inputs_embeds, and the encoder runs without a padding mask unless the
+        # model masks the group's padding (a position no slot fills).
+        x = emb(inputs_embeds=mixed)
+        bias = None
+        if self.config.mask_group_padding:
+            group_mask = attention_mask.view(-1, self.config.num_instances, attention_mask.shape[1]).amax(dim=1)
+            bias = padding_bias(group_mask, x.dtype)
+        return self.bert.encoder(x, bias)
 
     def demultiplex(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, L', d] -> [B*N, L', d]; identity for the baseline."""

@@ -69,6 +69,9 @@ class TrainConfig:
     freeze_word_embeddings: bool = False
     # train the multiplexer's keys v_i too (the reference's learn_muxing); saved in the config
     learn_muxing: bool = False
+    # hide the positions no slot of a group fills from the encoder (the model's
+    # mask_group_padding, saved in its config); False keeps what the init model does
+    mask_group_padding: bool = False
     eval_every: int = 200
     save_every: int = 100
     log_every: int = 20
@@ -204,6 +207,10 @@ class Trainer:
                 raise ValueError("learn_muxing needs a mux model (num_instances >= 2)")
             self.model.config.learn_muxing = True
             self.model.instance_embedding.requires_grad_(True)
+        if cfg.mask_group_padding:
+            if not self.model.config.is_mux:
+                raise ValueError("mask_group_padding needs a mux model (the baseline masks all padding)")
+            self.model.config.mask_group_padding = True
         if cfg.freeze_word_embeddings:
             self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         self.steps_per_epoch = math.ceil(len(self.ids) / cfg.batch_size)
