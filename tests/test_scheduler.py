@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from muxserve.errors import InferenceFailed, NotReady, QueueFull
-from muxserve.scheduler import BatchReport, MuxScheduler
+from muxserve.scheduler import BatchReport, MuxScheduler, choose_batch
 
 
 class FakeEngine:
@@ -151,17 +151,31 @@ async def test_drain_with_engine_instances_finishing_together() -> None:
     await s.stop()
 
 
-async def test_length_aware_batches_pick_similar_lengths_and_sort_groups() -> None:
+async def test_length_aware_batches_pick_similar_lengths_in_arrival_order() -> None:
     engine = FakeEngine(delay=0.05)
     s = make(engine, batch_texts=4, max_queue_delay_s=10.0)
     blocker = asyncio.create_task(s.submit([[1]] * 4))  # occupies the engine while the queue fills
     await asyncio.sleep(0.01)
-    lengths = [5, 60, 6, 61, 7, 62, 8, 63]
+    lengths = [7, 60, 5, 61, 8, 62, 6, 63]
     tasks = [asyncio.create_task(s.submit([[1] * n])) for n in lengths]
     await asyncio.gather(blocker, *tasks)
-    second = [len(r) for r in engine.batches[1]]
-    assert second == [5, 6, 7, 8]  # closest to the oldest text (length 5), sorted
+    # closest to the oldest text (length 7), kept in arrival order (groups are not sorted)
+    assert [len(r) for r in engine.batches[1]] == [7, 5, 8, 6]
+    assert [len(r) for r in engine.batches[2]] == [60, 61, 62, 63]
     await s.stop()
+
+
+def test_choose_batch_overdue_first_then_closest_in_length() -> None:
+    lengths = [10, 40, 11, 39, 30, 12, 41, 9]
+    none_overdue = [False] * len(lengths)
+    assert choose_batch(lengths, none_overdue, 3, length_aware=False) == [0, 1, 2]
+    assert choose_batch(lengths, none_overdue, 4, length_aware=True) == [0, 2, 5, 7]
+    # overdue texts go first whatever their length, the rest are closest to the oldest
+    overdue = [True, True, False, False, True, False, False, False]
+    assert choose_batch(lengths, overdue, 4, length_aware=True) == [0, 1, 2, 4]
+    assert choose_batch(lengths, [True] * len(lengths), 3, length_aware=True) == [0, 1, 2]
+    # a short queue is taken whole
+    assert choose_batch([5, 50], [False, False], 4, length_aware=True) == [0, 1]
 
 
 async def test_arrival_order_when_length_aware_is_off() -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +51,27 @@ class _Text:
 
 
 RunBatch = Callable[[list[list[int]]], Awaitable[np.ndarray]]
+
+WINDOW_BATCHES = 4  # length-aware batching looks this many batches deep into the queue
+
+
+def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, length_aware: bool) -> list[int]:
+    """Which waiting texts form the next batch: indices into the queue (oldest first; the caller
+    passes at most ``WINDOW_BATCHES`` batches of it), in arrival order.
+
+    Arrival order: the oldest ``cap``. Length-aware: overdue texts first (oldest first), then
+    those closest in length to the oldest text, so the batch's padded length stays short. The
+    batch keeps arrival order, and consecutive texts fill a mux group: the mux models are
+    trained on groups of texts drawn at random, and groups sorted by length lose accuracy as
+    served (``benchmarks/served_grouping.py``) while one pass per batch costs the same."""
+    count = len(lengths)
+    if count <= cap or not length_aware:
+        return list(range(min(count, cap)))
+    chosen = set([i for i in range(count) if overdue[i]][:cap])
+    anchor = lengths[0]
+    others = sorted((i for i in range(count) if i not in chosen), key=lambda i: abs(lengths[i] - anchor))
+    chosen.update(others[: cap - len(chosen)])
+    return sorted(chosen)
 
 
 class MuxScheduler:
@@ -183,30 +204,15 @@ class MuxScheduler:
                 return
 
     def _take(self) -> list[_Text]:
-        """Choose up to ``batch_texts`` texts. Overdue texts go first (oldest first); with
-        length-aware batching the rest are those closest in length to the oldest text, from a
-        window of the oldest 4 batches, so the padded length stays short. Within the batch,
-        texts are ordered by length so that each mux group holds texts of similar length."""
+        """Take the next batch off the queue (``choose_batch``)."""
         queue = [t for t in self._queue if not t.request.cancelled]
-        cap = self.batch_texts
-        if len(queue) <= cap:
-            batch, rest = queue, []
-        elif not self.length_aware:
-            batch, rest = queue[:cap], queue[cap:]
-        else:
-            window = queue[: 4 * cap]
-            deadline = time.monotonic() - self.max_queue_delay_s
-            overdue = [t for t in window if t.enqueued <= deadline][:cap]
-            chosen = {id(t) for t in overdue}
-            anchor = len(window[0].ids)
-            others = sorted((t for t in window if id(t) not in chosen), key=lambda t: abs(len(t.ids) - anchor))
-            for t in others[: cap - len(overdue)]:
-                chosen.add(id(t))
-            batch = [t for t in window if id(t) in chosen]
-            rest = [t for t in window if id(t) not in chosen] + queue[4 * cap :]
+        deadline = time.monotonic() - self.max_queue_delay_s
+        window = queue[: WINDOW_BATCHES * self.batch_texts]
+        picked = choose_batch([len(t.ids) for t in window], [t.enqueued <= deadline for t in window], self.batch_texts, self.length_aware)
+        chosen = set(picked)
+        batch = [window[i] for i in picked]
+        rest = [t for i, t in enumerate(window) if i not in chosen] + queue[len(window) :]
         self._queue = rest
-        if self.length_aware:
-            batch.sort(key=lambda t: len(t.ids))
         # a request leaves the queue when its last text is taken
         queued = {id(t.request) for t in rest}
         self._queued_requests = len(queued)
