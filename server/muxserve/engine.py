@@ -110,19 +110,14 @@ class Engine:
         return self.config.num_instances
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows -> (ids, mask) at a bucketed length; the row count padded up to a multiple of N
-        with empty texts (their outputs are dropped) so traced graphs see whole groups."""
-        n = self.config.num_instances
-        total = len(rows) + (-len(rows)) % n if self.options.kind == "torchscript" else len(rows)
+        """Rows -> (ids, mask) at a bucketed length. A short last group is left to the model
+        (eager or traced alike), which fills it by its own ``short_group_policy``."""
         length = bucket_length(max(len(r) for r in rows), self.config.max_seq_length)
-        ids = np.full((total, length), self.config.pad_token_id, dtype=np.int64)
-        mask = np.zeros((total, length), dtype=np.int64)
+        ids = np.full((len(rows), length), self.config.pad_token_id, dtype=np.int64)
+        mask = np.zeros((len(rows), length), dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
-        for i in range(len(rows), total):
-            ids[i, :2] = (self.config.cls_token_id, self.config.sep_token_id)
-            mask[i, :2] = 1
         return torch.from_numpy(ids), torch.from_numpy(mask)
 
     def infer(self, rows: list[list[int]]) -> np.ndarray:
