@@ -29,9 +29,8 @@ def gen(seed: int) -> torch.Generator:
         (5, "gaussian_hadamard", "copy", "token_classification", True),
     ],
 )
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task: str, masked: bool, pooling: str) -> None:
-    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked, classifier_pooling=pooling)
+def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task: str, masked: bool) -> None:
+    model = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked)
     folder = save_tiny(model, tmp_path / "m")
     result = export_torchscript(folder, seq_len=16)
     assert result["ok"] and result["max_abs_diff"] <= 1e-4, result
@@ -41,7 +40,7 @@ def test_traced_matches_eager(tmp_path, n: int, variant: str, policy: str, task:
     assert len({c["seq_len"] for c in result["checks"]}) >= 3
     traced, config = load_exported(folder / EXPORT_FILE)
     assert config["num_instances"] == n and config["short_group_policy"] == policy and config["mask_group_padding"] == masked
-    eager = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked, classifier_pooling=pooling)  # same seed: same weights
+    eager = tiny_model(num_instances=n, muxing_variant=variant, short_group_policy=policy, task=task, mask_group_padding=masked)  # same seed: same weights
     for texts, length in [(2 * n, 16), (3 * n + 1, 7), (1, 30), (n + 1, 12)]:
         ids, mask = random_batch(texts, length, gen(texts * 100 + length))
         with torch.no_grad():

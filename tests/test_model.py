@@ -203,25 +203,6 @@ def test_group_padding_mask_makes_outputs_batch_independent(n: int, variant: str
         assert gap < 1e-5 if masked else gap > 1e-4, (masked, gap)
 
 
-@pytest.mark.parametrize("n", [1, 2, 5])
-def test_mean_pooled_readout_averages_each_texts_own_tokens(n: int) -> None:
-    """classifier_pooling="mean": the classifier reads each text's (demultiplexed) features
-    averaged over its own tokens; "cls" reads position 0 alone (the reference)."""
-    model = tiny_model(num_instances=n, classifier_pooling="mean", mask_group_padding=n > 1)
-    ids, mask = random_batch(2 * n, 12, gen(14), min_len=3)
-    with torch.no_grad():
-        logits = model(ids, mask)
-        features = model.slot_features(ids, mask, cls_only=False)  # [T, L, d]
-        want = torch.stack([model.classifier(features[t, : int(mask[t].sum())].mean(0)) for t in range(2 * n)])
-        torch.testing.assert_close(logits, want, atol=1e-5, rtol=0)
-        model.config.classifier_pooling = "cls"
-        cls = model(ids, mask)
-        torch.testing.assert_close(cls, model.classifier(features[:, 0]), atol=1e-5, rtol=0)
-    assert (cls - logits).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="classifier_pooling"):
-        tiny_config(classifier_pooling="max")
-
-
 def test_group_padding_mask_keeps_positions_any_slot_fills() -> None:
     """The mask hides only positions no slot fills: the short text still sees (and is moved by)
     the tokens of its longer partner beyond its own end."""

@@ -288,10 +288,9 @@ def test_learn_muxing_trains_the_keys_and_saves_them(tmp_path) -> None:
         Trainer(config(tmp_path, "finetune", 1, steps=1, learn_muxing=True, out=str(tmp_path / "n1")))
 
 
-def test_mask_group_padding_and_pooling_are_trained_with_and_saved(tmp_path) -> None:
+def test_mask_group_padding_is_trained_with_and_saved(tmp_path) -> None:
     """--mask-group-padding switches the model's group padding mask on for training (and a warm
-    restart from an unmasked model); --classifier-pooling sets the readout; the saved model
-    keeps both; the baseline refuses the mask."""
+    restart from an unmasked model); the saved model keeps it; the baseline refuses it."""
     plain = Trainer(config(tmp_path, "finetune", 2, steps=2, out=str(tmp_path / "plain")))
     assert not plain.model.config.mask_group_padding
     plain.run(progress=False)
@@ -299,10 +298,6 @@ def test_mask_group_padding_and_pooling_are_trained_with_and_saved(tmp_path) -> 
     assert masked.model.config.mask_group_padding
     masked.run(progress=False)
     assert load_model(tmp_path / "masked" / "final").config.mask_group_padding
-    pooled = Trainer(config(tmp_path, "finetune", 2, steps=2, init=str(tmp_path / "masked" / "final"), classifier_pooling="mean", out=str(tmp_path / "pooled")))
-    pooled.run(progress=False)
-    saved = load_model(tmp_path / "pooled" / "final").config
-    assert saved.classifier_pooling == "mean" and saved.mask_group_padding  # the init's mask kept
     with pytest.raises(ValueError, match="mask_group_padding needs a mux model"):
         Trainer(config(tmp_path, "finetune", 1, steps=1, mask_group_padding=True, out=str(tmp_path / "n1")))
 

@@ -61,9 +61,10 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
 
     Arrival order: the oldest ``cap``. Length-aware: overdue texts first (oldest first), then
     those closest in length to the oldest text, so the batch's padded length stays short. The
-    batch keeps arrival order, and consecutive texts fill a mux group: the mux models are
-    trained on groups of texts drawn at random, and groups sorted by length lose accuracy as
-    served (``benchmarks/served_grouping.py``) while one pass per batch costs the same."""
+    batch keeps arrival order and consecutive texts fill a mux group, as the mux models are
+    trained (groups of texts drawn at random); sorting the batch into groups of nearly equal
+    length measured level as served (``benchmarks/served_grouping.py``) and buys nothing, since
+    the batch runs as one pass at its longest text's length either way."""
     count = len(lengths)
     if count <= cap or not length_aware:
         return list(range(min(count, cap)))

@@ -29,7 +29,6 @@ MUXING_VARIANTS = ("gaussian_hadamard", "gaussian_attention_v2")
 DEMUXING_VARIANTS = ("index_pos",)
 TASKS = ("sequence_classification", "token_classification")
 SHORT_GROUP_POLICIES = ("copy", "pad")
-CLASSIFIER_POOLINGS = ("cls", "mean")
 
 
 @dataclass
@@ -68,10 +67,6 @@ class MuxBertConfig:
     mask_group_padding: bool = False
     # head
     task: str = "sequence_classification"
-    # What the sequence classifier reads: "cls" the demultiplexed shared position 0 (the
-    # reference); "mean" each text's demultiplexed features averaged over its own tokens (every
-    # position demultiplexed: a readout per text instead of one position all N texts share)
-    classifier_pooling: str = "cls"
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
     max_seq_length: int = 128
     seed: int = 0  # seeds the fixed instance keys
@@ -87,8 +82,6 @@ class MuxBertConfig:
             raise ValueError(f"unknown task {self.task!r}; one of {TASKS}")
         if self.short_group_policy not in SHORT_GROUP_POLICIES:
             raise ValueError(f"unknown short_group_policy {self.short_group_policy!r}; one of {SHORT_GROUP_POLICIES}")
-        if self.classifier_pooling not in CLASSIFIER_POOLINGS:
-            raise ValueError(f"unknown classifier_pooling {self.classifier_pooling!r}; one of {CLASSIFIER_POOLINGS}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
 
@@ -392,10 +385,9 @@ class MuxBertModel(nn.Module):
         """Logits for T texts: [T, C] (sequence) or [T, L, C] (token). T need not divide by N."""
         t = input_ids.shape[0]
         input_ids, attention_mask = self.fill_short_group(input_ids, attention_mask)
-        hidden = self.encode(input_ids, attention_mask)
-        if self.config.task == "sequence_classification":
-            return self.classify(self.sequence_features(hidden, attention_mask))[:t]
-        return self.classify(self.slot_features_from(hidden, cls_only=False))[:t]
+        cls_only = self.config.task == "sequence_classification"
+        logits = self.classify(self.slot_features(input_ids, attention_mask, cls_only))
+        return logits[:t]
 
     def slot_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
         """Per-text final hidden states [T, L', d] (T a multiple of N): demultiplexed for N > 1,
@@ -407,15 +399,6 @@ class MuxBertModel(nn.Module):
         if cls_only:
             hidden = hidden[:, :1]  # the shared [CLS] position only
         return self.demultiplex(hidden)
-
-    def sequence_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """What the sequence classifier reads, [T, 1, d], from an encoder output (``encode``)
-        by the model's ``classifier_pooling``; ``attention_mask`` [T, L] marks each text's tokens."""
-        if self.config.classifier_pooling == "cls":
-            return self.slot_features_from(hidden, cls_only=True)
-        features = self.slot_features_from(hidden, cls_only=False)
-        weights = attention_mask[:, :, None].to(features.dtype)
-        return ((features * weights).sum(1) / weights.sum(1).clamp(min=1.0))[:, None]
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         """Head over ``slot_features``: [T, C] from position 0 (sequence) or [T, L, C] (token)."""

@@ -16,7 +16,7 @@ import os
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -72,9 +72,6 @@ class TrainConfig:
     # hide the positions no slot of a group fills from the encoder (the model's
     # mask_group_padding, saved in its config); False keeps what the init model does
     mask_group_padding: bool = False
-    # the sequence classifier's readout, "cls" or "mean" (the model's classifier_pooling); None
-    # keeps the init model's
-    classifier_pooling: str | None = None
     eval_every: int = 200
     save_every: int = 100
     log_every: int = 20
@@ -214,8 +211,6 @@ class Trainer:
             if not self.model.config.is_mux:
                 raise ValueError("mask_group_padding needs a mux model (the baseline masks all padding)")
             self.model.config.mask_group_padding = True
-        if cfg.classifier_pooling is not None:
-            self.model.config = replace(self.model.config, classifier_pooling=cfg.classifier_pooling)  # validated there
         if cfg.freeze_word_embeddings:
             self.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
         self.steps_per_epoch = math.ceil(len(self.ids) / cfg.batch_size)
@@ -361,9 +356,10 @@ class Trainer:
         retrieval = cfg.retrieval_coeff > 0 and self.model.config.is_mux
         # one encoder pass serves the task, the feature and the retrieval terms
         hidden = self.model.encode(ids, mask)
-        logits = self.model.classify(self.model.sequence_features(hidden, mask)).float()
+        cls_only = self.teacher_states is None or cfg.feature_positions == "cls"
+        features = self.model.slot_features_from(hidden, cls_only)
+        logits = self.model.classify(features[:, :1]).float()
         if self.teacher_states is not None:
-            features = self.model.slot_features_from(hidden, cls_only=cfg.feature_positions == "cls")
             feature_loss = self._feature_loss(features.float(), batch, mask)
             stats["feature_loss"] = feature_loss.item()
         labeled = labels != UNLABELED
