@@ -7,7 +7,12 @@ sentences differ much less by chance: only the sentences on which they disagree 
 1. scores each model on K groupings of the dev set (grouping 0 is file order, as ``muxserve eval``;
    the others random permutations, seeded), so that a model's score is its mean over groupings;
 2. calls a sentence right for a model when the majority of its K groupings get it right, and runs
-   an exact two-sided sign test (McNemar) on the sentences where A and B disagree.
+   an exact two-sided sign test (McNemar) on the sentences where A and B disagree: is B's vote over
+   the K groupings (an ensemble of sorts) better than A's?
+3. counts, per sentence, the groupings that get it right, and runs the same sign test on the
+   sentences where the two counts differ: is B's accuracy in one pass, as served (the mean over
+   groupings), better than A's? A model whose answers depend less on a text's partners can gain
+   here and not in (2).
 
     python benchmarks/compare_models.py --models sst2-mux2,/work/runs/t-mux2/best [--groupings 5]
 
@@ -63,10 +68,16 @@ def sign_test(b_only: int, a_only: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def _p(value: float) -> float:
+    return float(f"{value:.3g}")  # three significant digits: small p-values stay readable
+
+
 def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     k = a.shape[0]
     a_right, b_right = a.float().mean(0) > 0.5, b.float().mean(0) > 0.5
     b_only, a_only = int((b_right & ~a_right).sum()), int((a_right & ~b_right).sum())
+    a_count, b_count = a.sum(0), b.sum(0)
+    b_more, a_more = int((b_count > a_count).sum()), int((a_count > b_count).sum())
     return {
         "mean_accuracy_a": round(float(a.float().mean()), 4),
         "mean_accuracy_b": round(float(b.float().mean()), 4),
@@ -77,7 +88,10 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
         "groupings": k,
         "b_right_a_wrong": b_only,
         "a_right_b_wrong": a_only,
-        "sign_test_p": round(sign_test(b_only, a_only), 4),
+        "sign_test_p": _p(sign_test(b_only, a_only)),
+        "b_more_groupings_right": b_more,
+        "a_more_groupings_right": a_more,
+        "sign_test_p_per_pass": _p(sign_test(b_more, a_more)),
     }
 
 

@@ -33,3 +33,19 @@ def test_compare_counts_majority_right_sentences() -> None:
     assert result["accuracy_per_grouping_a"] == [0.5, 0.75, 0.25]
     assert result["mean_accuracy_b"] == pytest.approx(8 / 12, abs=1e-4)
     assert result["sign_test_p"] == 1.0
+
+
+def test_per_pass_test_counts_groupings_right_per_sentence() -> None:
+    """B right in all 3 groupings of 10 sentences, A in 2 of 3: the majority vote cannot tell
+    them apart, the per-pass count can (the accuracy a single pass serves)."""
+    a = torch.tensor([[1] * 10, [1] * 10, [0] * 10], dtype=torch.bool)
+    b = torch.ones(3, 10, dtype=torch.bool)
+    result = compare_models.compare(a, b)
+    assert result["b_right_a_wrong"] == result["a_right_b_wrong"] == 0 and result["sign_test_p"] == 1.0
+    assert result["b_more_groupings_right"] == 10 and result["a_more_groupings_right"] == 0
+    assert result["sign_test_p_per_pass"] == 0.00195  # 2/1024 to three significant digits
+    # the earlier example: counts A 2,3,0,1 and B 1,2,3,2 per sentence -> 2 each way
+    a = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 1], [0, 1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
+    result = compare_models.compare(a, b)
+    assert (result["b_more_groupings_right"], result["a_more_groupings_right"], result["sign_test_p_per_pass"]) == (2, 2, 1.0)
