@@ -4,8 +4,8 @@ One ``muxserve eval`` number has a standard error of about 1.3 points on SST-2 d
 and, for a mux model, depends on which sentences share a group. Two models scored on the *same*
 sentences differ much less by chance: only the sentences on which they disagree count. This script
 
-1. scores each model on K groupings of the dev set (grouping 0 is file order, as ``muxserve eval``;
-   the others random permutations, seeded), so that a model's score is its mean over groupings;
+1. scores each model on K groupings of the dev set (``muxserve eval --repeats K``: grouping 0 is
+   file order, the others seeded random orders), so that a model's score is its mean over groupings;
 2. calls a sentence right for a model when the majority of its K groupings get it right, and runs
    an exact two-sided sign test (McNemar) on the sentences where A and B disagree: is B's vote over
    the K groupings (an ensemble of sorts) better than A's?
@@ -24,38 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 from pathlib import Path
 
 import torch
 
-from muxserve.model.muxbert import MuxBertModel
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
 from muxserve.repository import resolve_model_dir
 from muxserve.training.data import read_tsv
-from muxserve.training.evaluate import predict
+from muxserve.training.evaluate import correct_per_repeat
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def correct_per_grouping(model: MuxBertModel, model_dir: Path, texts: list[str], labels: list[int], groupings: int, seed: int = 0) -> torch.Tensor:
-    """[K, T] bool: sentence t right under grouping k (grouping 0 = file order)."""
-    model.eval()
-    tok = TextTokenizer(model_dir / TOKENIZER_FILE, model.config.max_seq_length)
-    rng = random.Random(seed)
-    target = torch.tensor(labels)
-    rows = []
-    for k in range(groupings):
-        order = list(range(len(texts)))
-        if k:
-            rng.shuffle(order)
-        with torch.no_grad():
-            logits = predict(model, tok, [texts[i] for i in order])
-        pred = torch.empty(len(texts), dtype=torch.long)
-        pred[torch.tensor(order)] = logits.argmax(-1)
-        rows.append(pred == target)
-    return torch.stack(rows)
 
 
 def sign_test(b_only: int, a_only: int) -> float:
@@ -112,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     dirs = [resolve_model_dir(args.model_repository, m) for m in names]
     models = [load_model(d) for d in dirs]
     data = read_tsv(args.data, models[0].config.labels)
-    a, b = (correct_per_grouping(m, d, data.texts, data.labels, args.groupings) for m, d in zip(models, dirs, strict=True))
+    a, b = (correct_per_repeat(m, TextTokenizer(d / TOKENIZER_FILE, m.config.max_seq_length), data, args.groupings) for m, d in zip(models, dirs, strict=True))
     result = {"a": names[0], "b": names[1], "n": len(data.texts), **compare(a, b)}
     text = json.dumps(result, indent=2)
     print(text)

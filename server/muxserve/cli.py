@@ -72,6 +72,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="TSV sentence<TAB>label with a header; labels 0/1.. or names")
     p.add_argument("--batch-size", type=int, default=256, help="texts per forward pass")
     p.add_argument("--ensemble", action="store_true", help="ensembled prediction (N times the compute)")
+    p.add_argument("--repeats", type=int, default=1, help="mean over K draws of the grouping: file order then seeded random orders (ensembled: K scatter seeds)")
     p.add_argument("--limit", type=int)
     p.add_argument("--threads", type=int, default=0)
 
@@ -93,7 +94,7 @@ def _run_eval(a: argparse.Namespace) -> int:
     model = load_model(directory)
     data = read_tsv(a.data, model.config.labels, a.limit)
     tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
-    result = accuracy(model, tok, data, a.batch_size, a.ensemble)
+    result = accuracy(model, tok, data, a.batch_size, a.ensemble, a.repeats)
     print(json.dumps({"model": a.model, "num_instances": model.config.num_instances, "ensemble": a.ensemble, **result}))
     return 0
 

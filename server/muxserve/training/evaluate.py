@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 
@@ -28,14 +29,38 @@ def predict(model: MuxBertModel, tokenizer: TextTokenizer, texts: list[str], bat
     return torch.cat(out)
 
 
-def accuracy(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256, ensemble: bool = False) -> dict:
+def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, repeats: int = 1, ensemble: bool = False, batch_texts: int = 256) -> torch.Tensor:
+    """[K, T] bool: text t predicted right in repeat k. A mux model's answer depends on which
+    texts share its group (and, ensembled, on the random scatter), so one score is one draw:
+    plain, repeat 0 groups the texts in file order and repeat k > 0 in a seeded random order;
+    ensembled, every repeat is in file order with scatter seed k."""
     was_training = model.training
     model.eval()
-    logits = predict(model, tokenizer, data.texts, batch_texts, ensemble)
+    target = torch.tensor(data.labels)
+    rng = random.Random(0)
+    rows = []
+    for k in range(repeats):
+        order = list(range(len(data.texts)))
+        if k and not ensemble:
+            rng.shuffle(order)
+        logits = predict(model, tokenizer, [data.texts[i] for i in order], batch_texts, ensemble, seed=k)
+        pred = torch.empty(len(order), dtype=torch.long)
+        pred[torch.tensor(order)] = logits.argmax(-1)
+        rows.append(pred == target)
     model.train(was_training)
-    pred = logits.argmax(-1)
-    correct = int((pred == torch.tensor(data.labels)).sum())
-    return {"accuracy": correct / max(1, len(data.labels)), "n": len(data.labels), "correct": correct}
+    return torch.stack(rows)
+
+
+def accuracy(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256, ensemble: bool = False, repeats: int = 1) -> dict:
+    """Accuracy (mean over ``repeats`` draws of the grouping, see ``correct_per_repeat``)."""
+    right = correct_per_repeat(model, tokenizer, data, repeats, ensemble, batch_texts)
+    n = len(data.labels)
+    result: dict = {"accuracy": float(right.float().mean()) if n else 0.0, "n": n}
+    if repeats == 1:
+        result["correct"] = int(right[0].sum())
+    else:
+        result.update(repeats=repeats, accuracy_per_repeat=[round(float(r.float().mean()), 4) for r in right])
+    return result
 
 
 @dataclass

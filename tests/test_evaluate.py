@@ -1,0 +1,68 @@
+"""Evaluation: a mux model's score is one draw of the grouping; --repeats averages several."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from muxtiny import WORDS, save_tiny, tiny_model
+
+from muxserve.cli import main
+from muxserve.model.tokenizer import TextTokenizer
+from muxserve.model.weights import TOKENIZER_FILE
+from muxserve.training.data import LabeledTexts
+from muxserve.training.evaluate import accuracy, correct_per_repeat, predict
+
+
+def labeled(count: int = 30, seed: int = 0) -> LabeledTexts:
+    rng = random.Random(seed)
+    return LabeledTexts([" ".join(rng.sample(WORDS, rng.randint(2, 9))) for _ in range(count)], [rng.randint(0, 1) for _ in range(count)])
+
+
+@pytest.fixture
+def mux2(tmp_path):
+    model = tiny_model(num_instances=2).eval()
+    folder = save_tiny(model, tmp_path / "m")
+    return model, TextTokenizer(folder / TOKENIZER_FILE, 32), folder
+
+
+def test_repeats_are_seeded_groupings_and_ensemble_seeds(mux2) -> None:
+    model, tok, _ = mux2
+    data = labeled()
+    target = torch.tensor(data.labels)
+    right = correct_per_repeat(model, tok, data, repeats=3)
+    assert right.shape == (3, 30)
+    # repeat 0 is file order, exactly what a plain evaluation scores
+    assert torch.equal(right[0], predict(model, tok, data.texts).argmax(-1) == target)
+    # repeat k > 0: the texts grouped in a seeded random order, each answer put back in place
+    rng = random.Random(0)
+    for k in (1, 2):
+        order = list(range(30))
+        rng.shuffle(order)
+        pred = torch.empty(30, dtype=torch.long)
+        pred[torch.tensor(order)] = predict(model, tok, [data.texts[i] for i in order]).argmax(-1)
+        assert torch.equal(right[k], pred == target)
+    # the groupings differ, so the answers do somewhere (a mux model's partners matter)
+    logits = [predict(model, tok, [data.texts[i] for i in o]) for o in (list(range(30)), order)]
+    assert not torch.allclose(logits[0][torch.tensor(order)], logits[1], atol=1e-5)
+    ensembled = correct_per_repeat(model, tok, data, repeats=2, ensemble=True)
+    for k in (0, 1):
+        assert torch.equal(ensembled[k], predict(model, tok, data.texts, ensemble=True, seed=k).argmax(-1) == target)
+    result = accuracy(model, tok, data, repeats=3)
+    assert result["accuracy"] == pytest.approx(float(right.float().mean())) and result["repeats"] == 3
+    assert result["accuracy_per_repeat"] == [round(float(r.float().mean()), 4) for r in right]
+    single = accuracy(model, tok, data)
+    assert single["correct"] == int(right[0].sum()) and "repeats" not in single
+
+
+def test_eval_cli_repeats(mux2, tmp_path, capsys) -> None:
+    model, tok, folder = mux2
+    data = labeled()
+    tsv = tmp_path / "dev.tsv"
+    tsv.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in zip(data.texts, data.labels, strict=True)))
+    assert main(["eval", "--model", str(folder), "--data", str(tsv), "--repeats", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["repeats"] == 3 and len(out["accuracy_per_repeat"]) == 3 and out["n"] == 30
+    assert out["accuracy"] == pytest.approx(sum(out["accuracy_per_repeat"]) / 3, abs=1e-4)
