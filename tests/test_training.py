@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from muxtiny import tiny_model
 
 from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
@@ -301,37 +300,6 @@ def test_mask_group_padding_is_trained_with_and_saved(tmp_path) -> None:
     assert load_model(tmp_path / "masked" / "final").config.mask_group_padding
     with pytest.raises(ValueError, match="mask_group_padding needs a mux model"):
         Trainer(config(tmp_path, "finetune", 1, steps=1, mask_group_padding=True, out=str(tmp_path / "n1")))
-
-
-def test_regroup_term_scores_a_second_grouping_of_the_batch(tmp_path) -> None:
-    """--regroup-coeff: the step also runs its batch with the texts permuted across groups; the
-    loss is the task loss over both passes plus coeff x the symmetric KL between each text's two
-    predictions (dropout off here, so the terms can be recomputed by hand)."""
-    trainer = Trainer(config(tmp_path, "finetune", 2, steps=4, regroup_coeff=0.7, out=str(tmp_path / "regroup")))
-    trainer.model.eval()
-    batch = next(trainer._batches())
-    loss, stats = trainer._loss(batch, torch.Generator().manual_seed(5))
-    ids, mask = trainer.tokenizer.pad([trainer.ids[i] for i in batch])
-    perm = torch.randperm(len(batch), generator=torch.Generator().manual_seed(5))
-    labels = torch.tensor([trainer.data.labels[i] for i in batch])
-    with torch.no_grad():
-        first = trainer.model(ids, mask)
-        second = torch.empty_like(first)
-        second[perm] = trainer.model(ids[perm], mask[perm])
-    a, b = F.log_softmax(first, -1), F.log_softmax(second, -1)
-    kl = 0.5 * ((a.exp() * (a - b)).sum(-1).mean() + (b.exp() * (b - a)).sum(-1).mean())
-    task = F.cross_entropy(torch.cat([first, second]), labels.repeat(2))
-    assert stats["consistency_loss"] == pytest.approx(float(kl), rel=1e-4, abs=1e-6) and kl > 0
-    assert stats["task_loss"] == pytest.approx(float(task), rel=1e-4)
-    assert float(loss.detach()) == pytest.approx(float(task + 0.7 * kl), rel=1e-4)
-    trainer.model.train()
-    trainer.run(progress=False)
-    assert all("consistency_loss" in r for r in read_log(tmp_path / "regroup") if "loss" in r)
-    # the baseline has no groups to permute: the term is off
-    _, plain = Trainer(config(tmp_path, "finetune", 1, steps=1, regroup_coeff=0.7, out=str(tmp_path / "n1")))._loss(batch, torch.Generator().manual_seed(5))
-    assert "consistency_loss" not in plain
-    with pytest.raises(ValueError, match="regroup_coeff"):
-        config(tmp_path, "finetune", 2, regroup_coeff=-1.0)
 
 
 def test_copy_curriculum_fades_from_copied_to_real_groups(tmp_path) -> None:

@@ -36,7 +36,6 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-word-embeddings", action="store_true")
     p.add_argument("--learn-muxing", action="store_true", help="train the multiplexer's instance keys too (the reference's learn_muxing)")
     p.add_argument("--mask-group-padding", action="store_true", help="mux model: hide from the encoder the positions no slot of a group fills (default: as the init model; the reference masks nothing)")
-    p.add_argument("--regroup-coeff", type=float, default=0.0, help="finetune (mux): also run each batch regrouped, train on both passes, weight of the symmetric KL between a text's two predictions (0: off)")
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--threads", type=int, default=0)
@@ -57,7 +56,7 @@ def _run_train(a: argparse.Namespace) -> int:
         muxing_variant=a.muxing, hadamard_norm=a.hadamard_norm, hadamard_mean=a.hadamard_mean, labels=a.labels.split(",") if a.labels else None, steps=a.steps, epochs=a.epochs,
         batch_size=a.batch_size, lr=a.lr, warmup_ratio=a.warmup_ratio, max_length=a.max_length,
         retrieval_coeff=a.retrieval_coeff, retrieval_fraction=a.retrieval_fraction, teacher=a.teacher, transfer_files=a.transfer, distill_alpha=a.distill_alpha,
-        distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings, learn_muxing=a.learn_muxing, mask_group_padding=a.mask_group_padding, regroup_coeff=a.regroup_coeff,
+        distill_temperature=a.distill_temperature, feature_coeff=a.feature_coeff, feature_positions=a.feature_positions, freeze_word_embeddings=a.freeze_word_embeddings, learn_muxing=a.learn_muxing, mask_group_padding=a.mask_group_padding,
         eval_every=a.eval_every, save_every=a.save_every, threads=a.threads, mixed_length_groups=a.mixed_length_groups, bf16=a.bf16, copy_curriculum_steps=a.copy_curriculum, ema_decay=a.ema_decay, device=a.device, seed=a.seed, limit=a.limit,
     )
     print(json.dumps(train(cfg)))

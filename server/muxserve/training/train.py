@@ -86,10 +86,6 @@ class TrainConfig:
     # an exponential moving average of the weights (decay per step; 0: off) is what evaluations
     # score and what best/ and final/ hold: it smooths the step-to-step swings of dev accuracy
     ema_decay: float = 0.0
-    # finetune (mux): each step also runs its batch regrouped (texts permuted across groups),
-    # trains on both passes and adds this weight times the symmetric KL between a text's two
-    # predictions: partner-independent predictions, what ensembling buys at inference (0: off)
-    regroup_coeff: float = 0.0
     bf16: bool = False  # autocast the forward/backward to bfloat16 (mixed precision)
     device: str = "cpu"  # "cuda" trains on a GPU (batches built on the CPU, moved per step)
     seed: int = 0
@@ -107,8 +103,6 @@ class TrainConfig:
             raise ValueError("feature_coeff needs a teacher")
         if self.transfer_files and (self.stage != "finetune" or not self.teacher):
             raise ValueError("transfer_files needs stage finetune and a teacher (their only targets are its logits)")
-        if self.regroup_coeff < 0:
-            raise ValueError("regroup_coeff must be >= 0")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError("ema_decay must be in [0, 1)")
         if self.stage in ("prime", "mlm") and self.num_instances < 2:
@@ -368,16 +362,6 @@ class Trainer:
         if self.teacher_states is not None:
             feature_loss = self._feature_loss(features.float(), batch, mask)
             stats["feature_loss"] = feature_loss.item()
-        consistency = None
-        if cfg.regroup_coeff > 0 and self.model.config.is_mux:
-            perm = torch.randperm(len(batch), generator=gen).to(self.device)
-            regrouped = torch.empty_like(logits)
-            regrouped[perm] = self.model.classify(self.model.slot_features(ids[perm], mask[perm], cls_only=True)).float()
-            a, b = F.log_softmax(logits, -1), F.log_softmax(regrouped, -1)
-            consistency = 0.5 * (F.kl_div(a, b, log_target=True, reduction="batchmean") + F.kl_div(b, a, log_target=True, reduction="batchmean"))
-            stats["consistency_loss"] = consistency.item()
-            # the task and distillation terms below score both passes
-            logits, labels, batch = torch.cat([logits, regrouped]), labels.repeat(2), batch + batch
         labeled = labels != UNLABELED
         if labeled.any():
             loss = F.cross_entropy(logits[labeled], labels[labeled])
@@ -393,8 +377,6 @@ class Trainer:
             stats["distill_loss"] = kd.item()
         if self.teacher_states is not None:
             loss = loss + cfg.feature_coeff * feature_loss
-        if consistency is not None:
-            loss = loss + cfg.regroup_coeff * consistency
         if retrieval:
             r_logits, r_targets = self.model.retrieval_logits_from(hidden, ids, mask, gen, cfg.retrieval_fraction)
             r_loss = F.cross_entropy(r_logits.float(), r_targets)
