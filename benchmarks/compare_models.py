@@ -74,6 +74,15 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+def write_json(result: object, out: str | None) -> str:
+    """The result as indented JSON, also written to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", required=True, help="A,B: repository names or model folders")
@@ -93,11 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     data = read_tsv(args.data, models[0].config.labels)
     a, b = (correct_per_repeat(m, TextTokenizer(d / TOKENIZER_FILE, m.config.max_seq_length), data, args.groupings) for m, d in zip(models, dirs, strict=True))
     result = {"a": names[0], "b": names[1], "n": len(data.texts), **compare(a, b)}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n")
+    print(write_json(result, args.out))
     return 0
 
 

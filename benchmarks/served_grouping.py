@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 
 import torch
-from compare_models import compare
+from compare_models import compare, write_json
 
 from muxserve.model.muxbert import MuxBertModel
 from muxserve.model.tokenizer import TextTokenizer
@@ -105,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
             row.update({f"accuracy_{policy}": round(float(r.float().mean()), 4) for policy, r in right.items()})
             row["sorted_vs_unsorted"] = compare(right["length_aware_sorted"], right["length_aware"])
             results.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "sorted_vs_unsorted"} | {"p": row["sorted_vs_unsorted"]["sign_test_p"]}), flush=True)
-    text = json.dumps(results, indent=2)
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(text + "\n")
+            test = row["sorted_vs_unsorted"]
+            print(json.dumps({k: v for k, v in row.items() if k != "sorted_vs_unsorted"} | {"p_majority": test["sign_test_p"], "p_per_pass": test["sign_test_p_per_pass"]}), flush=True)
+    write_json(results, a.out)
     return 0
 
 
