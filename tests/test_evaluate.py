@@ -55,6 +55,8 @@ def test_repeats_are_seeded_groupings_and_ensemble_seeds(mux2) -> None:
     assert result["accuracy_per_repeat"] == [round(float(r.float().mean()), 4) for r in right]
     single = accuracy(model, tok, data)
     assert single["correct"] == int(right[0].sum()) and "repeats" not in single
+    with pytest.raises(ValueError, match="repeats"):
+        accuracy(model, tok, data, repeats=0)
 
 
 def test_eval_cli_repeats(mux2, tmp_path, capsys) -> None:

@@ -34,6 +34,8 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
     texts share its group (and, ensembled, on the random scatter), so one score is one draw:
     plain, repeat 0 groups the texts in file order and repeat k > 0 in a seeded random order;
     ensembled, every repeat is in file order with scatter seed k."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     was_training = model.training
     model.eval()
     target = torch.tensor(data.labels)
