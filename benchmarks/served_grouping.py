@@ -2,7 +2,7 @@
 
 ``muxserve eval`` groups consecutive dev sentences. A busy server groups what its scheduler
 chooses: with length-aware batching (the default) a batch is the texts closest in length to the
-oldest waiting one (``muxserve.scheduler.choose_batch``), and consecutive texts of the batch fill
+oldest waiting one (``muxserve.scheduler.split_queue``), and consecutive texts of the batch fill
 the groups. This script replays that choice on a saturated queue (every dev sentence waiting, in
 K random arrival orders, none overdue) and scores three ways of forming the groups:
 
@@ -34,7 +34,7 @@ from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
 from muxserve.registry import batch_texts
 from muxserve.repository import resolve_model_dir, scan
-from muxserve.scheduler import WINDOW_BATCHES, choose_batch
+from muxserve.scheduler import split_queue
 from muxserve.training.data import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,13 +46,9 @@ def served_batches(lengths: list[int], arrival: list[int], cap: int, policy: str
     waits in the queue in ``arrival`` order."""
     queue, batches = list(arrival), []
     while queue:
-        window = queue[: WINDOW_BATCHES * cap]
-        picked = choose_batch([lengths[i] for i in window], [False] * len(window), cap, policy != "arrival")
-        batch = [window[j] for j in picked]
+        batch, queue = split_queue(queue, lengths.__getitem__, lambda _: False, cap, policy != "arrival")
         if policy == "length_aware_sorted":
             batch.sort(key=lambda i: lengths[i])
-        taken = set(picked)
-        queue = [t for j, t in enumerate(window) if j not in taken] + queue[len(window) :]
         batches.append(batch)
     return batches
 

@@ -68,3 +68,19 @@ def test_eval_cli_repeats(mux2, tmp_path, capsys) -> None:
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["repeats"] == 3 and len(out["accuracy_per_repeat"]) == 3 and out["n"] == 30
     assert out["accuracy"] == pytest.approx(sum(out["accuracy_per_repeat"]) / 3, abs=1e-4)
+
+
+def test_plain_model_runs_one_pass_for_every_repeat(tmp_path, monkeypatch) -> None:
+    """N=1 reads each text alone, so its groupings cannot differ: one pass fills every repeat."""
+    import muxserve.training.evaluate as evaluate
+
+    model = tiny_model(num_instances=1).eval()
+    tok = TextTokenizer(save_tiny(model, tmp_path / "b") / TOKENIZER_FILE, 32)
+    data = labeled()
+    calls = []
+    real = evaluate.predict
+    monkeypatch.setattr(evaluate, "predict", lambda *a, **k: calls.append(1) or real(*a, **k))
+    right = correct_per_repeat(model, tok, data, repeats=4)
+    assert right.shape == (4, 30) and len(calls) == 1
+    assert all(torch.equal(r, right[0]) for r in right)
+    assert torch.equal(right[0], real(model, tok, data.texts).argmax(-1) == torch.tensor(data.labels))

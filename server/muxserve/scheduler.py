@@ -14,6 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -52,6 +53,7 @@ class _Text:
 
 RunBatch = Callable[[list[list[int]]], Awaitable[np.ndarray]]
 
+T = TypeVar("T")
 WINDOW_BATCHES = 4  # length-aware batching looks this many batches deep into the queue
 
 
@@ -73,6 +75,15 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
     others = sorted((i for i in range(count) if i not in chosen), key=lambda i: abs(lengths[i] - anchor))
     chosen.update(others[: cap - len(chosen)])
     return sorted(chosen)
+
+
+def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T], bool], cap: int, length_aware: bool) -> tuple[list[T], list[T]]:
+    """(next batch, what stays queued), by ``choose_batch`` over the oldest ``WINDOW_BATCHES``
+    batches of ``queue``; both keep arrival order."""
+    window = queue[: WINDOW_BATCHES * cap]
+    picked = choose_batch([length(t) for t in window], [overdue(t) for t in window], cap, length_aware)
+    taken = set(picked)
+    return [window[i] for i in picked], [t for i, t in enumerate(window) if i not in taken] + queue[len(window) :]
 
 
 class MuxScheduler:
@@ -208,11 +219,7 @@ class MuxScheduler:
         """Take the next batch off the queue (``choose_batch``)."""
         queue = [t for t in self._queue if not t.request.cancelled]
         deadline = time.monotonic() - self.max_queue_delay_s
-        window = queue[: WINDOW_BATCHES * self.batch_texts]
-        picked = choose_batch([len(t.ids) for t in window], [t.enqueued <= deadline for t in window], self.batch_texts, self.length_aware)
-        chosen = set(picked)
-        batch = [window[i] for i in picked]
-        rest = [t for i, t in enumerate(window) if i not in chosen] + queue[len(window) :]
+        batch, rest = split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware)
         self._queue = rest
         # a request leaves the queue when its last text is taken
         queued = {id(t.request) for t in rest}

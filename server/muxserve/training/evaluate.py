@@ -41,7 +41,9 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
     target = torch.tensor(data.labels)
     rng = random.Random(0)
     rows = []
-    for k in range(repeats):
+    # the plain model (N=1) reads each text alone: one pass stands for every grouping and seed
+    draws = 1 if model.config.num_instances == 1 else repeats
+    for k in range(draws):
         order = list(range(len(data.texts)))
         if k and not ensemble:
             rng.shuffle(order)
@@ -50,7 +52,7 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
         pred[torch.tensor(order)] = logits.argmax(-1)
         rows.append(pred == target)
     model.train(was_training)
-    return torch.stack(rows)
+    return torch.stack(rows).expand(repeats, -1)
 
 
 def accuracy(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256, ensemble: bool = False, repeats: int = 1) -> dict:
