@@ -23,21 +23,21 @@ for N in $NS; do
   # position embeddings (README, "Training recipe")
   NORM=$(python -c "print(round(4 * ($N / 2) ** 0.5, 1))")
   # N=2: keys v_i ~ N(1, I) (--hadamard-mean 1): zero-mean random keys cost ~6 points even on a
-  # single text (README, "Status"; benchmarks/copy_groups_probe.py); three fine-tuning rounds, each
-  # a warm restart from the previous one's best. N=5 and N=10: the reference's zero-mean keys.
+  # single text (README, "Status"; benchmarks/copy_groups_probe.py). N=5 and N=10: the reference's
+  # zero-mean keys.
   # N=2 also gets a masked-LM stage with multiplexing between priming and fine-tuning (8000 steps on
   # SST-2 + AG News + the transfer set: +2.4 points after one fine-tuning round, paired over 5
   # groupings), continued for MLM_MORE steps with a fresh warm-up (session 7: level, kept because
-  # the bundled sst2-mux2 descends from it), and a third fine-tuning round with the group padding
-  # mask at twice the batch (LAST_ROUND, LAST_BATCH; session 8: +1.2 points per pass against the
-  # same round at batch 64, README "Status").
-  # PICK: the checkpoint packaged from the last round (N=2: its last step, README "Status").
+  # the bundled sst2-mux2 descends from it).
+  # ROUNDS: one fine-tuning round per entry, BATCH:TAKE[:mask]; each round warm-restarts from the
+  # TAKE checkpoint (best or final) of the one before, and the last one's TAKE is packaged. N=2's
+  # later rounds double the batch (session 8: 128 against 64, +1.2 points per pass; session 9: a
+  # fourth round at 256, +0.8 mean, README "Status") and train with the group padding mask.
   # SHORT: how a short group is completed; N=2 (keys with a mean) pads (README, "Short groups")
-  LAST_ROUND="" LAST_BATCH=$((32 * N))
   case $N in
-    2) PRIME=1000 MLM=8000 MLM_MORE=16000 FINETUNE=2400 ROUNDS=3 MEAN=1 PICK=final SHORT=pad LAST_ROUND="--mask-group-padding" LAST_BATCH=128 ;;
-    5) PRIME=2400 MLM=0 MLM_MORE=0 FINETUNE=8000 ROUNDS=1 MEAN=0 PICK=best SHORT=copy ;;
-    *) PRIME=3400 MLM=0 MLM_MORE=0 FINETUNE=8000 ROUNDS=1 MEAN=0 PICK=best SHORT=copy ;;
+    2) PRIME=1000 MLM=8000 MLM_MORE=16000 FINETUNE=2400 ROUNDS="64:best 64:best 128:final:mask 256:final:mask" MEAN=1 SHORT=pad ;;
+    5) PRIME=2400 MLM=0 MLM_MORE=0 FINETUNE=8000 ROUNDS="160:best" MEAN=0 SHORT=copy ;;
+    *) PRIME=3400 MLM=0 MLM_MORE=0 FINETUNE=8000 ROUNDS="320:best" MEAN=0 SHORT=copy ;;
   esac
   # 2. priming, starting from the fine-tuned baseline: recover every slot's tokens from the muxed
   #    output (SST-2 phrases: short, so cheap steps)
@@ -57,17 +57,20 @@ for N in $NS; do
       --steps "$MLM_MORE" --batch-size $((32 * N)) --lr 1e-4 --warmup-ratio 0.05 --mixed-length-groups --save-every 250 --threads "$THREADS" --bf16
     INIT="$RUNS/mux$N-mlm-more/final"
   fi
-  for ROUND in $(seq 1 "$ROUNDS"); do
+  ROUND=0
+  for SPEC in $ROUNDS; do
+    ROUND=$((ROUND + 1))
     OUT="$RUNS/sst2-mux$N-r$ROUND"
-    EXTRA="" BATCH=$((32 * N))
-    [ "$ROUND" -eq "$ROUNDS" ] && EXTRA=$LAST_ROUND BATCH=$LAST_BATCH
-    # shellcheck disable=SC2086  # EXTRA holds flags (or none)
+    IFS=: read -r BATCH TAKE MASK <<< "$SPEC"
+    EXTRA=""
+    [ "$MASK" = mask ] && EXTRA="--mask-group-padding"
+    # shellcheck disable=SC2086  # EXTRA holds a flag (or none)
     muxserve train finetune -N "$N" --init "$INIT" --teacher "$RUNS/sst2-bert/best" \
       --train "$SST2_TRAIN" --dev "$SST2_DEV" --labels negative,positive --out "$OUT" --steps "$FINETUNE" \
       --batch-size "$BATCH" --lr 1e-4 --warmup-ratio 0.03 --retrieval-coeff 0.1 --retrieval-fraction 0.25 --mixed-length-groups \
       --eval-every 400 --threads "$THREADS" --bf16 $EXTRA
-    INIT="$OUT/best"
+    INIT="$OUT/$TAKE"
   done
   # every mux model is served with the group padding mask (README, "Group padding mask")
-  muxserve package "$OUT/$PICK" --name "sst2-mux$N" --baseline sst2-bert --shadow-sample-rate 0.05 --short-group-policy "$SHORT" --mask-group-padding on
+  muxserve package "$INIT" --name "sst2-mux$N" --baseline sst2-bert --shadow-sample-rate 0.05 --short-group-policy "$SHORT" --mask-group-padding on
 done
