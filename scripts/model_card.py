@@ -28,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 5
 
 
+def _pct(value: float | None) -> str:
+    return f"{100 * value:.1f}" if value is not None else "–"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
@@ -69,10 +73,8 @@ def main() -> None:
     print(json.dumps(meta))
     print(f"| model | N | SST-2 dev acc | mean of {REPEATS} groupings | ensembled | ensembled, mean of {REPEATS} | forward texts/s (len 64) | × sst2-bert | size MB |\n|---|---|---|---|---|---|---|---|---|")
     for name, c in card.items():
-        def pct(key: str, c: dict = c) -> str:
-            return f"{100 * c[key]:.1f}" if c[key] is not None else "–"
-
-        print(f"| {name} | {c['num_instances']} | {pct('sst2_dev_accuracy')} | {pct(f'sst2_dev_accuracy_mean{REPEATS}')} | {pct('sst2_dev_accuracy_ensemble')} | {pct(f'sst2_dev_accuracy_ensemble_mean{REPEATS}')} | {c['forward_texts_per_s']:.0f} | {c['forward_ratio_to_baseline']:.2f}× | {c['size_mb']} |")
+        accuracies = " | ".join(_pct(c[key]) for key in ("sst2_dev_accuracy", f"sst2_dev_accuracy_mean{REPEATS}", "sst2_dev_accuracy_ensemble", f"sst2_dev_accuracy_ensemble_mean{REPEATS}"))
+        print(f"| {name} | {c['num_instances']} | {accuracies} | {c['forward_texts_per_s']:.0f} | {c['forward_ratio_to_baseline']:.2f}× | {c['size_mb']} |")
 
 
 if __name__ == "__main__":
