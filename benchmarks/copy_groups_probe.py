@@ -24,10 +24,8 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
 from muxserve.model.weights import load_config
-from muxserve.training.evaluate import predict
+from muxserve.training.evaluate import correct_in_copied_groups
 from muxserve.training.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,12 +41,8 @@ class CopyGroupTrainer(Trainer):
     def evaluate(self) -> dict | None:
         if self.dev is None:
             return None
-        n = self.cfg.num_instances
-        copied = [t for t in self.dev.texts for _ in range(n)]
-        with torch.no_grad():
-            logits = predict(self.model.eval(), self.tokenizer, copied)[::n]
-        right = int((logits.argmax(-1) == torch.tensor(self.dev.labels)).sum())
-        return {"accuracy": right / len(self.dev.texts), "n": len(self.dev.texts)}
+        right = correct_in_copied_groups(self.model, self.tokenizer, self.dev)[0]  # slot 0, as before
+        return {"accuracy": float(right.float().mean()), "n": len(self.dev.texts)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,7 +13,7 @@ from muxserve.cli import main
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
 from muxserve.training.data import LabeledTexts
-from muxserve.training.evaluate import accuracy, correct_per_repeat, predict
+from muxserve.training.evaluate import accuracy, correct_in_copied_groups, correct_per_repeat, predict
 
 
 def labeled(count: int = 30, seed: int = 0) -> LabeledTexts:
@@ -84,3 +84,22 @@ def test_plain_model_runs_one_pass_for_every_repeat(tmp_path, monkeypatch) -> No
     assert right.shape == (4, 30) and len(calls) == 1
     assert all(torch.equal(r, right[0]) for r in right)
     assert torch.equal(right[0], real(model, tok, data.texts).argmax(-1) == torch.tensor(data.labels))
+
+
+def test_copied_groups_put_one_text_in_every_slot(mux2) -> None:
+    model, tok, _ = mux2
+    data = labeled(count=12)
+    copied = [t for t in data.texts for _ in range(2)]
+    # an untrained head answers one class for everything: centre it so that the answers vary
+    with torch.no_grad():
+        margin = predict(model, tok, copied) @ torch.tensor([1.0, -1.0])
+        model.classifier.bias[0] -= margin.median() + 1e-4
+    logits = predict(model, tok, copied).view(12, 2, -1)  # group t holds text t in both slots
+    assert 0 < int(logits.argmax(-1).sum()) < 24
+    model.train()
+    right = correct_in_copied_groups(model, tok, data)
+    assert model.training  # the caller's mode is put back
+    assert right.shape == (2, 12)
+    target = torch.tensor(data.labels)
+    for slot in (0, 1):  # row i is slot i's answer for each text
+        assert torch.equal(right[slot], logits[:, slot].argmax(-1) == target)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from muxserve.model.weights import load_model, save_model
+from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
 
 out, sources = Path(sys.argv[1]), sys.argv[2:]
 models = [load_model(source) for source in sources]
-first = models[0]
-average = {key: sum(m.state_dict()[key].float() for m in models) / len(models) for key in first.state_dict()}
-first.load_state_dict(average)
-save_model(first, out, dtype=torch.float32, tokenizer_file=Path(sources[0]) / "tokenizer.json")
+states = [m.state_dict() for m in models]
+average = {key: sum(state[key].float() for state in states) / len(states) for key in states[0]}
+models[0].load_state_dict(average)
+save_model(models[0], out, dtype=torch.float32, tokenizer_file=Path(sources[0]) / TOKENIZER_FILE)
 print(out)

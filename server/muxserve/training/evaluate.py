@@ -55,6 +55,18 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
     return torch.stack(rows).expand(repeats, -1)
 
 
+@torch.no_grad()
+def correct_in_copied_groups(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256) -> torch.Tensor:
+    """[N, T] bool: text t predicted right from slot i of a group holding t in all N slots, i.e.
+    with no partner (what a mux model loses without interference between texts)."""
+    was_training = model.training
+    model.eval()
+    n = model.config.num_instances
+    logits = predict(model, tokenizer, [t for t in data.texts for _ in range(n)], batch_texts)
+    model.train(was_training)
+    return logits.argmax(-1).view(-1, n).T == torch.tensor(data.labels)
+
+
 def accuracy(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256, ensemble: bool = False, repeats: int = 1) -> dict:
     """Accuracy (mean over ``repeats`` draws of the grouping, see ``correct_per_repeat``)."""
     right = correct_per_repeat(model, tokenizer, data, repeats, ensemble, batch_texts)
