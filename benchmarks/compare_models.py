@@ -13,6 +13,7 @@ sentences differ much less by chance: only the sentences on which they disagree 
    sentences where the two counts differ: is B's accuracy in one pass, as served (the mean over
    groupings), better than A's? A model whose answers depend less on a text's partners can gain
    here and not in (2).
+4. splits both mean accuracies by sentence length in words (``by_length``): where the points go.
 
     python benchmarks/compare_models.py --models sst2-mux2,/work/runs/t-mux2/best [--groupings 5]
 
@@ -74,6 +75,23 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     }
 
 
+# [low, high) in words: SST-2 train is mostly short phrases, dev mostly whole sentences
+LENGTH_BINS = ((0, 10), (10, 15), (15, 20), (20, 30), (30, None))
+
+
+def by_length(a: torch.Tensor, b: torch.Tensor, texts: list[str]) -> dict:
+    """Mean accuracy over the groupings of A and B, split by each sentence's length in words."""
+    words = torch.tensor([len(t.split()) for t in texts])
+    out = {}
+    for low, high in LENGTH_BINS:
+        rows = (words >= low) & (words < high) if high is not None else words >= low
+        if not rows.any():
+            continue
+        name = f"{low}-{high - 1}" if high is not None else f"{low}+"
+        out[name] = {"n": int(rows.sum()), "accuracy_a": round(float(a[:, rows].float().mean()), 4), "accuracy_b": round(float(b[:, rows].float().mean()), 4)}
+    return out
+
+
 def write_json(result: object, out: str | None) -> str:
     """The result as indented JSON, also written to ``out`` when given."""
     text = json.dumps(result, indent=2)
@@ -101,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [load_model(d) for d in dirs]
     data = read_tsv(args.data, models[0].config.labels)
     a, b = (correct_per_repeat(m, TextTokenizer(d / TOKENIZER_FILE, m.config.max_seq_length), data, args.groupings) for m, d in zip(models, dirs, strict=True))
-    result = {"a": names[0], "b": names[1], "n": len(data.texts), **compare(a, b)}
+    result = {"a": names[0], "b": names[1], "n": len(data.texts), **compare(a, b), "by_length": by_length(a, b, data.texts)}
     print(write_json(result, args.out))
     return 0
 

@@ -49,3 +49,16 @@ def test_per_pass_test_counts_groupings_right_per_sentence() -> None:
     b = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0]], dtype=torch.bool)
     result = compare_models.compare(a, b)
     assert (result["b_more_groupings_right"], result["a_more_groupings_right"], result["sign_test_p_per_pass"]) == (2, 2, 1.0)
+
+
+def test_by_length_splits_accuracy_by_words_and_skips_empty_bins() -> None:
+    """Sentences of 3, 12 and 40 words: each lands in its own bin, with A's and B's mean over the
+    groupings of that sentence alone; bins without sentences are left out."""
+    texts = [" ".join(["w"] * 3), " ".join(["w"] * 12), " ".join(["w"] * 40)]
+    a = torch.tensor([[1, 0, 1], [1, 0, 0]], dtype=torch.bool)
+    b = torch.tensor([[0, 1, 1], [1, 1, 1]], dtype=torch.bool)
+    result = compare_models.by_length(a, b, texts)
+    assert list(result) == ["0-9", "10-14", "30+"]
+    assert result["0-9"] == {"n": 1, "accuracy_a": 1.0, "accuracy_b": 0.5}
+    assert result["10-14"] == {"n": 1, "accuracy_a": 0.0, "accuracy_b": 1.0}
+    assert result["30+"] == {"n": 1, "accuracy_a": 0.5, "accuracy_b": 1.0}
