@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,6 +31,17 @@ def predict(model: MuxBertModel, tokenizer: TextTokenizer, texts: list[str], bat
     return torch.cat(out)
 
 
+@contextmanager
+def _eval_mode(model: MuxBertModel) -> Iterator[None]:
+    """Dropout off for scoring; the caller's mode (a trainer mid-run) comes back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, repeats: int = 1, ensemble: bool = False, batch_texts: int = 256) -> torch.Tensor:
     """[K, T] bool: text t predicted right in repeat k. A mux model's answer depends on which
     texts share its group (and, ensembled, on the random scatter), so one score is one draw:
@@ -36,22 +49,20 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
     ensembled, every repeat is in file order with scatter seed k."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    was_training = model.training
-    model.eval()
     target = torch.tensor(data.labels)
     rng = random.Random(0)
     rows = []
     # the plain model (N=1) reads each text alone: one pass stands for every grouping and seed
     draws = 1 if model.config.num_instances == 1 else repeats
-    for k in range(draws):
-        order = list(range(len(data.texts)))
-        if k and not ensemble:
-            rng.shuffle(order)
-        logits = predict(model, tokenizer, [data.texts[i] for i in order], batch_texts, ensemble, seed=k)
-        pred = torch.empty(len(order), dtype=torch.long)
-        pred[torch.tensor(order)] = logits.argmax(-1)
-        rows.append(pred == target)
-    model.train(was_training)
+    with _eval_mode(model):
+        for k in range(draws):
+            order = list(range(len(data.texts)))
+            if k and not ensemble:
+                rng.shuffle(order)
+            logits = predict(model, tokenizer, [data.texts[i] for i in order], batch_texts, ensemble, seed=k)
+            pred = torch.empty(len(order), dtype=torch.long)
+            pred[torch.tensor(order)] = logits.argmax(-1)
+            rows.append(pred == target)
     return torch.stack(rows).expand(repeats, -1)
 
 
@@ -59,11 +70,9 @@ def correct_per_repeat(model: MuxBertModel, tokenizer: TextTokenizer, data: Labe
 def correct_in_copied_groups(model: MuxBertModel, tokenizer: TextTokenizer, data: LabeledTexts, batch_texts: int = 256) -> torch.Tensor:
     """[N, T] bool: text t predicted right from slot i of a group holding t in all N slots, i.e.
     with no partner (what a mux model loses without interference between texts)."""
-    was_training = model.training
-    model.eval()
     n = model.config.num_instances
-    logits = predict(model, tokenizer, [t for t in data.texts for _ in range(n)], batch_texts)
-    model.train(was_training)
+    with _eval_mode(model):
+        logits = predict(model, tokenizer, [t for t in data.texts for _ in range(n)], batch_texts)
     return logits.argmax(-1).view(-1, n).T == torch.tensor(data.labels)
 
 
