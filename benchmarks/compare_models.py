@@ -31,7 +31,7 @@ import torch
 
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.repository import resolve_model_dir
+from muxserve.serving.repository import resolve_model_dir
 from muxserve.training.data import read_tsv
 from muxserve.training.evaluate import correct_per_repeat
 

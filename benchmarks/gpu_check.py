@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muxserve.benchrun import start_server
-from muxserve.commands.bench import bench_models
-from muxserve.engine import Engine, EngineOptions
-from muxserve.loadgen import closed_loop
+from muxserve.bench.loadgen import closed_loop
+from muxserve.bench.run import start_server
+from muxserve.cli.bench import bench_models
 from muxserve.model.tokenizer import TextTokenizer
-from muxserve.repository import resolve_model_dir, scan
+from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.repository import resolve_model_dir, scan
 from muxserve.training.data import read_tsv_sentences
 
 ROOT = Path(__file__).resolve().parents[1]

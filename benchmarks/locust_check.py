@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from muxserve.benchrun import ROOT, counts_delta, failures_except_cancelled, machine_info, repository_models, server_counts, start_server
+from muxserve.bench.run import ROOT, counts_delta, failures_except_cancelled, machine_info, repository_models, server_counts, start_server
 
 LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 

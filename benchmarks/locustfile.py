@@ -48,7 +48,7 @@ grpc_gevent.init_gevent()  # before any channel: grpc calls must yield to gevent
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
-from muxserve.benchrun import counts_delta, load_texts, parse_counts  # noqa: E402
+from muxserve.bench.run import counts_delta, load_texts, parse_counts  # noqa: E402
 
 log = logging.getLogger("muxserve.locust")
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -9,7 +9,7 @@ report and a markdown table:
         --concurrency 64 --duration 20 --out results/serve_throughput.json
 
 The full sweep (concurrency x texts per request, accuracy, plots, physical limit) is
-``muxserve bench serve``; both use the pieces in ``muxserve.benchrun``.
+``muxserve bench serve``; both use the pieces in ``muxserve.bench.run``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-from muxserve.benchrun import ROOT, default_sst2_dev, forward_only, load_texts, machine_info, start_server
-from muxserve.loadgen import closed_loop
+from muxserve.bench.loadgen import closed_loop
+from muxserve.bench.run import ROOT, default_sst2_dev, forward_only, load_texts, machine_info, start_server
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 ``muxserve eval`` groups consecutive dev sentences. A busy server groups what its scheduler
 chooses: with length-aware batching (the default) a batch is the texts closest in length to the
-oldest waiting one (``muxserve.scheduler.split_queue``), and consecutive texts of the batch fill
+oldest waiting one (``muxserve.serving.scheduler.split_queue``), and consecutive texts of the batch fill
 the groups. This script replays that choice on a saturated queue (every dev sentence waiting, in
 K random arrival orders, none overdue) and scores three ways of forming the groups:
 
@@ -32,9 +32,9 @@ from compare_models import compare, write_json
 from muxserve.model.muxbert import MuxBertModel
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.registry import batch_texts
-from muxserve.repository import resolve_model_dir, scan
-from muxserve.scheduler import split_queue
+from muxserve.serving.registry import batch_texts
+from muxserve.serving.repository import resolve_model_dir, scan
+from muxserve.serving.scheduler import split_queue
 from muxserve.training.data import read_tsv
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ import torch
 
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.repository import resolve_model_dir
+from muxserve.serving.repository import resolve_model_dir
 from muxserve.training.data import LabeledTexts, read_tsv
 from muxserve.training.evaluate import accuracy
 

@@ -22,7 +22,7 @@ import torch
 
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.repository import resolve_model_dir
+from muxserve.serving.repository import resolve_model_dir
 from muxserve.training.data import group_bucketed_batches, length_bucketed_batches, read_tsv_sentences
 
 ROOT = Path(__file__).resolve().parents[1]

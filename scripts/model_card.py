@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from muxserve.commands.bench import bench_models
+from muxserve.cli.bench import bench_models
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.repository import resolve_model_dir, scan
+from muxserve.serving.repository import resolve_model_dir, scan
 from muxserve.training.data import read_tsv
 from muxserve.training.evaluate import accuracy
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from muxserve.benchrun import ServerHandle, free_port  # noqa: F401  (re-exported for the tests)
-from muxserve.benchrun import start_server as benchrun_start_server
+from muxserve.bench.run import ServerHandle, free_port  # noqa: F401  (re-exported for the tests)
+from muxserve.bench.run import start_server as benchrun_start_server
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+from muxserve.model.packaging import default_config, package_model
 from muxserve.model.weights import minilm_dir, save_model
-from muxserve.packaging import default_config, package_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

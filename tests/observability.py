@@ -27,8 +27,8 @@ from helpers import ROOT, free_port, tiny_config
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxserve.model.muxbert import MuxBertModel
+from muxserve.model.packaging import default_config, package_model
 from muxserve.model.weights import minilm_dir, save_model
-from muxserve.packaging import default_config, package_model
 
 DOCKER = ROOT / "docker"
 PROMETHEUS_YML = DOCKER / "prometheus" / "prometheus.yml"

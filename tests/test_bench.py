@@ -9,7 +9,7 @@ import torch
 from muxtiny import make_repository, tiny_model
 
 from muxserve.cli import main
-from muxserve.commands.bench import bench_models
+from muxserve.cli.bench import bench_models
 from muxserve.training.evaluate import forward_throughput
 
 torch.set_num_threads(1)

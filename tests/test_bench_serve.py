@@ -9,8 +9,8 @@ import shutil
 import pytest
 from helpers import SST2_DEV, make_tiny_repository
 
-from muxserve.benchrun import breakdown, counts_delta, failures_except_cancelled, parse_counts, stats_delta
-from muxserve.benchserve import PLOTS, SweepOptions, _offline, summarize_pyspy
+from muxserve.bench.run import breakdown, counts_delta, failures_except_cancelled, parse_counts, stats_delta
+from muxserve.bench.serve import PLOTS, SweepOptions, _offline, summarize_pyspy
 from muxserve.cli import main
 
 needs_sst2 = pytest.mark.skipif(not SST2_DEV.exists(), reason="needs ../shared/data/sst2/dev.tsv")
@@ -128,9 +128,9 @@ muxserve_inference_texts_total{model="m",version="2"} 1.0
 
 def test_summarize_pyspy() -> None:
     raw = "\n".join([
-        "_bootstrap (threading.py:1);infer (muxserve/engine.py:130);forward (muxserve/model/muxbert.py:300) 60",
-        "run (asyncio/base_events.py:1);_run (muxserve/dataplane.py:160);encode (muxserve/model/tokenizer.py:30) 10",
-        "run (asyncio/base_events.py:1);infer (muxserve/http_app.py:280);parse_infer_request (muxserve/http_app.py:90) 20",
+        "_bootstrap (threading.py:1);infer (muxserve/serving/engine.py:130);forward (muxserve/model/muxbert.py:300) 60",
+        "run (asyncio/base_events.py:1);_run (muxserve/serving/dataplane.py:160);encode (muxserve/model/tokenizer.py:30) 10",
+        "run (asyncio/base_events.py:1);infer (muxserve/serving/http/app.py:280);parse_infer_request (muxserve/serving/http/app.py:90) 20",
         "run (asyncio/base_events.py:1);select (selectors.py:1) 10",
     ])
     s = summarize_pyspy(raw)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from muxtiny import random_batch, save_tiny, tiny_model
 
-from muxserve.engine import Engine, EngineOptions
-from muxserve.export import export_torchscript
+from muxserve.model.export import export_torchscript
+from muxserve.serving.engine import Engine, EngineOptions
 
 
 def rows_of(n_texts: int, length: int, seed: int) -> list[list[int]]:

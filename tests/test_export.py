@@ -9,7 +9,7 @@ import torch
 from muxtiny import make_repository, random_batch, save_tiny, tiny_model
 
 from muxserve.cli import main
-from muxserve.export import EXPORT_FILE, export_torchscript, fill_short_group, load_exported, scripted_fill_short_group
+from muxserve.model.export import EXPORT_FILE, export_torchscript, fill_short_group, load_exported, scripted_fill_short_group
 
 torch.set_num_threads(1)
 

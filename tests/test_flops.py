@@ -1,4 +1,4 @@
-"""muxserve.flops: FLOPs per text against a hand count and against torch's FLOP counter."""
+"""muxserve.bench.flops: FLOPs per text against a hand count and against torch's FLOP counter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from helpers import tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from muxserve.flops import flops_per_text, layer_flops, mean_flops_per_text, measure_matmul_rate, padded_lengths
+from muxserve.bench.flops import flops_per_text, layer_flops, mean_flops_per_text, measure_matmul_rate, padded_lengths
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
 
 torch.set_num_threads(1)

@@ -12,7 +12,7 @@ import sys
 import pytest
 from helpers import ROOT, SST2_DEV, make_tiny_repository, start_server
 
-from muxserve.benchrun import counts_delta, failures_except_cancelled, server_counts
+from muxserve.bench.run import counts_delta, failures_except_cancelled, server_counts
 
 # never import locust here: it monkey-patches the whole test process with gevent (sync gRPC
 # clients in later tests would hang); it runs in a subprocess only

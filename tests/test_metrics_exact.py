@@ -22,7 +22,7 @@ from observability import Samples, delta, make_repository, scrape, value
 
 MAX_BATCH = 64  # default_config: max_batch_size of an N=2 model
 SLOW_DELAY_S = 3.0
-HAS_GRPC = importlib.util.find_spec("muxserve.grpc_server") is not None
+HAS_GRPC = importlib.util.find_spec("muxserve.serving.grpc.server") is not None
 
 REQUESTS = "muxserve_requests_total"
 TEXTS = "muxserve_inference_texts_total"

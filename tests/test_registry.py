@@ -9,10 +9,10 @@ from helpers import make_tiny_repository
 from serving import serving
 from tritonclient.grpc import model_config_pb2 as mc
 
-from muxserve.packaging import default_config
-from muxserve.registry import batch_texts, engine_options
-from muxserve.repository import ModelEntry, scan
-from muxserve.settings import Settings
+from muxserve.model.packaging import default_config
+from muxserve.serving.registry import batch_texts, engine_options
+from muxserve.serving.repository import ModelEntry, scan
+from muxserve.serving.settings import Settings
 
 
 def entry(cfg: mc.ModelConfig) -> ModelEntry:

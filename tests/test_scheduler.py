@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from muxserve.errors import InferenceFailed, NotReady, QueueFull
-from muxserve.scheduler import BatchReport, MuxScheduler, choose_batch
+from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
+from muxserve.serving.scheduler import BatchReport, MuxScheduler, choose_batch
 
 
 class FakeEngine:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from muxserve.scheduler import choose_batch
+from muxserve.serving.scheduler import choose_batch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the script imports its neighbour compare_models

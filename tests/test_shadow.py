@@ -27,9 +27,9 @@ from helpers import ROOT, SST2_DEV, start_server
 from observability import make_repository, scrape, value
 from tritonclient.grpc import model_config_pb2 as mc
 
+from muxserve.model.packaging import write_config
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_model
-from muxserve.packaging import write_config
 
 pytestmark = pytest.mark.skipif(not SST2_DEV.exists(), reason=f"{SST2_DEV} not found (../shared/data)")
 

@@ -325,7 +325,7 @@ def test_package_sets_labels_and_short_group_policy(tmp_path) -> None:
     carries them, the weights are the same, and a policy the model does not know (or a padding
     mask on the baseline) is refused."""
     from muxserve.model.muxbert import MuxBertConfig
-    from muxserve.packaging import package_model
+    from muxserve.model.packaging import package_model
 
     torch.manual_seed(0)
     model = MuxBertModel(MuxBertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, num_instances=2)).eval()

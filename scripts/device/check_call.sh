@@ -9,7 +9,7 @@ if [ "${DEVICE:-cuda}" = cuda ]; then
   export PYTHONPATH=$PWD/server:/tmp/site
   # wheels left out of the training call's payload, if any
   if [ -d .dev2/whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .dev2/whl/*.whl; fi
-  python3 -c "import fastapi, muxserve.server" || echo IMPORT-FAIL
+  python3 -c "import fastapi, muxserve.serving.server" || echo IMPORT-FAIL
 fi
 test -f $W/mr/sst2-bert/1/model.safetensors || { echo "call 1's files are gone (machine not kept warm)"; ls /tmp; exit 3; }
 for n in 2 5; do

@@ -1,4 +1,7 @@
-"""``muxserve`` command line: serve, train, eval, export, bench, convert."""
+"""``muxserve`` command line: serve, train, eval, export, package, bench."""
+
+# train and eval are defined here; every other command is a module of this package with
+# NAME, add_parser(subparsers) and run(args) -> int.
 
 from __future__ import annotations
 
@@ -81,7 +84,7 @@ def _run_eval(a: argparse.Namespace) -> int:
 
     from muxserve.model.tokenizer import TextTokenizer
     from muxserve.model.weights import TOKENIZER_FILE
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.data import read_tsv
     from muxserve.training.evaluate import accuracy
 
@@ -99,15 +102,14 @@ def _run_eval(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from muxserve import commands
+    from muxserve.cli import bench, export, package, serve
 
     parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {"train": _run_train, "eval": _run_eval}
     _add_train(sub)
     _add_eval(sub)
-    # each other command lives in its own module under muxserve.commands: add_parser(sub) + run(args)
-    for module in commands.MODULES:
+    for module in (serve, package, export, bench):
         handlers[module.NAME] = module.run
         module.add_parser(sub)
     a = parser.parse_args(argv)

@@ -11,7 +11,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve.model.weights import TOKENIZER_FILE, load_model, save_model
-from muxserve.repository import CONFIG_PBTXT
+from muxserve.serving.repository import CONFIG_PBTXT
 
 
 def default_config(name: str, num_instances: int, num_labels: int, baseline: str = "", max_batch_size: int = 0, batch_texts: int = 0, max_queue_delay_us: int = 2000, max_queue_size: int = 1024, shadow_sample_rate: float = 0.0) -> mc.ModelConfig:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from muxserve.errors import BadRequest
+from muxserve.serving.errors import BadRequest
 
 # KServe v2 datatype -> numpy dtype (BYTES is an object array of bytes)
 NUMPY_DTYPES: dict[str, Any] = {

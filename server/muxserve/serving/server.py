@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import uvicorn
 
-from muxserve.dataplane import DataPlane
-from muxserve.metrics import Metrics
-from muxserve.registry import ModelRegistry
-from muxserve.settings import Settings
+from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.observability.metrics import Metrics
+from muxserve.serving.registry import ModelRegistry
+from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
 
@@ -44,17 +44,17 @@ class MuxServer:
     async def start(self) -> None:
         await self.registry.load_all()
         if self.settings.shadow:
-            from muxserve.shadow import ShadowSampler
+            from muxserve.serving.observability.shadow import ShadowSampler
 
             self.shadow = ShadowSampler.from_registry(self.registry, self.metrics)
             self.plane.shadow = self.shadow
-        from muxserve.http_app import create_app
+        from muxserve.serving.http.app import create_app
 
         app = create_app(self.plane, self.metrics, self.settings.max_request_bytes)
         config = uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port, log_level=self.settings.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30)
         self.http = _UvicornServer(config)
         if self.settings.grpc_port > 0:
-            from muxserve.grpc_server import create_grpc_server
+            from muxserve.serving.grpc.server import create_grpc_server
 
             self.grpc = create_grpc_server(self.plane, f"{self.settings.host}:{self.settings.grpc_port}")
             await self.grpc.start()

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import httpx
 
-from muxserve.benchrun import (
+from muxserve.bench.loadgen import closed_loop
+from muxserve.bench.run import (
     ServerHandle,
     accuracy_key,
     breakdown,
@@ -44,7 +45,6 @@ from muxserve.benchrun import (
     start_server,
     stats_delta,
 )
-from muxserve.loadgen import closed_loop
 
 Log = Callable[[str], None]
 PLOTS = ("throughput_vs_concurrency.png", "latency_vs_throughput.png", "accuracy_vs_throughput.png")
@@ -72,7 +72,7 @@ class SweepOptions:
 
 
 def num_instances_of(repository: str, model: str) -> int:
-    from muxserve.repository import scan
+    from muxserve.serving.repository import scan
 
     value = scan(repository)[model].parameter("num_instances", "1")
     return int(value or 1)
@@ -389,8 +389,8 @@ def summarize_pyspy(raw: str, top: int = 15) -> dict:
     stages = {
         "forward (engine)": ("engine.py", "muxbert.py", "torch/"),
         "tokenize": ("tokenizer.py",),
-        "HTTP codec (body parse/encode)": ("http_app.py", "codecs.py", "orjson"),
-        "gRPC": ("grpc_server.py", "grpc/"),
+        "HTTP codec (body parse/encode)": ("serving/http/", "codecs.py", "orjson"),
+        "gRPC": ("serving/grpc/", "grpc/"),
         "HTTP server (uvicorn/starlette/fastapi)": ("uvicorn", "starlette", "fastapi", "h11", "httptools"),
         "scheduler & data plane": ("scheduler.py", "dataplane.py"),
         "metrics": ("metrics.py", "prometheus_client"),

@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(a: argparse.Namespace) -> int:
     import torch
 
-    from muxserve.export import export_torchscript
-    from muxserve.repository import resolve_model_dir
+    from muxserve.model.export import export_torchscript
+    from muxserve.serving.repository import resolve_model_dir
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -1,6 +1,6 @@
 """gRPC adapter (grpc.aio): ``inference.GRPCInferenceService`` as Triton speaks it.
 
-A thin layer like the HTTP one: decode the protobuf into ``muxserve.types``, call the data plane,
+A thin layer like the HTTP one: decode the protobuf into ``muxserve.serving.types``, call the data plane,
 encode the answer. Tensors come in ``raw_input_contents`` (tritonclient's way; BYTES with 4-byte
 length prefixes) or in typed ``contents``; outputs go back in ``raw_output_contents``.
 ``ModelStreamInfer`` runs every request of a stream as its own task, so texts of one stream fill
@@ -20,11 +20,11 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from muxserve.codecs import decode_contents, decode_raw, encode_raw, parameters_from_proto, parameters_to_proto
-from muxserve.dataplane import DataPlane
-from muxserve.errors import BadRequest, ModelNotFound, ServingError
-from muxserve.stats import statistics_proto
-from muxserve.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from muxserve.serving.codecs import decode_contents, decode_raw, encode_raw, parameters_from_proto, parameters_to_proto
+from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError
+from muxserve.serving.observability.stats import statistics_proto
+from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 log = logging.getLogger("muxserve")
 

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from muxserve.packaging import package_model
+    from muxserve.model.packaging import package_model
 
     target = package_model(a.source, a.model_repository, a.name, a.version, a.baseline, batch_texts=a.batch_texts, max_queue_delay_us=a.max_queue_delay_us, shadow_sample_rate=a.shadow_sample_rate, labels=a.labels.split(",") if a.labels else None, short_group_policy=a.short_group_policy, mask_group_padding=None if a.mask_group_padding is None else a.mask_group_padding == "on")
     print(json.dumps({"model": a.name, "version": a.version, "path": str(target)}))

@@ -11,7 +11,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2
 
 if TYPE_CHECKING:
-    from muxserve.registry import ServedModel
+    from muxserve.serving.registry import ServedModel
 
 _ZERO = {"count": 0, "ns": 0}
 

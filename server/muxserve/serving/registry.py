@@ -13,15 +13,15 @@ from pathlib import Path
 
 from tritonclient.grpc import model_config_pb2 as mc
 
-from muxserve.engine import Engine, EngineOptions
-from muxserve.errors import ModelNotFound, NotReady
-from muxserve.metrics import Metrics, ModelMonitor
 from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
-from muxserve.repository import ModelEntry, RepositoryError, scan
-from muxserve.scheduler import MuxScheduler
-from muxserve.settings import Settings
+from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.errors import ModelNotFound, NotReady
+from muxserve.serving.observability.metrics import Metrics, ModelMonitor
+from muxserve.serving.repository import ModelEntry, RepositoryError, scan
+from muxserve.serving.scheduler import MuxScheduler
+from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
 

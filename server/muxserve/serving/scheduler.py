@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from muxserve.errors import InferenceFailed, NotReady, QueueFull
+from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
 
 
 @dataclass

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from muxserve.metrics import Metrics
-from muxserve.registry import ModelRegistry, ServedModel
+from muxserve.serving.observability.metrics import Metrics
+from muxserve.serving.registry import ModelRegistry, ServedModel
 
 log = logging.getLogger("muxserve")
 SHADOW_QUEUE_TEXTS = 4096

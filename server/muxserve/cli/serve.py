@@ -26,8 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(a: argparse.Namespace) -> int:
-    from muxserve.server import serve
-    from muxserve.settings import Settings
+    from muxserve.serving.server import serve
+    from muxserve.serving.settings import Settings
 
     settings = Settings.from_env(
         model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,

@@ -61,7 +61,7 @@ def load_texts(source: str | Path | None = None) -> list[str]:
 def machine_info() -> dict:
     import torch
 
-    from muxserve.engine import default_threads
+    from muxserve.serving.engine import default_threads
 
     cpu = platform.processor() or ""
     try:
@@ -274,15 +274,15 @@ def breakdown(delta: dict, client_latencies_ms: Sequence[float], seconds: float)
 
 def repository_models(repository: str | Path) -> list[str]:
     """The repository's models that have weights, plain baselines (N=1) first, then by N and name."""
-    from muxserve.repository import scan
+    from muxserve.serving.repository import scan
 
     entries = [e for e in scan(repository).values() if e.served_versions()]
     return [e.name for e in sorted(entries, key=lambda e: (int(e.parameter("num_instances", "1") or 1), e.name))]
 
 
 def served_batch_texts(repository: str | Path, model: str, num_instances: int) -> int:
-    from muxserve.registry import batch_texts
-    from muxserve.repository import scan
+    from muxserve.serving.registry import batch_texts
+    from muxserve.serving.repository import scan
 
     return batch_texts(scan(repository)[model], num_instances)
 
@@ -292,9 +292,9 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
     (``texts per forward pass`` from the config, arrival order), with the engine's threads."""
     import torch
 
-    from muxserve.engine import Engine, EngineOptions
     from muxserve.model.tokenizer import TextTokenizer
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.engine import Engine, EngineOptions
+    from muxserve.serving.repository import resolve_model_dir
 
     directory = resolve_model_dir(repository, model)
     engine = Engine.load(directory, EngineOptions(), name=model)
@@ -331,11 +331,11 @@ def physical_limit(repository: str | Path, model: str, texts: Sequence[str], mat
 
     Also at the length the engine pads to when a batch of the configured size is taken in
     arrival order (``*_padded``): the work without length-aware grouping."""
-    from muxserve.engine import default_threads
-    from muxserve.flops import flops_per_text, mean_flops_per_text, measure_matmul_rate
+    from muxserve.bench.flops import flops_per_text, mean_flops_per_text, measure_matmul_rate
     from muxserve.model.tokenizer import TextTokenizer
     from muxserve.model.weights import load_model
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.engine import default_threads
+    from muxserve.serving.repository import resolve_model_dir
 
     directory = resolve_model_dir(repository, model)
     cfg = load_model(directory).config
@@ -366,7 +366,7 @@ def physical_limit(repository: str | Path, model: str, texts: Sequence[str], mat
 
 def accuracy_key(repository: str | Path, model: str, data: str | Path, limit: int | None) -> str:
     """Identifies an accuracy result: the weights (path, size, mtime), the data and the limit."""
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.repository import resolve_model_dir
 
     directory = resolve_model_dir(repository, model)
     files = sorted(p for p in directory.iterdir() if p.is_file())
@@ -378,7 +378,7 @@ def model_accuracy(repository: str | Path, model: str, data: str | Path, limit: 
     """``muxserve.training.evaluate.accuracy`` of a repository model on a labeled TSV."""
     from muxserve.model.tokenizer import TextTokenizer
     from muxserve.model.weights import TOKENIZER_FILE, load_model
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.data import read_tsv
     from muxserve.training.evaluate import accuracy
 

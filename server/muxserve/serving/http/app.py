@@ -1,6 +1,6 @@
 """HTTP adapter (FastAPI): KServe v2 as Triton speaks it, ``/v1/classify``, ``/metrics``.
 
-A thin layer: decode the wire format into ``muxserve.types``, call the data plane, encode the
+A thin layer: decode the wire format into ``muxserve.serving.types``, call the data plane, encode the
 answer. Includes Triton's binary tensor data extension (``Inference-Header-Content-Length``)
 and gzip/deflate bodies, which tritonclient's HTTP client uses.
 """
@@ -19,12 +19,12 @@ from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
-from muxserve.codecs import decode_raw, encode_raw, flatten_json_data, json_data
-from muxserve.dataplane import DataPlane
-from muxserve.errors import BadRequest, PayloadTooLarge, ServingError
-from muxserve.metrics import Metrics, refresh_throughput
-from muxserve.stats import statistics_json
-from muxserve.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from muxserve.serving.codecs import decode_raw, encode_raw, flatten_json_data, json_data
+from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.errors import BadRequest, PayloadTooLarge, ServingError
+from muxserve.serving.observability.metrics import Metrics, refresh_throughput
+from muxserve.serving.observability.stats import statistics_json
+from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -50,7 +50,7 @@ def bench_models(
     import torch
 
     from muxserve.model.weights import load_model
-    from muxserve.repository import resolve_model_dir
+    from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.evaluate import forward_throughput
 
     if not models:
@@ -166,8 +166,8 @@ def _run_serve(a: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from muxserve.benchrun import repository_models
-    from muxserve.benchserve import SweepOptions, run_sweep
+    from muxserve.bench.run import repository_models
+    from muxserve.bench.serve import SweepOptions, run_sweep
 
     models = _names(a.models) or repository_models(a.model_repository)
     if not models:
@@ -206,7 +206,7 @@ def _add_profile(bsub: argparse._SubParsersAction) -> None:
 def _run_profile(a: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from muxserve.benchserve import run_profile
+    from muxserve.bench.serve import run_profile
 
     run_profile(a.model_repository, _names(a.models), a.concurrency, a.texts_per_request, a.protocol, a.duration, a.warmup, Path(a.out), a.texts, a.matmul_seconds, a.py_spy, a.server_arg)
     return 0

@@ -14,11 +14,11 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve import __version__
-from muxserve.codecs import CONFIG_DATATYPES, element_count
-from muxserve.errors import BadRequest, ModelNotFound, ServingError
-from muxserve.registry import ModelRegistry, ServedModel
-from muxserve.settings import Settings
-from muxserve.types import InferRequest, InferResponse, OutputTensor
+from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
+from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError
+from muxserve.serving.registry import ModelRegistry, ServedModel
+from muxserve.serving.settings import Settings
+from muxserve.serving.types import InferRequest, InferResponse, OutputTensor
 
 SERVER_NAME = "muxserve"
 EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "statistics", "binary_tensor_data"]

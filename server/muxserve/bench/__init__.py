@@ -1,0 +1,1 @@
+"""Benchmarking: load generation, serving benchmarks, FLOPs."""

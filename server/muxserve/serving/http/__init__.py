@@ -1,0 +1,1 @@
+"""KServe v2 over HTTP (FastAPI) and the simple /v1/classify API."""

@@ -1,0 +1,1 @@
+"""Prometheus metrics, Triton statistics and shadow comparison against the baseline."""
