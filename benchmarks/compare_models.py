@@ -15,7 +15,7 @@ sentences differ much less by chance: only the sentences on which they disagree 
    here and not in (2).
 4. splits both mean accuracies by sentence length in words (``by_length``): where the points go.
 
-    python benchmarks/compare_models.py --models sst2-mux2,/work/runs/t-mux2/best [--groupings 5]
+    python benchmarks/compare_models.py --models sst2-mux2,runs/sst2-mux2-r4/final [--groupings 5]
 
 ``--models`` takes repository names or model folders. Prints one JSON object.
 """

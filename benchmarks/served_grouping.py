@@ -9,7 +9,7 @@ K random arrival orders, none overdue) and scores three ways of forming the grou
 - ``arrival``: no length-aware batching, groups in arrival order (as ``muxserve eval``);
 - ``length_aware``: the scheduler's batch, groups in arrival order within it (the scheduler);
 - ``length_aware_sorted``: the same batch sorted by length first, so that each group holds texts
-  of nearly equal length (the scheduler up to session 7).
+  of nearly equal length (what the scheduler would do if it sorted).
 
 Each model runs as packaged and, for a mux model, with its group padding mask switched the other
 way (``mask_group_padding``). The paired sign test (``compare_models.py``) compares sorted with

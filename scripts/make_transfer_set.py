@@ -13,7 +13,7 @@ sentence-length texts the student has not seen, each scored by the fine-tuned ba
 Seeded; writes ``sentence<TAB>label`` with the label ``-`` (unlabeled). Never write into the
 project tree: the output belongs beside the runs.
 
-    python scripts/make_transfer_set.py ../shared/data/sst2/train.tsv /work/runs/transfer.tsv --size 120000
+    python scripts/make_transfer_set.py ../shared/data/sst2/train.tsv runs/transfer.tsv --size 120000
 """
 
 from __future__ import annotations

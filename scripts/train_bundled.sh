@@ -19,21 +19,16 @@ muxserve package "$RUNS/sst2-bert/best" --name sst2-bert
 
 for N in $NS; do
   # keys scaled so that the mixture keeps the word-embedding scale whatever N (norm 4 at N=2):
-  # with unit keys the superimposed content is 1/3 of a raw word embedding and drowns in the
-  # position embeddings (README, "Training recipe")
+  # with unit keys the superimposed content drowns in the position embeddings (docs/training.md)
   NORM=$(python -c "print(round(4 * ($N / 2) ** 0.5, 1))")
   # N=2: keys v_i ~ N(1, I) (--hadamard-mean 1): zero-mean random keys cost ~6 points even on a
-  # single text (README, "Status"; benchmarks/copy_groups_probe.py). N=5 and N=10: the reference's
-  # zero-mean keys.
-  # N=2 also gets a masked-LM stage with multiplexing between priming and fine-tuning (8000 steps on
-  # SST-2 + AG News + the transfer set: +2.4 points after one fine-tuning round, paired over 5
-  # groupings), continued for MLM_MORE steps with a fresh warm-up (session 7: level, kept because
-  # the bundled sst2-mux2 descends from it).
+  # single text (docs/training.md, "What limits accuracy"). N=5 and N=10: the reference's zero-mean keys.
+  # N=2 also gets a masked-LM stage with multiplexing between priming and fine-tuning (SST-2 + AG News
+  # + the transfer set), MLM steps then MLM_MORE more with a fresh warm-up.
   # ROUNDS: one fine-tuning round per entry, BATCH:TAKE[:mask]; each round warm-restarts from the
   # TAKE checkpoint (best or final) of the one before, and the last one's TAKE is packaged. N=2's
-  # later rounds double the batch (session 8: 128 against 64, +1.2 points per pass; session 9: a
-  # fourth round at 256, +0.8 mean, README "Status") and train with the group padding mask.
-  # SHORT: how a short group is completed; N=2 (keys with a mean) pads (README, "Short groups")
+  # later rounds double the batch and train with the group padding mask (docs/training.md, levers).
+  # SHORT: how a short group is completed; N=2 (keys with a mean) pads (docs/models.md, "Short groups")
   case $N in
     2) PRIME=1000 MLM=8000 MLM_MORE=16000 FINETUNE=2400 ROUNDS="64:best 64:best 128:final:mask 256:final:mask" MEAN=1 SHORT=pad ;;
     5) PRIME=2400 MLM=0 MLM_MORE=0 FINETUNE=8000 ROUNDS="160:best" MEAN=0 SHORT=copy ;;
@@ -71,6 +66,6 @@ for N in $NS; do
       --eval-every 400 --threads "$THREADS" --bf16 $EXTRA
     INIT="$OUT/$TAKE"
   done
-  # every mux model is served with the group padding mask (README, "Group padding mask")
+  # every mux model is served with the group padding mask (docs/models.md)
   muxserve package "$INIT" --name "sst2-mux$N" --baseline sst2-bert --shadow-sample-rate 0.05 --short-group-policy "$SHORT" --mask-group-padding on
 done

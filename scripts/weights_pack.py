@@ -5,7 +5,7 @@ The lent GPU machine takes at most 64 MiB a call and returns at most 8 files of 
 compress well with lzma (17.5 -> 13.7 MB for sst2-mux2) and the low bytes not at all (kept raw).
 
     python scripts/weights_pack.py pack model_repository/sst2-mux2/1 .dev/mux2     # -> .dev/mux2.0 .1 .2
-    python scripts/weights_pack.py unpack .dev/mux2 /tmp/mr/sst2-mux2/1            # -> the folder again
+    python scripts/weights_pack.py unpack .dev/mux2 unpacked/sst2-mux2/1           # -> the folder again
 
 Part 0 holds the small files of the folder (muxbert.json, tokenizer.json unless --no-tokenizer)
 and the compressed high bytes; parts 1.. the raw low bytes.

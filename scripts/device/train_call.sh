@@ -6,14 +6,16 @@
 # "NAME N [train_timed.py arguments]", separated by ";". The MLM texts (SST-2 + AG News + the
 # transfer set, made here by scripts/make_transfer_set.py) are in $W/data.
 set -u
+SITE=${TMPDIR:-/tmp}/site  # the serving dependencies' wheels, installed here
 T0=$(date +%s)
 BUDGET=${BUDGET:-300}; DEVICE=${DEVICE:-cuda}; LIMIT=${LIMIT:+--limit $LIMIT}
 if [ "$DEVICE" = cuda ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .dev/whl/*.whl || exit 1
-  export PYTHONPATH=$PWD/server:/tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $SITE .dev/whl/*.whl || exit 1
+  export PYTHONPATH=$PWD/server:$SITE
 fi
 export PYTHONUNBUFFERED=1
-W=${WORK:-/tmp/w}; mkdir -p $W/data $W/runs $W/cand $W/mr
+W=${WORK:-${TMPDIR:-/tmp}/w}  # kept between calls while the machine is held
+mkdir -p $W/data $W/runs $W/cand $W/mr
 cp .dev/data/*.tsv $W/data/
 python3 scripts/make_transfer_set.py $W/data/train.tsv $W/data/transfer.tsv --size 120000 || exit 1
 sha256sum $W/data/transfer.tsv
@@ -23,8 +25,8 @@ nvidia-smi --query-gpu=name,memory.used,memory.total,driver_version --format=csv
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 echo "setup $(( $(date +%s) - T0 )) s"
 MLM_TEXTS="$W/data/train.tsv $W/data/agnews.tsv $W/data/transfer.tsv"
-# session 6: the MLM stage with batches 6-16x the CPU recipe's (nearly free on a GPU); these ended
-# below the same budget without MLM (docs/training, session 6): choose SPECS anew
+# the default: the MLM stage with batches 6-16x the CPU recipe's (nearly free on a GPU); these ended
+# below the same budget without MLM (docs/training.md, levers): choose SPECS anew
 SPECS=${SPECS:-"a 2 --hadamard-mean 1 --rounds 2 --prime-share 0.08 --mlm-share 0.5 --mlm-batch-size 1024 --mlm-lr 3e-4;\
 b 2 --hadamard-mean 1 --rounds 2 --prime-share 0.08 --mlm-share 0.5 --mlm-batch-size 2048 --mlm-lr 5e-4;\
 c 5 --rounds 1 --prime-share 0.12 --mlm-share 0.5 --mlm-batch-size 1280 --mlm-lr 3e-4;\

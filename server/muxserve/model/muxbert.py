@@ -54,7 +54,7 @@ class MuxBertConfig:
     gaussian_hadamard_norm: float = 1.0
     # mean of the key distribution, v_i ~ N(mean, I_d) before scaling; 0 is the reference. A mean
     # keeps the keyed input near a plain rescaling of the embeddings, which a pre-trained encoder
-    # reads as it is (benchmarks/copy_groups_probe.py), while the noise still tells the slots apart.
+    # reads as it is (docs/training/probes/copy_groups_probe.py), while the noise still tells the slots apart.
     gaussian_hadamard_mean: float = 0.0
     learn_muxing: bool = False
     num_hidden_demux_layers: int = 2
