@@ -13,9 +13,14 @@ python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[test,bench]'
 
-# a real Prometheus for the metrics tests (Debian's package)
-if ! command -v prometheus >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null) || echo "warning: could not install prometheus; its tests will be skipped"
+# Debian packages the tests drive: a real Prometheus for the metrics tests, the native load
+# generators wrk and h2load (nghttp2-client) for the load-generator tests
+missing=()
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v h2load >/dev/null 2>&1 || missing+=(nghttp2-client)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null) || echo "warning: could not install ${missing[*]}; their tests will be skipped"
 fi
 
 python -m pytest -q "$@"
