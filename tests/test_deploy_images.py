@@ -21,9 +21,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from deploy import http_get_routes, parse_serve_args, serve_ports
 from helpers import ROOT
-
-from muxserve.serving.settings import Settings
 
 DOCKERFILES = [ROOT / "docker" / "Dockerfile.cpu", ROOT / "docker" / "Dockerfile.cuda"]
 READY_ROUTE = "/v2/health/ready"
@@ -154,33 +153,13 @@ def test_torch_is_the_version_the_tests_run(dockerfile: Path) -> None:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_entrypoint_ports_and_healthcheck_match_muxserve_serve(dockerfile: Path) -> None:
-    from muxserve.cli import main
-
     runtime = runtime_stage(parse_dockerfile(dockerfile))
     (entrypoint,) = [i.exec_form() for i in runtime if i.op == "ENTRYPOINT"]
     (cmd,) = [i.exec_form() for i in runtime if i.op == "CMD"]
     assert entrypoint == ["muxserve"] and 'muxserve = "muxserve.cli:main"' in (ROOT / "pyproject.toml").read_text()
     assert cmd[0] == "serve"
-    # the arguments parse as `muxserve serve` flags (argparse exits on an unknown one)
-    import argparse
-
-    parsed: dict[str, argparse.Namespace] = {}
-
-    def capture(a: argparse.Namespace) -> int:
-        parsed["args"] = a
-        return 0
-
-    import muxserve.cli.serve as serve_cli
-
-    original = serve_cli.run
-    serve_cli.run = capture
-    try:
-        assert main(cmd) == 0
-    finally:
-        serve_cli.run = original
-    a = parsed["args"]
-    http_port = a.http_port or Settings().http_port
-    grpc_port = a.grpc_port or Settings().grpc_port
+    a = parse_serve_args(cmd)
+    http_port, grpc_port = serve_ports(a)
     exposed = {int(p) for i in runtime if i.op == "EXPOSE" for p in i.args.split()}
     assert exposed == {http_port, grpc_port}
     assert a.model_repository == "/models"
@@ -190,9 +169,7 @@ def test_entrypoint_ports_and_healthcheck_match_muxserve_serve(dockerfile: Path)
 
 
 def test_healthcheck_route_is_the_readiness_route() -> None:
-    source = (ROOT / "server" / "muxserve" / "serving" / "http" / "app.py").read_text()
-    routes = set(re.findall(r'@app\.get\("([^"]+)"', source))
-    assert READY_ROUTE in routes
+    assert READY_ROUTE in http_get_routes()
 
 
 def test_copied_serving_code_runs_without_the_rest(tmp_path: Path) -> None:
