@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from muxserve.bench.loadgen import closed_loop
-from muxserve.bench.run import start_server
 from muxserve.cli.bench import bench_models
+from muxserve.launch import start_server
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.serving.engine import Engine, EngineOptions
 from muxserve.serving.repository import resolve_model_dir, scan

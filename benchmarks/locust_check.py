@@ -20,7 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from muxserve.bench.run import ROOT, counts_delta, failures_except_cancelled, machine_info, repository_models, server_counts, start_server
+from muxserve.bench.run import ROOT, counts_delta, failures_except_cancelled, machine_info, repository_models, server_counts
+from muxserve.launch import start_server
 
 LOCUSTFILE = ROOT / "benchmarks" / "locustfile.py"
 

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from muxserve.bench.loadgen import closed_loop
-from muxserve.bench.run import ROOT, default_sst2_dev, forward_only, load_texts, machine_info, start_server
+from muxserve.bench.run import ROOT, default_sst2_dev, forward_only, load_texts, machine_info
+from muxserve.launch import start_server
 
 
 def main() -> None:

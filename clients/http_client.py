@@ -16,7 +16,8 @@ def classify(client: httpclient.InferenceServerClient, model: str, texts: list[s
     text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object), binary_data=binary)
     outputs = [httpclient.InferRequestedOutput("LABEL", binary_data=binary), httpclient.InferRequestedOutput("LOGITS", binary_data=binary)]
     result = client.infer(model, [text], outputs=outputs)
-    labels = [row[0].decode() for row in result.as_numpy("LABEL")]
+    # binary BYTES tensors come back as bytes, JSON ones as str
+    labels = [row[0].decode() if isinstance(row[0], bytes) else row[0] for row in result.as_numpy("LABEL")]
     return list(zip(labels, result.as_numpy("LOGITS").tolist(), strict=True))
 
 
@@ -28,7 +29,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="JSON tensors instead of binary")
     a = parser.parse_args()
     client = httpclient.InferenceServerClient(a.url)
-    assert client.is_model_ready(a.model), f"model {a.model} is not ready"
+    if not client.is_model_ready(a.model):
+        raise SystemExit(f"model {a.model} is not ready on {a.url}")
     for text, (label, logits) in zip(a.texts, classify(client, a.model, a.texts, not a.json), strict=True):
         print(f"{label:>10}  {logits}  {text}")
 

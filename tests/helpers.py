@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
-from muxserve.bench.run import ServerHandle, free_port  # noqa: F401  (re-exported for the tests)
-from muxserve.bench.run import start_server as benchrun_start_server
+from muxserve.launch import ServerHandle, free_port  # noqa: F401  (re-exported for the tests)
+from muxserve.launch import start_server as launch_server
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
 from muxserve.model.packaging import default_config, package_model
 from muxserve.model.weights import minilm_dir, save_model
@@ -43,4 +43,4 @@ ServerProcess = ServerHandle
 
 def start_server(repository: Path, log_path: Path, *extra: str, grpc: bool = True, ready_timeout: float = 120) -> ServerProcess:
     """The real ``muxserve serve`` on loopback (shadow sampling as configured), once ready."""
-    return benchrun_start_server(repository, (), log_path, extra=extra, grpc=grpc, ready_timeout=ready_timeout, shadow=True)
+    return launch_server(repository, (), log_path, extra=extra, grpc=grpc, ready_timeout=ready_timeout, shadow=True)

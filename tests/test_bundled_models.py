@@ -137,3 +137,59 @@ def test_ensembling_is_no_worse_on_the_fine_tuned_mux_models(model: str) -> None
     assert result["accuracy_per_repeat"][0] == pytest.approx(card["sst2_dev_accuracy_ensemble"], abs=0.002)
     assert result["accuracy"] == pytest.approx(card["sst2_dev_accuracy_ensemble_mean5"], abs=0.002)
     assert result["accuracy"] >= card["sst2_dev_accuracy_mean5"]
+
+
+# ---------------------------------------------------------------------------- the README's examples
+
+
+def _readme_block(section: str, language: str) -> str:
+    """The first ```language block under the README's ``## section`` heading."""
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return body.split(f"```{language}\n", 1)[1].split("```", 1)[0]
+
+
+def _pointed_at(line: str, server) -> str:
+    """A README command aimed at the test server: its ports, this interpreter."""
+    line = line.replace("localhost:8000", server.http_url)
+    if line.startswith("python "):
+        url = server.grpc_url if "grpc_client" in line else server.http_url
+        line = f"{sys.executable} {line[len('python '):]} --url {url}"
+    return line
+
+
+def _labels(stdout: str) -> list[str]:
+    return [line.split()[0] for line in stdout.strip().splitlines()]
+
+
+def test_readme_usage_commands_work_as_shown(server) -> None:
+    """Every command of the README's "Using it" block, run as written against the real server
+    (only the address and the interpreter changed): exit 0, and the outputs the README shows."""
+    lines = [line for line in _readme_block("Using it", "bash").splitlines() if line.strip()]
+    shown = json.loads(next(line for line in lines if line.startswith("# [")).lstrip("# "))
+    outputs = {}
+    for line in (line for line in lines if not line.startswith("#")):
+        run = subprocess.run(["bash", "-o", "pipefail", "-c", _pointed_at(line, server)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, f"{line}\n{run.stdout}\n{run.stderr}"
+        assert '"error"' not in run.stdout, f"{line}\n{run.stdout}"
+        outputs[line] = run.stdout
+    classify = json.loads(next(out for line, out in outputs.items() if "/v1/classify" in line))
+    assert [row["label"] for row in classify] == [row["label"] for row in shown]
+    assert [row["score"] for row in classify] == pytest.approx([row["score"] for row in shown], abs=0.01)
+    infer = json.loads(next(out for line, out in outputs.items() if "/infer" in line))
+    assert {o["name"] for o in infer["outputs"]} == {"LOGITS", "LABEL"}
+    assert "muxserve_requests_total" in next(out for line, out in outputs.items() if "/metrics" in line)
+    # the example clients: one line per text, binary and JSON tensors agree
+    clients = {line: _labels(out) for line, out in outputs.items() if line.startswith("python clients/")}
+    assert len(clients) == 4 and all(set(labels) <= {"negative", "positive"} for labels in clients.values())
+    binary, as_json = (labels for line, labels in clients.items() if "http_client" in line)
+    assert binary == as_json and len(binary) == 2
+    streamed = next(labels for line, labels in clients.items() if "--stream" in line)
+    assert len(streamed) == 4
+
+
+def test_readme_tritonclient_snippet_runs(server) -> None:
+    code = _readme_block("Using it", "python").replace("localhost:8000", server.http_url)
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "positive" in run.stdout and "negative" in run.stdout

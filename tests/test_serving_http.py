@@ -281,6 +281,15 @@ def test_classify_errors(base, body, status, message):
     assert list(reply.json()) == ["error"] and message in reply.json()["error"]
 
 
+@pytest.mark.parametrize(("method", "path", "status"), [("GET", "/v3/nothing", 404), ("POST", "/v2/models/tiny-bert/nowhere", 404), ("GET", "/v1/classify", 405)])
+def test_unknown_routes_answer_json_errors(base, method, path, status):
+    reply = httpx.request(method, f"{base}{path}")
+    assert reply.status_code == status, reply.text
+    assert list(reply.json()) == ["error"] and path in reply.json()["error"]
+    if status == 405:
+        assert reply.headers["allow"] == "POST"
+
+
 def test_docs(base):
     assert httpx.get(f"{base}/docs").status_code == 200
     spec = httpx.get(f"{base}/openapi.json").json()

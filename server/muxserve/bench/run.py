@@ -1,7 +1,7 @@
 """Pieces shared by the serving benchmarks (``muxserve bench serve|profile``, ``benchmarks/``).
 
 - the text source (SST-2 dev sentences by default, or a file) and the machine's description;
-- the real server as a subprocess on loopback (``start_server``);
+- the real server as a subprocess on loopback (``muxserve.launch``);
 - the server's own counters: ``/metrics`` (``server_counts``) and Triton statistics
   (``model_stats``), and the per-request time breakdown between two snapshots (``breakdown``);
 - offline measurements on the same machine: the engine's forward pass alone at the served
@@ -13,14 +13,9 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -73,82 +68,6 @@ def machine_info() -> dict:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"platform": platform.platform(), "cpu": cpu, "cores": cores, "engine_threads": default_threads(), "python": platform.python_version(), "torch": torch.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
-# ---------------------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class ServerHandle:
-    proc: subprocess.Popen
-    http_port: int
-    grpc_port: int
-    log_path: Path
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    def url(self, protocol: str) -> str:
-        return self.grpc_url if protocol == "grpc" else self.http_url
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 60) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False) -> ServerHandle:
-    """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready."""
-    http_port = http_port or free_port()
-    grpc_port = (grpc_port or free_port()) if grpc else 0
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
-    if not shadow:
-        cmd.append("--no-shadow")
-    if models:
-        cmd += ["--models", ",".join(models)]
-    cmd += list(extra)
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    server = ServerHandle(proc, http_port, grpc_port, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(f"http://{server.http_url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    else:
-        server.stop()
-        raise RuntimeError(f"server not ready after {ready_timeout:.0f}s:\n{server.log()[-4000:]}")
-    for model in models:
-        if httpx.get(f"http://{server.http_url}/v2/models/{model}/ready", timeout=5).status_code != 200:
-            server.stop()
-            raise RuntimeError(f"model {model} is not ready (see {log_path}):\n{server.log()[-4000:]}")
-    return server
 
 
 # ---------------------------------------------------------------------------- the server's own numbers

@@ -32,7 +32,6 @@ import httpx
 
 from muxserve.bench.loadgen import closed_loop
 from muxserve.bench.run import (
-    ServerHandle,
     accuracy_key,
     breakdown,
     default_sst2_dev,
@@ -42,9 +41,9 @@ from muxserve.bench.run import (
     model_accuracy,
     model_stats_async,
     physical_limit,
-    start_server,
     stats_delta,
 )
+from muxserve.launch import ServerHandle, start_server
 
 Log = Callable[[str], None]
 PLOTS = ("throughput_vs_concurrency.png", "latency_vs_throughput.png", "accuracy_vs_throughput.png")

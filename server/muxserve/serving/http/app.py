@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
+from starlette.exceptions import HTTPException
 
 from muxserve.serving.codecs import decode_raw, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import DataPlane
@@ -211,6 +212,14 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(400, f"invalid request: {where}: {first.get('msg', 'bad input')}".replace(": :", ":"))
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(request: Request, exc: HTTPException) -> ORJSONResponse:
+        # unknown routes (404) and wrong methods (405) answer in the same {"error": ...} shape
+        message = f"no route {request.url.path}" if exc.status_code == 404 else f"{request.method} {request.url.path}: {exc.detail}"
+        response = error_response(exc.status_code, message)
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception) -> ORJSONResponse:

@@ -1,0 +1,92 @@
+"""Start ``muxserve serve`` as a child process on loopback and wait until it is ready.
+
+One launcher for everything that needs the real server process: the test suite
+(``tests/helpers.py``), ``muxserve bench serve|profile`` and the scripts in ``benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServerHandle:
+    proc: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    log_path: Path
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def url(self, protocol: str) -> str:
+        return self.grpc_url if protocol == "grpc" else self.http_url
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False) -> ServerHandle:
+    """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready."""
+    http_port = http_port or free_port()
+    grpc_port = (grpc_port or free_port()) if grpc else 0
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(repository), "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    if not shadow:
+        cmd.append("--no-shadow")
+    if models:
+        cmd += ["--models", ",".join(models)]
+    cmd += list(extra)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = ServerHandle(proc, http_port, grpc_port, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"http://{server.http_url}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    else:
+        server.stop()
+        raise RuntimeError(f"server not ready after {ready_timeout:.0f}s:\n{server.log()[-4000:]}")
+    for model in models:
+        if httpx.get(f"http://{server.http_url}/v2/models/{model}/ready", timeout=5).status_code != 200:
+            server.stop()
+            raise RuntimeError(f"model {model} is not ready (see {log_path}):\n{server.log()[-4000:]}")
+    return server
