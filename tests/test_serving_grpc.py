@@ -352,10 +352,17 @@ def test_malformed_messages(server, client):
     good_request_works(client)
 
 
+def test_model_control_is_off_by_default(client):
+    """Load/unload need --model-control-mode explicit (tests/test_model_control.py)."""
+    for call in (client.load_model, client.unload_model):
+        with pytest.raises(InferenceServerException) as info:
+            call("tiny-bert")
+        assert info.value.status() == "StatusCode.FAILED_PRECONDITION" and "model control is disabled in model control mode 'none'" in info.value.message()
+    good_request_works(client)
+
+
 def test_unsupported_rpcs_are_unimplemented(client):
     calls = {
-        "RepositoryModelLoad": lambda: client.load_model("tiny-bert"),
-        "RepositoryModelUnload": lambda: client.unload_model("tiny-bert"),
         "SystemSharedMemoryStatus": client.get_system_shared_memory_status,
         "CudaSharedMemoryStatus": client.get_cuda_shared_memory_status,
         "TraceSetting": client.get_trace_settings,

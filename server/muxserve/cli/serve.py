@@ -14,6 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=None, help="default: 8000")
     p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
     p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
+    p.add_argument("--model-control-mode", default=None, choices=["none", "explicit", "poll"], help="none (default): load at start; explicit: POST /v2/repository/models/NAME/load|unload; poll: follow the repository's folders")
+    p.add_argument("--load-model", action="append", default=None, metavar="NAME", help="explicit mode: load NAME at start (repeatable; '*': all)")
+    p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: seconds between scans (default 15)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (overrides instance_group)")
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"], help="CUDA only")
     p.add_argument("--engine", default=None, choices=["eager", "torchscript", "echo"])
@@ -31,7 +34,8 @@ def run(a: argparse.Namespace) -> int:
 
     settings = Settings.from_env(
         model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
-        models=[m for m in a.models.split(",") if m] if a.models else None, device=a.device, precision=a.precision,
+        models=[m for m in a.models.split(",") if m] if a.models else None, model_control_mode=a.model_control_mode,
+        load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
         engine=a.engine, threads=a.threads, length_aware=False if a.no_length_aware else None,
         warmup=False if a.no_warmup else None, shadow=False if a.no_shadow else None,
         max_request_bytes=a.max_request_bytes, log_level=a.log_level,

@@ -40,7 +40,11 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        return not self.draining and any(m.ready for m in self.registry.all())
+        """Ready when a model serves; in explicit mode with nothing asked for at start, at once (as Triton)."""
+        if self.draining:
+            return False
+        nothing_asked = self.settings.model_control_mode == "explicit" and not self.settings.load_models
+        return any(m.ready for m in self.registry.all()) or (nothing_asked and not self.registry.models)
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
@@ -68,6 +72,8 @@ class DataPlane:
         return [m for m in self.registry.all() if m.monitor is not None]
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Every loaded version with its state, then (unless ``ready_only``) the repository's models
+        that are not loaded, by name alone (as Triton lists them)."""
         rows = []
         for m in self.registry.all():
             if ready_only and not m.ready:
@@ -76,13 +82,33 @@ class DataPlane:
             if m.reason:
                 row["reason"] = m.reason
             rows.append(row)
+        if not ready_only:
+            rows += [{"name": name} for name in self.registry.unloaded()]
         return rows
+
+    async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Triton's RepositoryModelLoad: (re)load ``name`` from the repository."""
+        self.registry.control_allowed()
+        if parameters:
+            raise BadRequest(f"load parameters {sorted(parameters)} are not supported: put the model's config and files in the repository")
+        await self.registry.load(name)
+
+    async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
+        """Triton's RepositoryModelUnload (``unload_dependents`` is accepted: no model depends on another)."""
+        self.registry.control_allowed()
+        unknown = set(parameters) - {"unload_dependents"}
+        if unknown:
+            raise BadRequest(f"unload parameters {sorted(unknown)} are not supported")
+        await self.registry.unload(name)
 
     # ------------------------------------------------------------------ inference
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        with self.registry.use(request.model_name, request.model_version) as served:
+            return await self._infer(served, request)
+
+    async def _infer(self, served: ServedModel, request: InferRequest) -> InferResponse:
         start = time.perf_counter()
-        served = self.registry.get_ready(request.model_name, request.model_version)
         try:
             texts = self._texts(served, request)
             wanted = self._requested_outputs(served, request)
@@ -104,8 +130,12 @@ class DataPlane:
 
     async def classify(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
         """The simple API: one {label, score} per text (score: softmax probability)."""
+        with self.registry.use(model) as served:
+            return await self._classify(served, texts)
+
+    async def _classify(self, served: ServedModel, texts: list[str]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        served = self.registry.get_ready(model)
+        model = served.name
         try:
             if not texts:
                 raise BadRequest("'inputs' must be a non-empty list of strings")

@@ -47,3 +47,19 @@ class InferenceFailed(ServingError):
     http_status = 500
     grpc_code = "INTERNAL"
     reason = "internal"
+
+
+class LoadFailed(ServingError):
+    """A model load or reload that did not succeed (the versions serving so far keep serving)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    reason = "bad_request"
+
+
+class ControlDisabled(ServingError):
+    """Load/unload asked of a server not in explicit model control mode."""
+
+    http_status = 400
+    grpc_code = "FAILED_PRECONDITION"
+    reason = "bad_request"

@@ -1,13 +1,23 @@
 """Model registry: the repository's models, loaded into engines and schedulers.
 
 A model that fails to load is kept with state UNAVAILABLE and the reason; the others serve.
+
+Model control (Triton's repository extension): ``load(name)`` reads the model's folder again and
+loads what changed (new or rewritten versions, a changed config.pbtxt), ``unload(name)`` takes it
+out of service, and ``poll()`` does either for every model whose folder changed. A reload swaps the
+model's versions in one step: new requests go to the new version at once, while the version it
+replaces stops only after the requests that already hold it (``use``) are answered. Every change
+bumps ``generation`` and wakes ``wait_changed``, so whoever mirrors the registry (a frontend, the
+shadow sampler) can follow it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,15 +27,16 @@ from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
 from muxserve.serving.engine import Engine, EngineOptions
-from muxserve.serving.errors import ModelNotFound, NotReady
+from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound, NotReady
 from muxserve.serving.observability.metrics import Metrics, ModelMonitor
-from muxserve.serving.repository import ModelEntry, RepositoryError, scan
+from muxserve.serving.repository import CONFIG_PBTXT, ModelEntry, RepositoryError, scan
 from muxserve.serving.scheduler import MuxScheduler
 from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
 
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
+ALL_MODELS = "*"  # --load-model '*': every model in the repository
 
 
 @dataclass(eq=False)
@@ -43,6 +54,10 @@ class ServedModel:
     scheduler: MuxScheduler | None = None
     monitor: ModelMonitor | None = None
     loaded_at: float = field(default_factory=time.time)
+    signature: tuple = ()  # the files it was loaded from (config.pbtxt + version folder), to see changes
+    users: int = 0  # requests holding this version (ModelRegistry.use); a retired version waits for 0
+    retired: bool = False
+    _unused: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
     def config(self) -> mc.ModelConfig:
@@ -64,6 +79,12 @@ class ServedModel:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    async def unused(self) -> None:
+        """Returns once no request holds this version."""
+        while self.users:
+            self._unused.clear()
+            await self._unused.wait()
 
 
 def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
@@ -90,33 +111,182 @@ def batch_texts(entry: ModelEntry, num_instances: int) -> int:
     return max(num_instances, texts - texts % num_instances)
 
 
+def files_signature(*paths: Path) -> tuple:
+    """(relative path, size, mtime) of every file under ``paths``: changes when a file does."""
+    out = []
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            st = f.stat()
+            out.append((f.name if f == root else f.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def version_signature(entry: ModelEntry, version: int) -> tuple:
+    return files_signature(entry.path / CONFIG_PBTXT, entry.versions[version])
+
+
+def model_signature(entry: ModelEntry) -> tuple:
+    """Everything ``load`` reads for a model: its config and all its version folders."""
+    return (files_signature(entry.path / CONFIG_PBTXT), tuple((v, files_signature(d)) for v, d in sorted(entry.versions.items())))
+
+
+Listener = Callable[[], Awaitable[None]]
+
+
 class ModelRegistry:
     def __init__(self, repository: str | Path, settings: Settings, metrics: Metrics) -> None:
         self.repository = Path(repository)
         self.settings = settings
         self.metrics = metrics
         self.models: dict[str, dict[str, ServedModel]] = {}  # name -> version -> model
+        self.generation = 0  # bumped by every change of what is served
+        self.listeners: list[Listener] = []  # awaited after a change, before replaced versions stop
+        self._changed = asyncio.Condition()
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._polled: dict[str, tuple] = {}  # name -> model_signature at its last load attempt
 
     # ------------------------------------------------------------------ loading
 
-    async def load_all(self) -> None:
-        entries = scan(self.repository)
-        wanted = set(self.settings.models) if self.settings.models else None
-        for name, entry in entries.items():
-            if wanted is not None and name not in wanted:
-                continue
+    async def start(self) -> None:
+        """The models to serve at start: all (modes none and poll; ``--models`` narrows it) or, in
+        explicit mode, those named by ``--load-model``."""
+        if self.settings.model_control_mode == "explicit":
+            names = self.settings.load_models
+            if ALL_MODELS in names:
+                names = list(scan(self.repository))
+        else:
+            names = [n for n in scan(self.repository) if not self.settings.models or n in self.settings.models]
+        for name in names:
+            try:
+                await self.load(name)
+            except (LoadFailed, ModelNotFound) as exc:  # one bad model must not stop the others
+                log.error("%s", exc.message)
+
+    def control_allowed(self) -> None:
+        """Load and unload requests are taken in explicit mode only (as Triton)."""
+        mode = self.settings.model_control_mode
+        if mode != "explicit":
+            raise ControlDisabled(f"model control is disabled in model control mode '{mode}': start the server with --model-control-mode explicit")
+
+    async def load(self, name: str) -> None:
+        """Load ``name``, or reload it from its folder: versions whose files changed (or that are
+        new) are built and started first; then all of them replace the old set in one step, and the
+        versions left out drain and stop. On failure the versions serving so far keep serving."""
+        async with self._lock(name):
+            entry = scan(self.repository).get(name)
+            if entry is None:
+                raise ModelNotFound(f"failed to load '{name}': no such model in the model repository")
+            self._polled[name] = model_signature(entry)
+            current = self.models.get(name, {})
             versions = entry.served_versions()
             if not versions:
-                placeholder = ServedModel(name, "", entry, UNAVAILABLE, "no version folder with weights")
-                self.models[name] = {"": placeholder}
-                log.error("model %s: %s", name, placeholder.reason)
-                continue
+                if not any(m.ready for m in current.values()):
+                    await self._commit(name, {"": ServedModel(name, "", entry, UNAVAILABLE, "no version folder with weights")})
+                raise LoadFailed(f"failed to load '{name}': no version folder with weights")
+            new: dict[str, ServedModel] = {}
+            built: list[ServedModel] = []
             for v in versions:
-                await self._load(entry, v)
+                signature = version_signature(entry, v)
+                old = current.get(str(v))
+                if old is not None and old.ready and old.signature == signature:
+                    new[str(v)] = old
+                    continue
+                served = await self._load(entry, v)
+                served.signature = signature
+                built.append(served)
+                new[str(v)] = served
+            failed = [m for m in built if not m.ready]
+            if failed:
+                if any(m.ready for m in current.values()):
+                    for m in built:
+                        await self._stop(m)
+                else:  # nothing serves yet: show the failure in the index
+                    await self._commit(name, new)
+                raise LoadFailed(f"failed to load '{name}' version {failed[0].version}: {failed[0].reason}")
+            replaced = [m for m in current.values() if all(m is not n for n in new.values())]
+            if built or replaced:
+                await self._commit(name, new)
+            await asyncio.gather(*(self._retire(m, "unloaded", still_served=m.version in new) for m in replaced))
+
+    async def unload(self, name: str) -> None:
+        """Take ``name`` out of service: new requests get 503 at once, accepted ones are answered,
+        then its engines are freed. It stays in the index as UNAVAILABLE, "unloaded"."""
+        async with self._lock(name):
+            current = self.models.get(name)
+            if not current:
+                raise ModelNotFound(f"failed to unload '{name}': the model is not loaded")
+            self._polled.pop(name, None)
+            for m in current.values():
+                m.state, m.reason = UNAVAILABLE, "unloaded"
+            await self._commit(name, dict(current))
+            await asyncio.gather(*(self._retire(m, "unloaded", still_served=False) for m in current.values()))
+
+    async def poll(self) -> list[str]:
+        """Load or unload every model whose folder changed since its last load; returns their names."""
+        entries = scan(self.repository)
+        changed = []
+        for name, entry in entries.items():
+            if self.settings.models and name not in self.settings.models:
+                continue
+            if self._polled.get(name) != model_signature(entry):
+                changed.append(name)
+                try:
+                    await self.load(name)
+                except (LoadFailed, ModelNotFound) as exc:
+                    log.error("%s", exc.message)
+        for name in [n for n in self.models if n not in entries and any(m.ready for m in self.models[n].values())]:
+            changed.append(name)
+            await self.unload(name)
+        return changed
+
+    async def poll_forever(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.poll()
+            except RepositoryError as exc:  # e.g. the repository folder is being replaced
+                log.error("repository poll failed: %s", exc)
+
+    async def wait_changed(self, seen: int) -> int:
+        """Returns the generation once it is past ``seen``."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.generation > seen)
+            return self.generation
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _commit(self, name: str, versions: dict[str, ServedModel]) -> None:
+        self.models[name] = versions
+        self.generation += 1
+        for listener in self.listeners:
+            await listener()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _retire(self, served: ServedModel, reason: str, still_served: bool) -> None:
+        """Out of service once the requests that hold it are answered."""
+        if served.retired:
+            return
+        served.retired = True
+        if served.ready:
+            served.state, served.reason = UNAVAILABLE, reason
+        await served.unused()
+        await self._stop(served)
+        if served.monitor is not None and not still_served:  # a reloaded version's gauge is the new one's
+            served.monitor.set_ready(False)
+        log.info("model %s version %s: %s", served.name, served.version or "-", served.reason)
+
+    @staticmethod
+    async def _stop(served: ServedModel) -> None:
+        if served.scheduler is not None:
+            await served.scheduler.stop()
+        if served.engine is not None:
+            served.engine.close()
 
     async def _load(self, entry: ModelEntry, version: int) -> ServedModel:
         served = ServedModel(entry.name, str(version), entry)
-        self.models.setdefault(entry.name, {})[served.version] = served
         t0 = time.perf_counter()
         try:
             await asyncio.to_thread(self._build, served, entry.versions[version])
@@ -173,10 +343,7 @@ class ModelRegistry:
 
     async def unload_all(self) -> None:
         for served in self.all():
-            if served.scheduler is not None:
-                await served.scheduler.stop()
-            if served.engine is not None:
-                served.engine.close()
+            await self._stop(served)
             served.state = UNAVAILABLE
             served.reason = "unloaded"
             if served.monitor is not None:
@@ -209,6 +376,26 @@ class ModelRegistry:
         if not served.ready:
             raise NotReady(f"model '{name}' version {served.version or '?'} is not ready: {served.reason or served.state}")
         return served
+
+    @contextlib.contextmanager
+    def use(self, name: str, version: str = "") -> Iterator[ServedModel]:
+        """The ready version, held for one request: a reload or unload does not stop it until
+        every holder is done."""
+        served = self.get_ready(name, version)
+        served.users += 1
+        try:
+            yield served
+        finally:
+            served.users -= 1
+            if not served.users:
+                served._unused.set()
+
+    def unloaded(self) -> list[str]:
+        """Models in the repository that are not loaded (explicit mode, or ``--models``)."""
+        try:
+            return sorted(set(scan(self.repository)) - set(self.models))
+        except RepositoryError:
+            return []
 
     def monitors(self) -> dict[str, ModelMonitor]:
         return {f"{m.name}/{m.version}": m.monitor for m in self.all() if m.monitor is not None}

@@ -40,14 +40,15 @@ class MuxServer:
         self._stop = asyncio.Event()
         self.http: _UvicornServer | None = None
         self.grpc = None
+        self.poller: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await self.registry.load_all()
+        await self.registry.start()
         if self.settings.shadow:
-            from muxserve.serving.observability.shadow import ShadowSampler
-
-            self.shadow = ShadowSampler.from_registry(self.registry, self.metrics)
-            self.plane.shadow = self.shadow
+            await self._restart_shadow()
+            self.registry.listeners.append(self._restart_shadow)
+        if self.settings.model_control_mode == "poll":
+            self.poller = asyncio.create_task(self.registry.poll_forever(self.settings.repository_poll_secs), name="repository-poll")
         from muxserve.serving.http.app import create_app
 
         app = create_app(self.plane, self.metrics, self.settings.max_request_bytes)
@@ -61,9 +62,21 @@ class MuxServer:
             log.info("gRPC listening on %s:%d", self.settings.host, self.settings.grpc_port)
         log.info("HTTP listening on http://%s:%d", self.settings.host, self.settings.http_port)
 
+    async def _restart_shadow(self) -> None:
+        """Shadow sampling pairs loaded versions: after a model change, pair the new ones (the old
+        sampler stops before the versions it holds do)."""
+        from muxserve.serving.observability.shadow import ShadowSampler
+
+        if self.shadow is not None:
+            await self.shadow.stop()
+        self.shadow = ShadowSampler.from_registry(self.registry, self.metrics)
+        self.plane.shadow = self.shadow
+
     async def drain_and_stop(self) -> None:
         log.info("draining: no new requests; answering those accepted")
         self.plane.draining = True
+        if self.poller is not None:
+            self.poller.cancel()
         await self.registry.drain()
         if self.shadow is not None:
             await self.shadow.stop()

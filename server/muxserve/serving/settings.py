@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -13,6 +14,9 @@ class Settings(BaseModel):
     http_port: int = 8000
     grpc_port: int = 8001  # 0 or negative: no gRPC
     models: list[str] = Field(default_factory=list, description="serve only these models (default: all)")
+    model_control_mode: Literal["none", "explicit", "poll"] = Field("none", description="none: load at start only; explicit: load/unload requests; poll: follow the repository's folders")
+    load_models: list[str] = Field(default_factory=list, description="explicit mode: the models to load at start ('*': all)")
+    repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between scans of the repository")
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
     precision: str = Field("", description="override: fp32 | fp16 | bf16 (CUDA only)")
     engine: str = Field("", description="override: eager | torchscript")
@@ -28,6 +32,7 @@ class Settings(BaseModel):
     def from_env(cls, **overrides: object) -> Settings:
         env = {k.removeprefix("MUXSERVE_").lower(): v for k, v in os.environ.items() if k.startswith("MUXSERVE_")}
         known = {k: v for k, v in env.items() if k in cls.model_fields}
-        if "models" in known:
-            known["models"] = [m for m in str(known["models"]).split(",") if m]
+        for listed in ("models", "load_models"):
+            if listed in known:
+                known[listed] = [m for m in str(known[listed]).split(",") if m]
         return cls(**{**known, **{k: v for k, v in overrides.items() if v is not None}})

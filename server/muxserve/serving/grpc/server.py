@@ -140,9 +140,25 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
-        if request.repository_name:
-            raise BadRequest(f"unknown repository '{request.repository_name}': muxserve serves one repository (leave the name empty)")
+        self._one_repository(request.repository_name)
         return json_format.ParseDict({"models": self.plane.repository_index(request.ready)}, pb.RepositoryIndexResponse())
+
+    @_unary
+    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelLoadResponse:
+        self._one_repository(request.repository_name)
+        await self.plane.load_model(request.model_name, parameters_from_proto(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @_unary
+    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryModelUnloadResponse:
+        self._one_repository(request.repository_name)
+        await self.plane.unload_model(request.model_name, parameters_from_proto(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    @staticmethod
+    def _one_repository(name: str) -> None:
+        if name:
+            raise BadRequest(f"unknown repository '{name}': muxserve serves one repository (leave the name empty)")
 
     # -- inference
 
@@ -198,8 +214,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- not supported
 
-    RepositoryModelLoad = _unsupported("RepositoryModelLoad", "loading models at run time (the repository is read at start)")
-    RepositoryModelUnload = _unsupported("RepositoryModelUnload", "unloading models at run time")
     SystemSharedMemoryStatus = _unsupported("SystemSharedMemoryStatus", "system shared memory")
     SystemSharedMemoryRegister = _unsupported("SystemSharedMemoryRegister", "system shared memory")
     SystemSharedMemoryUnregister = _unsupported("SystemSharedMemoryUnregister", "system shared memory")

@@ -198,6 +198,21 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
+async def control_parameters(request: Request, limit: int) -> dict[str, Any]:
+    """The ``parameters`` of a load/unload body (optional, ``{"parameters": {...}}``)."""
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}
+    try:
+        doc = orjson.loads(body)
+        params = doc.get("parameters", {}) or {}
+        if not isinstance(params, dict):
+            raise AttributeError
+    except (orjson.JSONDecodeError, AttributeError):
+        raise BadRequest('a load/unload body must be a JSON object like {"parameters": {}}') from None
+    return params
+
+
 def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> FastAPI:
     app = FastAPI(title="muxserve", version=plane.server_metadata()["version"], description="KServe v2 (Triton-compatible) inference for data-multiplexed BERT classifiers", default_response_class=ORJSONResponse)
 
@@ -273,6 +288,16 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
             except (orjson.JSONDecodeError, AttributeError):
                 raise BadRequest("repository index body must be a JSON object like {\"ready\": true}") from None
         return plane.repository_index(ready_only)
+
+    @app.post("/v2/repository/models/{model}/load", tags=["repository"])
+    async def repository_load(model: str, request: Request) -> Response:
+        await plane.load_model(model, await control_parameters(request, max_request_bytes))
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{model}/unload", tags=["repository"])
+    async def repository_unload(model: str, request: Request) -> Response:
+        await plane.unload_model(model, await control_parameters(request, max_request_bytes))
+        return Response(status_code=200)
 
     # -- inference
 
