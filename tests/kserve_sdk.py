@@ -82,8 +82,13 @@ def load(paths: list[str]) -> dict[str, Any]:
 
 
 async def clients(http_url: str, grpc_url: str, models: list[str]) -> dict[str, Any]:
+    """What KServe's clients read from the server. Their classes have no metadata calls, so
+    metadata is read with the SDK's own pieces: its gRPC stub and protobuf messages, and for REST
+    a GET on the client's connection parsed by its v2 pydantic models."""
     import numpy as np
     from kserve import InferenceGRPCClient, InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.rest import v2_datamodels as v2
 
     texts = np.array(["a gripping, beautifully acted film", "dull and far too long"], dtype=object)
 
@@ -92,24 +97,41 @@ async def clients(http_url: str, grpc_url: str, models: list[str]) -> dict[str, 
         tensor.set_data_from_numpy(texts)
         return InferRequest(model_name=model, infer_inputs=[tensor], request_id=f"kserve-{model}")
 
-    out: dict[str, Any] = {}
     rest = InferenceRESTClient(RESTConfig(protocol="v2", timeout=60))
     grpc = InferenceGRPCClient(grpc_url, timeout=60)
+
+    async def rest_get(path: str, model: type) -> dict[str, Any]:
+        response = await rest._client.get(rest._construct_url(http_url, path))
+        response.raise_for_status()
+        return model.model_validate(response.json()).model_dump(exclude_none=True)
+
+    out: dict[str, Any] = {}
     try:
-        out["rest"] = {"live": await rest.is_server_live(http_url), "ready": await rest.is_server_ready(http_url), "metadata": _jsonable(await rest.get_server_metadata(http_url)), "models": {}}
-        out["grpc"] = {"live": await grpc.is_server_live(), "ready": await grpc.is_server_ready(), "metadata": _jsonable(await grpc.get_server_metadata()), "models": {}}
+        out["rest"] = {
+            "live": await rest.is_server_live(http_url),
+            "ready": await rest.is_server_ready(http_url),
+            "metadata": await rest_get("v2", v2.ServerMetadataResponse),
+            "models": {},
+        }
+        out["grpc"] = {
+            "live": await grpc.is_server_live(),
+            "ready": await grpc.is_server_ready(),
+            "metadata": _jsonable(await grpc._client_stub.ServerMetadata(pb.ServerMetadataRequest())),
+            "models": {},
+        }
         for model in models:
             response = await rest.infer(http_url, request(model), model_name=model)
             out["rest"]["models"][model] = {
                 "ready": await rest.is_model_ready(http_url, model),
-                "metadata": _jsonable(await rest.get_model_metadata(http_url, model)),
+                "ready_body": await rest_get(f"v2/models/{model}/ready", v2.ModelReadyResponse),
+                "metadata": await rest_get(f"v2/models/{model}", v2.ModelMetadataResponse),
                 "outputs": {o.name: _jsonable(o.data) for o in response.outputs},
                 "id": response.id,
             }
             response = await grpc.infer(request(model))
             out["grpc"]["models"][model] = {
                 "ready": await grpc.is_model_ready(model),
-                "metadata": _jsonable(await grpc.get_model_metadata(model)),
+                "metadata": _jsonable(await grpc._client_stub.ModelMetadata(pb.ModelMetadataRequest(name=model))),
                 "outputs": {o.name: _jsonable(o.as_numpy().tolist()) for o in response.outputs},
                 "id": response.id,
             }

@@ -1,5 +1,6 @@
 """The bundled models in model_repository/, served by the real server and driven by stock
-tritonclient over HTTP and gRPC; their size budget; their accuracy on SST-2 dev."""
+tritonclient over HTTP and gRPC, and by the kserve SDK's clients; their size budget; their
+accuracy on SST-2 dev."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
+from deploy import kserve_sdk
 from google.protobuf import json_format
 from helpers import ROOT, SST2_DEV
 from serving import serving
@@ -99,6 +101,33 @@ def test_http_and_grpc_serve_each_bundled_model(server, model: str) -> None:
     stats = http.get_inference_statistics(model)["model_stats"][0]
     assert stats["inference_count"] >= 4 * len(TEXTS)
     assert grpc.get_inference_statistics(model).model_stats[0].inference_count == stats["inference_count"]
+
+
+def test_kserve_clients_serve_every_bundled_model(server) -> None:
+    """A second, independent V2 client stack: the kserve SDK's InferenceRESTClient and
+    InferenceGRPCClient (its own protobufs and pydantic models, run in a process of its own) read
+    health, metadata and answers the way tritonclient does."""
+    read = kserve_sdk("clients", f"http://{server.http_url}", server.grpc_url, *BUNDLED)
+    http = httpclient.InferenceServerClient(server.http_url)
+    triton_meta = http.get_server_metadata()
+    for protocol in ("rest", "grpc"):
+        side = read[protocol]
+        assert side["live"] is True and side["ready"] is True
+        assert side["metadata"]["name"] == triton_meta["name"] and side["metadata"]["extensions"] == triton_meta["extensions"]
+        assert sorted(side["models"]) == BUNDLED
+        for model, got in side["models"].items():
+            meta = http.get_model_metadata(model)
+            assert got["ready"] is True and got["id"] == f"kserve-{model}"
+            assert got["metadata"]["name"] == model and got["metadata"]["versions"] == meta["versions"]
+            assert [(t["name"], t["datatype"], [int(d) for d in t["shape"]]) for t in got["metadata"]["outputs"]] == [(t["name"], t["datatype"], t["shape"]) for t in meta["outputs"]]
+            # the same texts through tritonclient: the same labels and logits
+            t_in = httpclient.InferInput("TEXT", [2], "BYTES")
+            t_in.set_data_from_numpy(np.array(["a gripping, beautifully acted film", "dull and far too long"], dtype=object))
+            expected = http.infer(model, [t_in])
+            labels = [x[0] if isinstance(x, list) else x for x in got["outputs"]["LABEL"]]
+            assert labels == [x[0].decode() for x in expected.as_numpy("LABEL")]
+            np.testing.assert_allclose(np.array(got["outputs"]["LOGITS"]).reshape(2, -1), expected.as_numpy("LOGITS"), atol=1e-4)
+    assert read["rest"]["models"]["sst2-bert"]["ready_body"] == {"name": "sst2-bert", "ready": True}
 
 
 @pytest.mark.skipif(not SST2_DEV.exists() or not CARD.exists(), reason="needs ../shared/data and model_repository/MODELS.json")

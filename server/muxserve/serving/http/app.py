@@ -242,13 +242,17 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
 
     # -- health and metadata
 
+    # Health answers in the status code (Triton's clients read only that) and in a JSON body
+    # (KServe's clients read {"live": ...} / {"ready": ...}, as KServe's own servers send).
     @app.get("/v2/health/live", tags=["health"])
-    async def live() -> Response:
-        return Response(status_code=200 if plane.live() else 503)
+    async def live() -> ORJSONResponse:
+        is_live = plane.live()
+        return ORJSONResponse({"live": is_live}, status_code=200 if is_live else 503)
 
     @app.get("/v2/health/ready", tags=["health"])
-    async def ready() -> Response:
-        return Response(status_code=200 if plane.ready() else 503)
+    async def ready() -> ORJSONResponse:
+        is_ready = plane.ready()
+        return ORJSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
 
     @app.get("/v2", tags=["metadata"])
     async def server_metadata() -> dict:
@@ -265,8 +269,9 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
 
     @app.get("/v2/models/{model}/ready", tags=["health"])
     @app.get("/v2/models/{model}/versions/{version}/ready", tags=["health"])
-    async def model_ready(model: str, version: str = "") -> Response:
-        return Response(status_code=200 if plane.model_ready(model, version) else 503)
+    async def model_ready(model: str, version: str = "") -> ORJSONResponse:
+        is_ready = plane.model_ready(model, version)
+        return ORJSONResponse({"name": model, "ready": is_ready}, status_code=200 if is_ready else 503)
 
     @app.get("/v2/models/{model}/config", tags=["metadata"])
     @app.get("/v2/models/{model}/versions/{version}/config", tags=["metadata"])
