@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parity(repository: str, model: str, texts: list[str], device: str) -> dict:
     directory = resolve_model_dir(repository, model)
-    cpu = Engine.load(directory, EngineOptions(device="cpu"), name=model)
+    cpu = Engine.load(directory, EngineOptions(device="cpu", precision="fp32"), name=model)
     rows = TextTokenizer(directory / "tokenizer.json", cpu.config.max_seq_length).encode(texts).ids
     n = cpu.config.num_instances
     batches = [rows[i : i + 32 * n] for i in range(0, len(rows), 32 * n)]
@@ -92,11 +92,11 @@ def main() -> None:
 
     section("parity", lambda: [parity(a.model_repository, m, texts[:512], a.device) for m in models])
 
-    dtype = "float16" if a.device != "cpu" else "float32"
+    precision = "fp16" if a.device != "cpu" else "fp32"
     lcm = int(np.lcm.reduce(list(instances.values())))
-    section("forward_len64", lambda: bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, dtype=dtype))
+    section("forward_len64", lambda: bench_models(a.model_repository, models, seq_len=64, batch_texts=32 * lcm, seconds=a.seconds, rounds=2, device=a.device, precision=precision))
     # the paper's setting: 32·N texts at length 128, per model
-    section("forward_paper", lambda: [r for m in models for r in bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * instances[m], seconds=a.seconds, rounds=1, device=a.device, dtype=dtype)])
+    section("forward_paper", lambda: [r for m in models for r in bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * instances[m], seconds=a.seconds, rounds=1, device=a.device, precision=precision)])
 
     def served() -> list[dict]:
         extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()

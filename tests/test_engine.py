@@ -21,8 +21,8 @@ def test_torchscript_engine_fills_short_groups_by_the_models_policy(tmp_path, po
     """7 texts at N=5: the last group is short; both engines fill it as the model says."""
     folder = save_tiny(tiny_model(num_instances=5, short_group_policy=policy), tmp_path / "m")
     export_torchscript(folder, seq_len=16)
-    eager = Engine.load(folder, EngineOptions(kind="eager", threads=1))
-    traced = Engine.load(folder, EngineOptions(kind="torchscript", threads=1))
+    eager = Engine.load(folder, EngineOptions(kind="eager", precision="fp32", threads=1))
+    traced = Engine.load(folder, EngineOptions(kind="torchscript", precision="fp32", threads=1))
     try:
         rows = rows_of(7, 14, seed=1)
         got, want = traced.infer(rows), eager.infer(rows)
@@ -37,7 +37,7 @@ def test_group_padding_mask_makes_served_logits_independent_of_the_batch(tmp_pat
     """With mask_group_padding a group's logits as served do not change when a longer group
     joins its batch (the engine pads the batch to a longer bucket)."""
     folder = save_tiny(tiny_model(num_instances=2, mask_group_padding=True), tmp_path / "m")
-    engine = Engine.load(folder, EngineOptions(kind="eager", threads=1))
+    engine = Engine.load(folder, EngineOptions(kind="eager", precision="fp32", threads=1))
     try:
         short = rows_of(2, 6, seed=2)
         long = rows_of(2, 30, seed=3)

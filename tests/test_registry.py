@@ -5,13 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import pytest
 from helpers import make_tiny_repository
 from serving import serving
 from tritonclient.grpc import model_config_pb2 as mc
 
+from muxserve.cli import build_parser
+from muxserve.cli.serve import settings_from_args
 from muxserve.model.packaging import default_config
-from muxserve.serving.registry import batch_texts, engine_options
-from muxserve.serving.repository import ModelEntry, scan
+from muxserve.model.precision import resolve_precision
+from muxserve.serving.engine import default_threads
+from muxserve.serving.registry import AUTO_TOKENS_PER_GROUP, batch_texts, engine_options, max_texts, token_budget
+from muxserve.serving.repository import ModelEntry, RepositoryError, scan
 from muxserve.serving.settings import Settings
 
 
@@ -36,7 +41,50 @@ def test_engine_options_from_instance_group_and_flags() -> None:
     opts = engine_options(entry(cfg), Settings())
     assert (opts.device, opts.instances, opts.precision, opts.kind) == ("cuda:1", 2, "fp16", "eager")
     cpu = engine_options(entry(cfg), Settings(device="cpu", engine="torchscript"))
-    assert (cpu.device, cpu.precision, cpu.kind) == ("cpu", "fp32", "torchscript")  # half precision is CUDA only
+    # the config's fp16 is CUDA only: on a CPU the CPU's automatic choice serves
+    assert (cpu.device, cpu.precision, cpu.kind) == ("cpu", resolve_precision("auto", "cpu"), "torchscript")
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):  # asked for by flag, it is an error
+        engine_options(entry(cfg), Settings(device="cpu", precision="fp16"))
+
+
+def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -> None:
+    cfg = default_config("m", 2, 2, batch_texts=64)
+    auto = engine_options(entry(cfg), Settings())
+    assert (auto.precision, auto.threads) == (resolve_precision("auto", "cpu"), default_threads(1))
+    assert token_budget(entry(cfg), Settings(), 2, 128, 8).max_tokens == 32 * AUTO_TOKENS_PER_GROUP  # 32 groups
+    # config.pbtxt parameters
+    cfg.parameters["precision"].string_value = "fp32"
+    cfg.parameters["INTRA_OP_THREAD_COUNT"].string_value = "3"
+    cfg.parameters["max_batch_tokens"].string_value = "1024"
+    opts = engine_options(entry(cfg), Settings())
+    assert (opts.precision, opts.threads) == ("fp32", 3)
+    budget = token_budget(entry(cfg), Settings(), 2, 128, 8)
+    assert (budget.max_tokens, budget.group, budget.max_length, budget.pad_multiple) == (1024, 2, 128, 8)
+    # flags win
+    flags = Settings(precision="bf16", threads=5, max_batch_tokens=0)
+    opts = engine_options(entry(cfg), flags)
+    assert (opts.precision, opts.threads) == ("bf16", 5)
+    assert token_budget(entry(cfg), flags, 2, 128, 8) is None  # 0: fixed batches
+    cfg.parameters["max_batch_tokens"].string_value = "lots"
+    with pytest.raises(RepositoryError, match="max_batch_tokens"):
+        token_budget(entry(cfg), Settings(), 2, 128, 8)
+
+
+def test_max_texts_is_max_batch_size_in_whole_groups() -> None:
+    cfg = default_config("m", 5, 2, batch_texts=64)
+    cfg.max_batch_size = 64
+    assert max_texts(entry(cfg), 5) == 60
+
+
+def test_serve_flags_reach_the_settings() -> None:
+    parser, _ = build_parser()
+    a = parser.parse_args(["serve", "--precision", "bf16", "--threads", "4", "--max-batch-tokens", "2048"])
+    settings = settings_from_args(a)
+    assert (settings.precision, settings.threads, settings.max_batch_tokens) == ("bf16", 4, 2048)
+    unset = settings_from_args(parser.parse_args(["serve"]))
+    assert (unset.precision, unset.threads, unset.max_batch_tokens) == ("", 0, None)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--precision", "int4"])
 
 
 def test_version_policy_and_folders(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
-from muxserve.serving.scheduler import BatchReport, MuxScheduler, choose_batch
+from muxserve.serving.scheduler import BatchReport, MuxScheduler, TokenBudget, choose_batch
 
 
 class FakeEngine:
@@ -176,6 +176,47 @@ def test_choose_batch_overdue_first_then_closest_in_length() -> None:
     assert choose_batch(lengths, [True] * len(lengths), 3, length_aware=True) == [0, 1, 2]
     # a short queue is taken whole
     assert choose_batch([5, 50], [False, False], 4, length_aware=True) == [0, 1]
+
+
+def test_token_budget_counts_groups_times_padded_length() -> None:
+    budget = TokenBudget(256, group=5, pad_multiple=8, max_length=64)
+    assert budget.cost(5, 8) == 8 and budget.cost(6, 8) == 16  # a started group costs a whole one
+    assert budget.cost(10, 9) == 2 * 16  # padded to the next multiple of 8
+    assert budget.cost(5, 100) == 64  # never past the model's max length
+    assert TokenBudget(256, pad_multiple=0).cost(3, 33) == 3 * 48  # 0: the engine's length buckets
+    assert not budget.full(256 * 5 - 1) and budget.full(256 * 5)  # the queue's unpadded tokens over N
+
+
+def test_choose_batch_by_token_budget() -> None:
+    budget = TokenBudget(64, pad_multiple=8)
+    none = [False] * 12
+    # short texts: as many as the budget holds (8 x 8 tokens), not a fixed count
+    assert choose_batch([8] * 12, none, 32, True, budget) == list(range(8))
+    # long texts: fewer per pass
+    assert choose_batch([30] * 12, none, 32, True, budget) == [0, 1]
+    # the cap on texts still holds
+    assert choose_batch([2] * 12, none, 4, True, budget) == [0, 1, 2, 3]
+    # length-aware: a text that would lengthen the pass past the budget is passed over for shorter ones
+    assert choose_batch([16, 40, 16, 16, 16], none[:5], 32, True, budget) == [0, 2, 3, 4]
+    # arrival order: the first text that does not fit ends the batch
+    assert choose_batch([16, 16, 40, 16], none[:4], 32, False, budget) == [0, 1]
+    # the oldest text always runs, even alone past the budget: nothing starves
+    assert choose_batch([200, 8, 8], none[:3], 32, True, budget) == [0]
+    assert choose_batch([200, 8, 8], none[:3], 32, False, budget) == [0]
+    # overdue texts first, oldest first, as far as the budget goes
+    overdue = [True, False, True, True, False]
+    assert choose_batch([32, 8, 32, 32, 8], overdue, 32, True, budget) == [0, 2]
+
+
+async def test_a_queue_that_fills_the_token_budget_runs_without_waiting_for_the_delay() -> None:
+    engine = FakeEngine()
+    budget = TokenBudget(16, group=1, pad_multiple=8)
+    s = make(engine, num_instances=1, batch_texts=64, max_queue_delay_s=3600.0, token_budget=budget)
+    rows = [[i] * 8 for i in range(1, 5)]  # 32 tokens queued: two passes of 2 x 8
+    got = await asyncio.wait_for(s.submit(rows), 60)
+    np.testing.assert_array_equal(got, expected(rows))
+    assert [len(b) for b in engine.batches] == [2, 2]
+    await s.stop()
 
 
 async def test_arrival_order_when_length_aware_is_off() -> None:

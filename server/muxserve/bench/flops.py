@@ -88,7 +88,7 @@ def flops_per_text(cfg: MuxBertConfig, seq_len: int) -> FlopCount:
 def padded_lengths(lengths: Sequence[int], chunk: int, max_length: int, bucketed: bool = True) -> list[int]:
     """The length each text is computed at when texts go in consecutive chunks of ``chunk``
     padded to the chunk's longest (rounded up to the engine's length buckets if ``bucketed``)."""
-    from muxserve.serving.engine import bucket_length
+    from muxserve.serving.padding import bucket_length
 
     out: list[int] = []
     chunk = max(1, chunk)

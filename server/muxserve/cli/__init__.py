@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -77,13 +78,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1, help="mean over K draws of the grouping: file order then seeded random orders (ensembled: K scatter seeds)")
     p.add_argument("--limit", type=int)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="weights' precision (auto: as `muxserve serve` picks it)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
     import torch
 
+    from muxserve.model.precision import DTYPES, resolve_precision
     from muxserve.model.tokenizer import TextTokenizer
-    from muxserve.model.weights import TOKENIZER_FILE
+    from muxserve.model.weights import TOKENIZER_FILE, load_model
     from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.data import read_tsv
     from muxserve.training.evaluate import accuracy
@@ -91,17 +95,17 @@ def _run_eval(a: argparse.Namespace) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     directory = resolve_model_dir(a.model_repository, a.model, a.version)
-    from muxserve.model.weights import load_model
-
-    model = load_model(directory)
+    precision = resolve_precision(a.precision, a.device)
+    model = load_model(directory, device=a.device, dtype=DTYPES[precision])
     data = read_tsv(a.data, model.config.labels, a.limit)
     tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
     result = accuracy(model, tok, data, a.batch_size, a.ensemble, a.repeats)
-    print(json.dumps({"model": a.model, "num_instances": model.config.num_instances, "ensemble": a.ensemble, **result}))
+    print(json.dumps({"model": a.model, "num_instances": model.config.num_instances, "ensemble": a.ensemble, "precision": precision, **result}))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """The command line's parser and each command's handler."""
     from muxserve.cli import bench, export, package, serve
 
     parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
@@ -112,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     for module in (serve, package, export, bench):
         handlers[module.NAME] = module.run
         module.add_parser(sub)
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
     a = parser.parse_args(argv)
     return handlers[a.command](a) or 0
 

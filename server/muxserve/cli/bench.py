@@ -38,17 +38,19 @@ def bench_models(
     rounds: int = 3,
     threads: int = 0,
     device: str = "cpu",
-    dtype: str = "float32",
+    precision: str = "fp32",
     stat: str = "best",
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Texts/s of each model's forward pass (``forward_throughput``) on ``batch_texts`` random texts
     of ``seq_len`` tokens. Every round measures every model for at least ``seconds`` (the model
     order rotates from round to round); a model's ``texts_per_s`` is its ``best`` (default) or
-    ``median`` round. ``ratio_to_first`` is relative to the first model, ``ratio_to_baseline`` to
+    ``median`` round. ``precision`` is the serving precision (``auto`` resolves as the server
+    does: bf16 on CPUs with bf16 units, fp16 on CUDA). ``ratio_to_first`` is relative to the first model, ``ratio_to_baseline`` to
     the first N=1 model (null without one)."""
     import torch
 
+    from muxserve.model.precision import DTYPES, resolve_precision
     from muxserve.model.weights import load_model
     from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.evaluate import forward_throughput
@@ -59,7 +61,8 @@ def bench_models(
         raise ValueError(f"stat must be 'best' or 'median', not {stat!r}")
     if threads:
         torch.set_num_threads(threads)
-    torch_dtype = getattr(torch, dtype)
+    precision = resolve_precision(precision, device)
+    torch_dtype = DTYPES[precision]
     loaded = []
     for name in models:
         directory = resolve_model_dir(repository, name)
@@ -88,7 +91,7 @@ def bench_models(
             "model": name, "path": str(directory), "num_instances": cfg.num_instances, "muxing_variant": cfg.muxing_variant if cfg.is_mux else None,
             "parameters": model.num_parameters(), "texts_per_s": best if stat == "best" else median, "texts_per_s_best": best, "texts_per_s_median": median,
             "rounds": [round(v, 2) for v in values], "seq_len": seq_len, "batch_texts": batch_texts, "seconds_per_round": seconds,
-            "device": device, "dtype": dtype, "threads": torch.get_num_threads(), "stat": stat,
+            "device": device, "precision": precision, "dtype": str(torch_dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "stat": stat,
         })
     first = out[0]["texts_per_s"]
     baseline = next((o["texts_per_s"] for o in out if o["num_instances"] == 1), None)
@@ -109,7 +112,7 @@ def _add_model(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--stat", choices=["best", "median"], default="best")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="auto: as `muxserve serve` picks it (bf16 on CPUs with bf16 units, fp16 on CUDA)")
     p.add_argument("--json", action="store_true", help="print only the JSON list")
 
 
@@ -118,11 +121,11 @@ def _run_model(a: argparse.Namespace) -> int:
 
     models = [m.strip() for m in a.models.split(",") if m.strip()]
     log = None if a.json else (lambda line: print(line, file=sys.stderr, flush=True))
-    results = bench_models(a.model_repository, models, a.seq_len, a.batch_texts, a.seconds, a.rounds, a.threads, a.device, a.dtype, a.stat, log)
+    results = bench_models(a.model_repository, models, a.seq_len, a.batch_texts, a.seconds, a.rounds, a.threads, a.device, a.precision, a.stat, log)
     if a.json:
         print(json.dumps(results))
         return 0
-    print(f"seq_len {a.seq_len}, {a.batch_texts} texts per batch, {results[0]['threads']} threads, {a.device} {a.dtype}, {a.stat} of {a.rounds} rounds")
+    print(f"seq_len {a.seq_len}, {a.batch_texts} texts per batch, {results[0]['threads']} threads, {a.device} {results[0]['precision']}, {a.stat} of {a.rounds} rounds")
     print(f"{'model':<24} {'N':>3} {'texts/s':>10} {'x first':>8} {'x N=1':>7}")
     for r in results:
         base = f"{r['ratio_to_baseline']:.2f}" if r["ratio_to_baseline"] is not None else "-"

@@ -1,8 +1,10 @@
 """Engines run forward passes off the event loop: one dedicated thread per model instance.
 
 An engine takes token-id rows (a batch of texts, mux groups already laid out slot by slot),
-pads them to a bucketed length so that shapes repeat, runs the model (eager or TorchScript,
-CPU or CUDA, fp32/fp16/bf16) and returns float32 logits ``[T, C]`` as numpy.
+pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets), runs the model
+(eager or TorchScript, CPU or CUDA) at the serving precision (``muxserve.model.precision``:
+``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32) and returns float32 logits
+``[T, C]`` as numpy.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -18,23 +20,20 @@ import numpy as np
 import torch
 
 from muxserve.model.muxbert import MuxBertConfig
+from muxserve.model.precision import DTYPES, resolve_precision
 from muxserve.model.weights import load_model
+from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
-LENGTH_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+__all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "padded_length"]
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def default_threads(instances: int = 1) -> int:
-    """Intra-op threads per engine: leave one core to the event loop, split the rest."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, (cores - 1) // max(1, instances))
-
-
-def bucket_length(length: int, max_length: int) -> int:
-    for b in LENGTH_BUCKETS:
-        if b >= length:
-            return min(b, max_length)
-    return max_length
+    """Intra-op threads per engine instance: every core, split over the instances (the request
+    path's own work is small next to the forward pass, and runs in other processes)."""
+    return max(1, available_cores() // max(1, instances))
 
 
 class Forward(Protocol):
@@ -64,10 +63,11 @@ class EchoForward:
 @dataclass
 class EngineOptions:
     device: str = "cpu"
-    precision: str = "fp32"  # fp32 | fp16 | bf16 (half precisions are for CUDA)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only), see muxserve.model.precision
     kind: str = "eager"  # eager | torchscript | echo (diagnostic)
     threads: int = 0  # 0: default_threads()
     instances: int = 1  # engine threads (instance_group count)
+    pad_multiple: int = PAD_MULTIPLE  # 0: pad to LENGTH_BUCKETS
 
 
 class Engine:
@@ -85,9 +85,8 @@ class Engine:
     @classmethod
     def load(cls, directory: str | Path, options: EngineOptions, name: str = "model") -> Engine:
         directory = Path(directory)
+        options = replace(options, precision=resolve_precision(options.precision, options.device))
         dtype = DTYPES[options.precision]
-        if options.device == "cpu" and dtype != torch.float32:
-            raise ValueError(f"precision {options.precision} is for CUDA; use fp32 on CPU")
         model = load_model(directory, device=options.device, dtype=dtype)
         forward: Forward = model
         if options.kind == "echo":
@@ -110,9 +109,9 @@ class Engine:
         return self.config.num_instances
 
     def pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows -> (ids, mask) at a bucketed length. A short last group is left to the model
-        (eager or traced alike), which fills it by its own ``short_group_policy``."""
-        length = bucket_length(max(len(r) for r in rows), self.config.max_seq_length)
+        """Rows -> (ids, mask) at the padded length (``padded_length``). A short last group is
+        left to the model (eager or traced alike), which fills it by its own ``short_group_policy``."""
+        length = padded_length(max(len(r) for r in rows), self.config.max_seq_length, self.options.pad_multiple)
         ids = np.full((len(rows), length), self.config.pad_token_id, dtype=np.int64)
         mask = np.zeros((len(rows), length), dtype=np.int64)
         for i, r in enumerate(rows):

@@ -24,19 +24,26 @@ from pathlib import Path
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve.model.muxbert import MuxBertConfig
+from muxserve.model.precision import resolve_precision
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
-from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.engine import Engine, EngineOptions, default_threads
 from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound, NotReady
 from muxserve.serving.observability.metrics import Metrics, ModelMonitor
 from muxserve.serving.repository import CONFIG_PBTXT, ModelEntry, RepositoryError, scan
-from muxserve.serving.scheduler import MuxScheduler
+from muxserve.serving.scheduler import MuxScheduler, TokenBudget
 from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
 
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 ALL_MODELS = "*"  # --load-model '*': every model in the repository
+
+# config.pbtxt ``parameters`` of the engine (each overridden by the matching `muxserve serve` flag)
+PRECISION = "precision"  # auto | fp32 | bf16 | fp16
+THREADS = "INTRA_OP_THREAD_COUNT"  # as Triton's PyTorch backend names it; 0: every core
+MAX_BATCH_TOKENS = "max_batch_tokens"  # as TEI names it; 0: fixed batches of batch_texts; auto
+AUTO_TOKENS_PER_GROUP = 64  # the automatic budget: batch_texts / N groups of 64 tokens
 
 
 @dataclass(eq=False)
@@ -87,19 +94,53 @@ class ServedModel:
             await self._unused.wait()
 
 
+def _int_parameter(entry: ModelEntry, key: str) -> int | None:
+    """A non-negative integer parameter of config.pbtxt; None when absent, empty or ``auto``."""
+    value = (entry.parameter(key, "") or "").strip()
+    if value.lower() in ("", "auto"):
+        return None
+    if not value.isdigit():
+        raise RepositoryError(f"parameter {key} must be a non-negative integer or 'auto', not {value!r}")
+    return int(value)
+
+
 def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
-    """Device, precision, engine kind and instance count from the config (flags override)."""
+    """Device, precision, threads, engine kind and instance count: flags, else config.pbtxt,
+    else automatic. A precision from config.pbtxt that the device cannot run (fp16 on a CPU)
+    gives way to the device's automatic choice; one from a flag is an error."""
     groups = list(entry.config.instance_group)
-    count = sum(g.count for g in groups) if groups else 1
+    count = max(1, sum(g.count for g in groups) if groups else 1)
     kind = groups[0].kind if groups else mc.ModelInstanceGroup.KIND_AUTO
     device = settings.device or ("cuda" if kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
     if device == "cuda" and groups and groups[0].gpus:
         device = f"cuda:{groups[0].gpus[0]}"
-    precision = settings.precision or entry.parameter("precision", "fp32") or "fp32"
-    if device == "cpu":
-        precision = "fp32"
+    if settings.precision:
+        precision = resolve_precision(settings.precision, device)
+    else:
+        try:
+            precision = resolve_precision(entry.parameter(PRECISION, ""), device)
+        except ValueError:
+            precision = resolve_precision("auto", device)
+    threads = settings.threads or _int_parameter(entry, THREADS) or default_threads(count)
     kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
-    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=settings.threads, instances=max(1, count))
+    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=count)
+
+
+def token_budget(entry: ModelEntry, settings: Settings, num_instances: int, max_length: int, pad_multiple: int) -> TokenBudget | None:
+    """The scheduler's token budget (``TokenBudget``): the flag, else config.pbtxt, else
+    ``batch_texts / N`` groups of ``AUTO_TOKENS_PER_GROUP`` tokens; 0 turns it off."""
+    tokens = settings.max_batch_tokens if settings.max_batch_tokens is not None else _int_parameter(entry, MAX_BATCH_TOKENS)
+    if tokens is None:
+        tokens = batch_texts(entry, num_instances) // num_instances * AUTO_TOKENS_PER_GROUP
+    if tokens == 0:
+        return None
+    return TokenBudget(tokens, group=num_instances, pad_multiple=pad_multiple, max_length=max_length)
+
+
+def max_texts(entry: ModelEntry, num_instances: int) -> int:
+    """The most texts one pass may take: ``max_batch_size`` in whole mux groups."""
+    texts = max(1, entry.config.max_batch_size)
+    return max(num_instances, texts - texts % num_instances)
 
 
 def batch_texts(entry: ModelEntry, num_instances: int) -> int:
@@ -294,7 +335,10 @@ class ModelRegistry:
             served.state = READY
             served.monitor.set_ready(True)
             cfg = served.model_config
-            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s (%d thread(s)), %d texts/batch, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, served.engine.options.kind, served.engine.options.device, served.engine.threads, served.scheduler.batch_texts, time.perf_counter() - t0)
+            budget = served.scheduler.token_budget
+            batching = f"up to {served.scheduler.batch_texts} texts and {budget.max_tokens} tokens a pass" if budget else f"{served.scheduler.batch_texts} texts a pass"
+            options = served.engine.options
+            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s in %s (%d thread(s)), %s, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, options.kind, options.device, options.precision, served.engine.threads, batching, time.perf_counter() - t0)
         except Exception as exc:  # one bad model must not stop the others
             served.state = UNAVAILABLE
             served.reason = f"{type(exc).__name__}: {exc}"
@@ -315,10 +359,12 @@ class ModelRegistry:
         monitor = ModelMonitor(self.metrics, served.name, served.version, cfg.num_instances, served.baseline)
         db = entry.config.dynamic_batching
         delay_s = db.max_queue_delay_microseconds / 1e6 if entry.config.HasField("dynamic_batching") else 0.0
+        budget = token_budget(entry, self.settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple)
         scheduler = MuxScheduler(
             engine.run,
             num_instances=cfg.num_instances,
-            batch_texts=batch_texts(entry, cfg.num_instances),
+            batch_texts=max_texts(entry, cfg.num_instances) if budget else batch_texts(entry, cfg.num_instances),
+            token_budget=budget,
             max_queue_delay_s=delay_s,
             max_queue_size=db.default_queue_policy.max_queue_size,
             engine_instances=options.instances,

@@ -1,8 +1,8 @@
 """The mux scheduler: texts from many requests fill mux groups; one forward pass per batch.
 
 One asyncio task owns the queue. A batch runs when an engine instance is free and either a
-full batch (``batch_texts`` = B groups x N slots) is waiting or the oldest waiting text has
-waited ``max_queue_delay``. Texts, not requests, fill slots; every text's result comes from
+full batch (``batch_texts`` = B groups x N slots, or a ``TokenBudget`` worth of tokens) is
+waiting or the oldest waiting text has waited ``max_queue_delay``. Texts, not requests, fill slots; every text's result comes from
 its own row of the output. The queue is bounded in requests (Triton's ``max_queue_size``):
 past it ``submit`` fails at once with QueueFull. A failing forward pass fails only the
 requests that had texts in it. A caller that goes away leaves its texts to be skipped.
@@ -19,6 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
+from muxserve.serving.padding import PAD_MULTIPLE, padded_length
 
 
 @dataclass
@@ -57,7 +58,28 @@ T = TypeVar("T")
 WINDOW_BATCHES = 4  # length-aware batching looks this many batches deep into the queue
 
 
-def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, length_aware: bool) -> list[int]:
+@dataclass(frozen=True)
+class TokenBudget:
+    """TEI's ``max_batch_tokens`` for mux models: a forward pass computes at most ``max_tokens``
+    encoder positions, that is mux groups x padded length (for a plain model, N = 1: texts x
+    padded length). Short texts then share a pass by the dozen while long ones make smaller
+    passes, so a pass's time stays bounded without padding every batch to a fixed shape."""
+
+    max_tokens: int
+    group: int = 1  # texts per mux group (N)
+    pad_multiple: int = PAD_MULTIPLE  # as the engine pads (0: its length buckets)
+    max_length: int = 512
+
+    def cost(self, texts: int, longest: int) -> int:
+        """Encoder positions of a pass of ``texts`` texts whose longest has ``longest`` tokens."""
+        return -(-texts // self.group) * padded_length(longest, self.max_length, self.pad_multiple)
+
+    def full(self, queued_tokens: int) -> bool:
+        """Whether the queue surely fills a pass: its tokens, unpadded, already reach the budget."""
+        return queued_tokens >= self.max_tokens * self.group
+
+
+def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, length_aware: bool, budget: TokenBudget | None = None) -> list[int]:
     """Which waiting texts form the next batch: indices into the queue (oldest first; the caller
     passes at most ``WINDOW_BATCHES`` batches of it), in arrival order.
 
@@ -66,22 +88,43 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
     batch keeps arrival order and consecutive texts fill a mux group, as the mux models are
     trained (groups of texts drawn at random); sorting the batch into groups of nearly equal
     length measured level as served (``benchmarks/served_grouping.py``) and buys nothing, since
-    the batch runs as one pass at its longest text's length either way."""
+    the batch runs as one pass at its longest text's length either way.
+
+    With a ``budget``, texts join in that order of priority while the pass's cost stays within
+    it (in arrival order the first that does not fit ends the batch; length-aware, a longer one
+    that does not fit is passed over for shorter ones). The first text in priority, the oldest,
+    always runs, even alone past the budget: nothing starves."""
     count = len(lengths)
-    if count <= cap or not length_aware:
-        return list(range(min(count, cap)))
-    chosen = set([i for i in range(count) if overdue[i]][:cap])
-    anchor = lengths[0]
-    others = sorted((i for i in range(count) if i not in chosen), key=lambda i: abs(lengths[i] - anchor))
-    chosen.update(others[: cap - len(chosen)])
+    if not length_aware:
+        order = list(range(min(count, cap)))
+    elif count <= cap and budget is None:
+        return list(range(count))
+    else:
+        first = [i for i in range(count) if overdue[i]][:cap]
+        taken = set(first)
+        anchor = lengths[0]
+        order = first + sorted((i for i in range(count) if i not in taken), key=lambda i: abs(lengths[i] - anchor))
+    if budget is None:
+        return sorted(order[:cap])
+    chosen: list[int] = []
+    longest = 0
+    for i in order:
+        if len(chosen) == cap:
+            break
+        if chosen and budget.cost(len(chosen) + 1, max(longest, lengths[i])) > budget.max_tokens:
+            if not length_aware:
+                break
+            continue
+        chosen.append(i)
+        longest = max(longest, lengths[i])
     return sorted(chosen)
 
 
-def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T], bool], cap: int, length_aware: bool) -> tuple[list[T], list[T]]:
+def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T], bool], cap: int, length_aware: bool, budget: TokenBudget | None = None) -> tuple[list[T], list[T]]:
     """(next batch, what stays queued), by ``choose_batch`` over the oldest ``WINDOW_BATCHES``
     batches of ``queue``; both keep arrival order."""
     window = queue[: WINDOW_BATCHES * cap]
-    picked = choose_batch([length(t) for t in window], [overdue(t) for t in window], cap, length_aware)
+    picked = choose_batch([length(t) for t in window], [overdue(t) for t in window], cap, length_aware, budget)
     taken = set(picked)
     return [window[i] for i in picked], [t for i, t in enumerate(window) if i not in taken] + queue[len(window) :]
 
@@ -98,6 +141,7 @@ class MuxScheduler:
         length_aware: bool = True,
         observer: Callable[[BatchReport], None] | None = None,
         name: str = "model",
+        token_budget: TokenBudget | None = None,
     ) -> None:
         if batch_texts < 1:
             raise ValueError("batch_texts must be >= 1")
@@ -107,10 +151,12 @@ class MuxScheduler:
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size  # 0: unbounded, as Triton
         self.length_aware = length_aware
+        self.token_budget = token_budget  # None: batches of batch_texts texts
         self.observer = observer
         self.name = name
         self._queue: list[_Text] = []
         self._queued_requests = 0
+        self._queued_tokens = 0
         self._arrived = asyncio.Event()
         self._engine_slots = asyncio.Semaphore(engine_instances)
         self._inflight: set[asyncio.Task] = set()
@@ -162,6 +208,7 @@ class MuxScheduler:
         now = time.monotonic()
         self._queue.extend(_Text(r, request, i, now) for i, r in enumerate(rows))
         self._queued_requests += 1
+        self._queued_tokens += sum(len(r) for r in rows)
         self._idle.clear()
         self._arrived.set()
         try:
@@ -179,6 +226,7 @@ class MuxScheduler:
         if dropped:
             self._queue = [t for t in self._queue if not t.request.cancelled]
             self._queued_requests -= len(dropped)
+            self._queued_tokens = sum(len(t.ids) for t in self._queue)
         if before and not self._queue and not self._inflight:
             self._idle.set()
 
@@ -206,6 +254,8 @@ class MuxScheduler:
                 continue
             if len(self._queue) >= self.batch_texts:
                 return
+            if self.token_budget is not None and self.token_budget.full(self._queued_tokens):
+                return
             wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
             if wait <= 0:
                 return
@@ -219,8 +269,9 @@ class MuxScheduler:
         """Take the next batch off the queue (``choose_batch``)."""
         queue = [t for t in self._queue if not t.request.cancelled]
         deadline = time.monotonic() - self.max_queue_delay_s
-        batch, rest = split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware)
+        batch, rest = split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware, self.token_budget)
         self._queue = rest
+        self._queued_tokens = sum(len(t.ids) for t in rest)
         # a request leaves the queue when its last text is taken
         queued = {id(t.request) for t in rest}
         self._queued_requests = len(queued)

@@ -18,9 +18,10 @@ class Settings(BaseModel):
     load_models: list[str] = Field(default_factory=list, description="explicit mode: the models to load at start ('*': all)")
     repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between scans of the repository")
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
-    precision: str = Field("", description="override: fp32 | fp16 | bf16 (CUDA only)")
+    precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32")
     engine: str = Field("", description="override: eager | torchscript")
-    threads: int = Field(0, description="intra-op threads per engine instance; 0: cores-1 split over instances")
+    threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt, else every core split over instances")
+    max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="group texts of similar length (less padding)")
     warmup: bool = True
     max_request_bytes: int = Field(16 * 1024 * 1024, description="HTTP bodies larger than this get 413")

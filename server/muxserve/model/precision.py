@@ -1,0 +1,61 @@
+"""Serving precision: which floating-point type a model runs in, chosen from the hardware.
+
+``auto`` resolves to the fastest type that holds accuracy on the device: fp16 on CUDA; bf16 on a
+CPU with bf16 matrix units (AMX ``amx_bf16`` or ``avx512_bf16``, read from ``/proc/cpuinfo``),
+where oneDNN runs bf16 matmuls several times faster than fp32; fp32 on any other CPU. Half
+precision casts the weights (``model.to(dtype)``) rather than running fp32 weights under
+autocast: on CPU the cast model measured faster (``benchmarks/precision_modes.py``) and
+holds SST-2 dev accuracy within 0.2 points of fp32 (``model_repository/MODELS.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+CHOICES = ("auto", *PRECISIONS)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU feature flags the kernel reports (empty where there is no ``/proc/cpuinfo``)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_fast_bf16(flags: Iterable[str] | None = None) -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16)."""
+    return bool(BF16_CPU_FLAGS & set(cpu_flags() if flags is None else flags))
+
+
+def resolve_precision(requested: str | None, device: str, flags: Iterable[str] | None = None) -> str:
+    """``auto`` (or empty) -> the device's fastest accurate precision; anything else is checked.
+
+    fp16 is refused on CPU (no fast fp16 path there; bf16 is the CPU's half precision). bf16 on
+    a CPU without bf16 units is allowed when asked for: it is correct, only slower."""
+    choice = (requested or "auto").lower()
+    if choice not in CHOICES:
+        raise ValueError(f"unknown precision {requested!r} (choose from {', '.join(CHOICES)})")
+    is_cuda = str(device).startswith("cuda")
+    if choice == "auto":
+        if is_cuda:
+            return "fp16"
+        return "bf16" if cpu_has_fast_bf16(flags) else "fp32"
+    if choice == "fp16" and not is_cuda:
+        raise ValueError("precision fp16 is for CUDA; on CPU use bf16 (or fp32)")
+    return choice
+
+
+def dtype_of(precision: str) -> torch.dtype:
+    return DTYPES[precision]

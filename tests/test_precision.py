@@ -1,0 +1,75 @@
+"""Serving precision: detection from the CPU's flags, resolution per device, and a bf16 engine
+that answers as the fp32 one does on a bundled model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import ROOT, SST2_DEV
+
+from muxserve.model.precision import cpu_flags, cpu_has_fast_bf16, resolve_precision
+from muxserve.model.tokenizer import TextTokenizer
+from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.repository import resolve_model_dir
+from muxserve.training.data import read_tsv_sentences
+
+AMX = {"fpu", "avx512f", "amx_tile", "amx_bf16"}
+AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
+PLAIN = {"fpu", "sse4_2", "avx2", "avx512f"}
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n\nprocessor\t: 1\n")
+    assert cpu_flags(info) == {"fpu", "avx2", "amx_bf16", "amx_tile"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+@pytest.mark.parametrize("flags", [AMX, AVX512_BF16])
+def test_auto_is_bf16_on_cpus_with_bf16_units(flags: set[str]) -> None:
+    assert cpu_has_fast_bf16(flags)
+    assert resolve_precision("auto", "cpu", flags) == "bf16"
+    assert resolve_precision(None, "cpu", flags) == "bf16"
+
+
+def test_auto_is_fp32_on_other_cpus_and_fp16_on_cuda() -> None:
+    assert not cpu_has_fast_bf16(PLAIN)
+    assert resolve_precision("auto", "cpu", PLAIN) == "fp32"
+    assert resolve_precision("", "cpu", set()) == "fp32"
+    assert resolve_precision("auto", "cuda", PLAIN) == "fp16"
+    assert resolve_precision("auto", "cuda:1", AMX) == "fp16"
+
+
+def test_explicit_precisions_are_checked_against_the_device() -> None:
+    assert resolve_precision("fp32", "cpu", AMX) == "fp32"
+    assert resolve_precision("BF16", "cpu", PLAIN) == "bf16"  # slower without bf16 units, still correct
+    assert resolve_precision("bf16", "cuda", PLAIN) == "bf16"
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        resolve_precision("fp16", "cpu", AMX)
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("int8", "cpu", AMX)
+
+
+BUNDLED = ROOT / "model_repository"
+
+
+@pytest.mark.skipif(not (BUNDLED / "sst2-mux2").exists() or not SST2_DEV.exists(), reason="needs the bundled sst2-mux2 and SST-2 dev")
+def test_bf16_engine_answers_as_fp32_on_a_bundled_model() -> None:
+    directory = resolve_model_dir(BUNDLED, "sst2-mux2")
+    texts = read_tsv_sentences(SST2_DEV)[:256]
+    fp32 = Engine.load(directory, EngineOptions(precision="fp32", threads=1))
+    bf16 = Engine.load(directory, EngineOptions(precision="bf16", threads=1))
+    try:
+        assert (fp32.options.precision, bf16.options.precision) == ("fp32", "bf16")
+        rows = TextTokenizer(directory / "tokenizer.json", fp32.config.max_seq_length).encode(texts).ids
+        batches = [rows[i : i + 64] for i in range(0, len(rows), 64)]
+        ref = np.concatenate([fp32.infer(b) for b in batches])
+        got = np.concatenate([bf16.infer(b) for b in batches])
+    finally:
+        fp32.close()
+        bf16.close()
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert np.abs(got - ref).max() < 0.25  # bf16 keeps 8 bits of mantissa; logits span about +-5
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
