@@ -21,38 +21,45 @@ def repo(tmp_path_factory):
     return make_tiny_repository(tmp_path_factory.mktemp("bench") / "repo", {"tiny-bert": 1, "tiny-mux2": 2})
 
 
+needs_native = pytest.mark.skipif(shutil.which("wrk") is None or shutil.which("h2load") is None, reason="needs wrk and h2load (apt-get install wrk nghttp2-client)")
+
+
 @needs_sst2
+@needs_native
 @pytest.mark.slow
 def test_bench_serve_sweep(repo, tmp_path) -> None:
     pytest.importorskip("matplotlib")
     out = tmp_path / "out"
     argv = [
-        "bench", "serve", "--model-repository", str(repo), "--models", "tiny-bert,tiny-mux2", "--concurrency", "1,4", "--texts-per-request", "2",
-        "--duration", "1", "--warmup", "0.3", "--out", str(out), "--accuracy-limit", "40", "--forward-seconds", "0.2", "--matmul-seconds", "0.2",
+        "bench", "serve", "--model-repository", str(repo), "--models", "tiny-bert,tiny-mux2", "--concurrency", "1,4", "--texts-per-request", "2", "--protocol", "binary,grpc",
+        "--echo-protocols", "classify,grpc", "--duration", "1", "--warmup", "1", "--out", str(out), "--accuracy-limit", "40", "--forward-seconds", "0.2", "--matmul-seconds", "0.2",
     ]
     assert main(argv) == 0
     report = json.loads((out / "results.json").read_text())
     points = report["points"]
-    assert [(p["model"], p["concurrency"]) for p in points] == [("tiny-bert", 1), ("tiny-mux2", 1), ("tiny-bert", 4), ("tiny-mux2", 4)]
+    assert [(p["protocol"], p["model"], p["concurrency"]) for p in points] == [(proto, m, c) for proto in ("binary", "grpc") for c in (1, 4) for m in ("tiny-bert", "tiny-mux2")]
     for p in points:
-        assert p["errors"] == 0 and p["requests"] > 0 and p["texts"] == 2 * p["requests"] and p["texts_per_request"] == 2
-        assert p["warmup_seconds"] >= 0.3  # at least --warmup, and until every worker had an answer
+        assert p["error_count"] == 0 and p["requests"] > 0 and p["texts_per_request"] == 2 and p["texts_per_s"] == pytest.approx(2 * p["requests_per_s"], rel=1e-3)
+        assert p["tool"] == ("h2load" if p["protocol"] == "grpc" else "wrk")
+        # the server's counters over the same run: every request the client finished, and the ones in flight at its stop at most
+        assert p["requests"] <= p["server"]["success"] <= p["requests"] + p["concurrency"]
+        assert p["server"]["texts"] == 2 * p["server"]["success"] and p["cpu_ms_per_request"] > 0
         prof = p["profile"]
-        # the server saw the same window: its request count is close to the client's
-        assert prof["server_requests"] == pytest.approx(p["requests"], rel=0.25, abs=3)
         assert prof["parts_ms"]["forward"] > 0 and prof["parts_ms"]["tokenize"] > 0 and 0 < prof["engine_busy"] <= 1.05
         assert sum(prof["parts_ms"].values()) == pytest.approx(prof["client_ms"])
+    assert [(p["protocol"], p["engine"], p["texts_per_request"]) for p in report["echo"]] == [("classify", "echo", 1), ("grpc", "echo", 1)]
+    assert all(p["error_count"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0 for p in report["echo"])
     for model, n in (("tiny-bert", 1), ("tiny-mux2", 2)):
         info = report["models"][model]
         assert info["num_instances"] == n
         assert info["accuracy"]["n"] == 40 and 0 <= info["accuracy"]["accuracy"] <= 1
         assert info["forward"]["forward_texts_per_s"] > 0
         assert info["limit"]["limit_texts_per_s"] > 0 and info["limit"]["flops_per_text_padded"] >= info["limit"]["flops_per_text"]
-    rows = {r["model"]: r for r in report["summary"]}
-    assert rows["tiny-bert"]["ratio_to_baseline"] == 1.0
-    assert all(0 < r["served_over_limit"] < 1 for r in rows.values())
+    rows = {(r["protocol"], r["model"]): r for r in report["summary"]}
+    assert len(rows) == 4 and rows[("binary", "tiny-bert")]["ratio_to_baseline"] == 1.0
+    assert all(0 < r["served_over_limit"] < 1 and r["served_over_forward"] > 0 for r in rows.values())
     md = (out / "results.md").read_text()
-    assert "| http | tiny-mux2 | 2 |" in md and "Physical limit" in md and "Where a request's time goes" in md
+    assert "| binary | 2 | tiny-mux2 | 2 |" in md and "Physical limit" in md and "Where a request's time goes" in md and "echo engine" in md
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -69,13 +76,14 @@ def test_accuracy_is_cached_by_weights_and_data(repo, tmp_path) -> None:
 
 
 @needs_sst2
+@needs_native
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy not installed")
 def test_bench_profile_with_py_spy(repo, tmp_path) -> None:
-    argv = ["bench", "profile", "--model-repository", str(repo), "--models", "tiny-mux2", "--concurrency", "4", "--duration", "1", "--warmup", "0.3", "--out", str(tmp_path), "--matmul-seconds", "0.2", "--py-spy"]
+    argv = ["bench", "profile", "--model-repository", str(repo), "--models", "tiny-mux2", "--concurrency", "4", "--duration", "1", "--warmup", "1", "--out", str(tmp_path), "--matmul-seconds", "0.2", "--py-spy"]
     assert main(argv) == 0
     result = json.loads((tmp_path / "profile.json").read_text())["results"][0]
-    assert result["point"]["errors"] == 0 and 0 < result["served_over_limit"] < 1
+    assert result["point"]["error_count"] == 0 and 0 < result["served_over_limit"] < 1
     spy = result["py_spy"]
     if "error" in spy:  # no ptrace permission here: the profile still ran
         pytest.skip(f"py-spy could not attach: {spy['error'][:200]}")

@@ -8,8 +8,8 @@ throughput figure comes from these. The pieces, for ``muxserve bench serve``, th
 - what to send: ``http_load(kind, model, texts, texts_per_request)`` builds an ``HttpLoad``
   (path, headers, bodies that cycle through the texts) for ``classify`` (``/v1/classify``),
   ``json`` (KServe v2 JSON) or ``binary`` (KServe v2 with the binary tensor extension);
-  ``grpc_message`` one length-prefixed ``ModelInfer`` frame; any other server's route is an
-  ``HttpLoad`` of its own bodies;
+  ``grpc_message`` one length-prefixed ``ModelInfer`` frame; ``json_load`` the same for any
+  other server's JSON route;
 - how to send it: ``run_wrk`` (closed loop, or paced to a total request rate) and ``run_h2load``,
   each returning a ``LoadResult`` (requests, errors, latency percentiles);
 - what it cost the server: ``tree_cpu_seconds(pid)``, the CPU time of a process and all its
@@ -80,16 +80,20 @@ def _json(obj: object) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def json_load(path: str, body: Callable[[list[str]], object], texts: Sequence[str], texts_per_request: int = 1) -> HttpLoad:
+    """JSON POSTs to ``path`` of any server: ``body(texts of one request)`` -> the JSON object."""
+    return HttpLoad(path, [_json(body(g)) for g in text_groups(texts, texts_per_request)], texts_per_request=texts_per_request)
+
+
 def http_load(kind: str, model: str, texts: Sequence[str], texts_per_request: int = 1) -> HttpLoad:
-    """The request bodies of one HTTP ``kind`` (``classify``, ``json`` or ``binary``)."""
-    groups = text_groups(texts, texts_per_request)
+    """muxserve's request bodies of one HTTP ``kind`` (``classify``, ``json`` or ``binary``)."""
     if kind == "classify":
-        return HttpLoad("/v1/classify", [_json({"model": model, "inputs": g}) for g in groups], texts_per_request=texts_per_request)
+        return json_load("/v1/classify", lambda g: {"model": model, "inputs": g}, texts, texts_per_request)
+    groups = text_groups(texts, texts_per_request)
     path = f"/v2/models/{model}/infer"
     outputs = [{"name": "LABEL"}, {"name": "LOGITS"}]
     if kind == "json":
-        bodies = [_json({"inputs": [{"name": "TEXT", "shape": [len(g), 1], "datatype": "BYTES", "data": g}], "outputs": outputs}) for g in groups]
-        return HttpLoad(path, bodies, texts_per_request=texts_per_request)
+        return json_load(path, lambda g: {"inputs": [{"name": "TEXT", "shape": [len(g), 1], "datatype": "BYTES", "data": g}], "outputs": outputs}, texts, texts_per_request)
     if kind == "binary":
         bodies = []
         for g in groups:

@@ -5,10 +5,14 @@
 1. per model, before the server starts (nothing else of ours running): accuracy on SST-2 dev
    (cached in ``results.json`` by weights and data), the engine's forward pass alone at the
    served batch shape, and the physical limit (FLOPs per text against the matmul rate);
-2. one server with all models loaded, driven by the closed-loop load generator over
-   protocols x texts per request x concurrency x models (models innermost, so that a noisy
-   moment hurts neighbouring models alike); for every point the server's own statistics over
-   the same window give the per-request time breakdown (tokenize, queue, forward, rest).
+2. one server with all models loaded, driven by a native load generator (``wrk`` over HTTP,
+   ``h2load`` over gRPC: ``muxserve.bench.native``) in a closed loop over protocols x texts per
+   request x concurrency x models (models innermost, so that a noisy moment hurts neighbouring
+   models alike); for every point the server's CPU time over the window (all its processes, from
+   ``/proc``) and its own statistics over the same window give the CPU per request and the
+   per-request time breakdown (tokenize, queue, forward, rest);
+3. a server of the echo engine (no model: the serving stack alone) on the first model, for the
+   server's CPU per request over each protocol.
 
 ``write_report`` writes ``results.json``, ``results.md`` and the PNG plots.
 ``run_profile`` is the focused version for one or more models at one load, optionally with a
@@ -17,7 +21,6 @@ py-spy sample of the server process.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import shlex
@@ -28,9 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-
-from muxserve.bench.loadgen import closed_loop
+from muxserve.bench import native
 from muxserve.bench.run import (
     accuracy_key,
     breakdown,
@@ -39,8 +40,9 @@ from muxserve.bench.run import (
     load_texts,
     machine_info,
     model_accuracy,
-    model_stats_async,
+    model_stats,
     physical_limit,
+    server_counts,
     stats_delta,
 )
 from muxserve.launch import ServerHandle, start_server
@@ -53,12 +55,13 @@ PLOTS = ("throughput_vs_concurrency.png", "latency_vs_throughput.png", "accuracy
 class SweepOptions:
     repository: str = "model_repository"
     models: list[str] = field(default_factory=lambda: ["sst2-bert", "sst2-mux2", "sst2-mux5"])
-    concurrency: list[int] = field(default_factory=lambda: [1, 8, 32, 128])
+    concurrency: list[int] = field(default_factory=lambda: [64])
     texts_per_request: list[int] = field(default_factory=lambda: [1, 8])
-    protocols: list[str] = field(default_factory=lambda: ["http"])
-    duration: float = 8.0
-    warmup: float = 2.0  # at least; and until every worker has had one answer (at most max_warmup)
-    max_warmup: float = 120.0
+    protocols: list[str] = field(default_factory=lambda: ["classify"])  # of native.PROTOCOLS
+    duration: float = 10.0
+    warmup: float = 3.0  # unmeasured load before each point, on the same server
+    client_threads: int = 1  # load generator threads (it shares the machine with the server)
+    echo_protocols: list[str] = field(default_factory=lambda: list(native.PROTOCOLS))  # [] skips the echo server
     out: str = "bench-results"
     texts: str = ""  # text source for the load; default SST-2 dev
     accuracy: bool = True
@@ -77,29 +80,42 @@ def num_instances_of(repository: str, model: str) -> int:
     return int(value or 1)
 
 
-async def measure_point(server: ServerHandle, model: str, texts: Sequence[str], protocol: str, concurrency: int, texts_per_request: int, duration: float, warmup: float, max_warmup: float = 120.0, window_start: Callable[[], object] | None = None) -> dict:
-    """One closed-loop point, plus the server's statistics over exactly its measuring window.
-
-    The warm-up lasts ``warmup`` seconds and until every worker has had one answer (at most
-    ``max_warmup``): only then do requests wait in a steady-state queue, so that latencies in the
-    window are those of the load, not of its ramp. ``window_start`` runs as the window opens."""
-    snaps: dict[str, dict] = {}
-    async with httpx.AsyncClient(timeout=30) as http:
-
-        async def on_start() -> None:
-            snaps["before"] = await model_stats_async(http, server.http_url, model)
-            if window_start is not None:
-                window_start()
-
-        async def on_stop() -> None:
-            snaps["after"] = await model_stats_async(http, server.http_url, model)
-
-        result = await closed_loop(server.url(protocol), model, list(texts), concurrency, duration, texts_per_request, protocol, warmup, on_start=on_start, on_stop=on_stop, warmup_cycles=1, max_warmup_s=max(warmup, max_warmup))
-    point = result.summary()
-    point["mean_ms"] = round(sum(result.latencies_ms) / len(result.latencies_ms), 3) if result.latencies_ms else float("nan")
-    if "before" in snaps and "after" in snaps:
-        point["profile"] = breakdown(stats_delta(snaps["before"], snaps["after"]), result.latencies_ms, result.seconds)
+def measure_point(server: ServerHandle, model: str, texts: Sequence[str], protocol: str, concurrency: int, texts_per_request: int, duration: float, warmup: float, client_threads: int = 1, window_start: Callable[[], object] | None = None) -> dict:
+    """One closed-loop point of the native load generator (``warmup`` seconds unmeasured, then
+    ``duration``), with the server's CPU time, its counters and its statistics over the measured
+    run. ``window_start`` runs as the measured run begins."""
+    run = native.drive(protocol, server.http_url, server.grpc_url, model, texts, texts_per_request, concurrency, client_threads)
+    if warmup > 0:
+        run(warmup)
+    before = model_stats(server.http_url, model)
+    if window_start is not None:
+        window_start()
+    m = native.measure(server.proc.pid, run, duration, counters=lambda: server_counts(server.http_url, model))
+    after = model_stats(server.http_url, model)
+    point = {"model": model, "protocol": protocol, "concurrency": concurrency, **m.summary()}
+    point["profile"] = breakdown(stats_delta(before, after), [m.load.mean_ms], m.load.seconds)
     return point
+
+
+def point_text(p: dict) -> str:
+    errors = f", errors {p['errors']}" if p["error_count"] else ""
+    return f"{p['protocol']} {p['model']} c={p['concurrency']} texts/req={p['texts_per_request']}: {p['requests_per_s']:.1f} req/s, {p['texts_per_s']:.1f} texts/s, p50 {_f(p['p50_ms'])} ms, p99 {_f(p['p99_ms'])} ms, server CPU {_f(p['cpu_ms_per_request'], '.3f')} ms/request{errors}"
+
+
+def measure_echo(opts: SweepOptions, texts: Sequence[str], out: Path, log: Log) -> list[dict]:
+    """The serving stack alone: the first model on the echo engine (no forward pass), 1 text
+    per request at the highest concurrency, the server's CPU per request over each protocol."""
+    model, concurrency = opts.models[0], max(opts.concurrency)
+    server = start_server(opts.repository, [model], out / "server-echo.log", extra=[*opts.server_args, "--engine", "echo"], grpc="grpc" in opts.echo_protocols)
+    points = []
+    try:
+        for protocol in opts.echo_protocols:
+            p = measure_point(server, model, texts, protocol, concurrency, 1, opts.duration, opts.warmup, opts.client_threads)
+            points.append({**p, "engine": "echo"})
+            log("echo engine: " + point_text(p))
+    finally:
+        server.stop()
+    return points
 
 
 def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> dict[str, dict]:
@@ -139,31 +155,33 @@ def _previous_models(out: Path) -> dict:
 
 
 def summarize(report: dict) -> list[dict]:
-    """One row per (protocol, model): the peak texts/s point of the sweep and the ratios."""
+    """One row per (protocol, texts per request, model): the point of highest texts/s over the
+    concurrencies (without errors), with the ratios to the baseline and to the forward pass."""
     rows = []
-    models = report["models"]
-    for protocol in report["settings"]["protocols"]:
-        peaks: dict[str, dict] = {}
-        for p in report["points"]:
-            if p["protocol"] == protocol and p["errors"] == 0 and (p["model"] not in peaks or p["texts_per_s"] > peaks[p["model"]]["texts_per_s"]):
-                peaks[p["model"]] = p
-        baseline = next((m for m in report["settings"]["models"] if models[m]["num_instances"] == 1 and m in peaks), None)
-        for model in report["settings"]["models"]:
-            info, peak = models[model], peaks.get(model)
-            row = {"protocol": protocol, "model": model, "num_instances": info["num_instances"], "accuracy": info.get("accuracy", {}).get("accuracy")}
-            if peak is not None:
-                row.update(peak_texts_per_s=peak["texts_per_s"], peak_requests_per_s=peak["requests_per_s"], at_concurrency=peak["concurrency"], at_texts_per_request=peak["texts_per_request"], p50_ms=peak["p50_ms"], p99_ms=peak["p99_ms"])
-                row["ratio_to_baseline"] = peak["texts_per_s"] / peaks[baseline]["texts_per_s"] if baseline and peaks[baseline]["texts_per_s"] else None
-                if "forward" in info:
-                    row["forward_texts_per_s"] = info["forward"]["forward_texts_per_s"]
-                    row["served_over_forward"] = peak["texts_per_s"] / info["forward"]["forward_texts_per_s"]
-                if "limit" in info:
-                    row["limit_texts_per_s"] = info["limit"]["limit_texts_per_s"]
-                    row["served_over_limit"] = peak["texts_per_s"] / info["limit"]["limit_texts_per_s"]
-                    row["served_over_limit_padded"] = peak["texts_per_s"] / info["limit"]["limit_texts_per_s_padded"]
-                if "profile" in peak:
-                    row["profile"] = peak["profile"]
-            rows.append(row)
+    models, settings = report["models"], report["settings"]
+    for protocol in settings["protocols"]:
+        for tpr in settings["texts_per_request"]:
+            peaks: dict[str, dict] = {}
+            for p in report["points"]:
+                if p["protocol"] == protocol and p["texts_per_request"] == tpr and p["error_count"] == 0 and (p["model"] not in peaks or p["texts_per_s"] > peaks[p["model"]]["texts_per_s"]):
+                    peaks[p["model"]] = p
+            baseline = next((m for m in settings["models"] if models[m]["num_instances"] == 1 and m in peaks), None)
+            for model in settings["models"]:
+                info, peak = models[model], peaks.get(model)
+                row = {"protocol": protocol, "texts_per_request": tpr, "model": model, "num_instances": info["num_instances"], "accuracy": info.get("accuracy", {}).get("accuracy")}
+                if peak is not None:
+                    row.update(peak_texts_per_s=peak["texts_per_s"], peak_requests_per_s=peak["requests_per_s"], at_concurrency=peak["concurrency"], p50_ms=peak["p50_ms"], p99_ms=peak["p99_ms"], cpu_ms_per_request=peak["cpu_ms_per_request"])
+                    row["ratio_to_baseline"] = peak["texts_per_s"] / peaks[baseline]["texts_per_s"] if baseline and peaks[baseline]["texts_per_s"] else None
+                    if "forward" in info:
+                        row["forward_texts_per_s"] = info["forward"]["forward_texts_per_s"]
+                        row["served_over_forward"] = peak["texts_per_s"] / info["forward"]["forward_texts_per_s"]
+                    if "limit" in info:
+                        row["limit_texts_per_s"] = info["limit"]["limit_texts_per_s"]
+                        row["served_over_limit"] = peak["texts_per_s"] / info["limit"]["limit_texts_per_s"]
+                        row["served_over_limit_padded"] = peak["texts_per_s"] / info["limit"]["limit_texts_per_s_padded"]
+                    if "profile" in peak:
+                        row["profile"] = peak["profile"]
+                rows.append(row)
     return rows
 
 
@@ -183,11 +201,11 @@ def run_sweep(opts: SweepOptions, log: Log = lambda s: print(s, file=sys.stderr,
             for tpr in opts.texts_per_request:
                 for concurrency in opts.concurrency:
                     for model in opts.models:
-                        p = asyncio.run(measure_point(server, model, texts, protocol, concurrency, tpr, opts.duration, opts.warmup, opts.max_warmup))
-                        points.append(p)
-                        log(f"{protocol} {model} c={concurrency} tpr={tpr}: {p['texts_per_s']:.1f} texts/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, errors {p['errors']} (warm-up {p['warmup_seconds']:.1f} s)" + (f" ({p['first_error'][:120]})" if p["errors"] else ""))
+                        points.append(measure_point(server, model, texts, protocol, concurrency, tpr, opts.duration, opts.warmup, opts.client_threads))
+                        log(point_text(points[-1]))
     finally:
         server.stop()
+    echo = measure_echo(opts, texts, out, log) if opts.echo_protocols else []
     report = {
         "machine": machine,
         "command": opts.command,
@@ -196,6 +214,7 @@ def run_sweep(opts: SweepOptions, log: Log = lambda s: print(s, file=sys.stderr,
         "texts": {"source": opts.texts or str(default_sst2_dev()), "count": len(texts)},
         "models": models,
         "points": points,
+        "echo": echo,
         "seconds": {"offline": offline_s, "total": time.perf_counter() - start},
     }
     report["summary"] = summarize(report)
@@ -231,26 +250,33 @@ def markdown(report: dict) -> str:
         "# muxserve: served throughput, latency and accuracy",
         "",
         f"Machine: {m['cpu']} ({m['cores']} cores available, engine threads {m['engine_threads']}), {m['platform']}, Python {m['python']}, torch {m['torch']}; load average at start {m.get('load_average')}.",
-        f"Date: {report['date']}. Closed loop (tritonclient asyncio), warm-up of at least {s['warmup']:g} s and until every worker has had an answer, then {s['duration']:g} s measured per point; texts: {report['texts']['source']} ({report['texts']['count']}). Total time {report['seconds']['total']:.0f} s.",
+        f"Date: {report['date']}. Native load generators in a closed loop (wrk with a Lua script over HTTP, h2load over gRPC, {s['client_threads']} client thread(s)): {s['warmup']:g} s unmeasured, then {s['duration']:g} s measured per point; texts: {Path(report['texts']['source']).name} ({report['texts']['count']}). Server CPU: all its processes, from /proc. Total time {report['seconds']['total']:.0f} s.",
         "",
         f"Command: `{report['command']}`" if report.get("command") else "",
         "",
-        "## Summary (peak texts/s over the sweep, no errors)",
+        "## Summary (the concurrency of highest texts/s, no errors)",
         "",
-        "| protocol | model | N | SST-2 dev acc. | peak texts/s | at conc. × texts/req | p50 ms | p99 ms | × baseline | forward-only texts/s | served / forward | limit texts/s | served / limit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| protocol | texts/req | model | N | SST-2 dev acc. | req/s | texts/s | conc. | p50 ms | p99 ms | server CPU ms/req | × baseline | forward-only texts/s | served / forward | limit texts/s | served / limit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["summary"]:
         lines.append(
-            f"| {r['protocol']} | {r['model']} | {r['num_instances']} | {_f(r.get('accuracy'), '.3f')} | {_f(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} × {r.get('at_texts_per_request', '–')} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('ratio_to_baseline'), '.2f', '×')} | {_f(r.get('forward_texts_per_s'))} | {_f(r.get('served_over_forward'), '.2f')} | {_f(r.get('limit_texts_per_s'))} | {_f(r.get('served_over_limit'), '.1%')} |"
+            f"| {r['protocol']} | {r['texts_per_request']} | {r['model']} | {r['num_instances']} | {_f(r.get('accuracy'), '.3f')} | {_f(r.get('peak_requests_per_s'))} | {_f(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('cpu_ms_per_request'), '.3f')} | {_f(r.get('ratio_to_baseline'), '.2f', '×')} | {_f(r.get('forward_texts_per_s'))} | {_f(r.get('served_over_forward'), '.0%')} | {_f(r.get('limit_texts_per_s'))} | {_f(r.get('served_over_limit'), '.1%')} |"
         )
+    forwards = [f"{model}: {info['forward']['batch_texts']} texts per pass, {info['forward']['threads']} thread(s)" + (f", {info['forward']['precision']}" if info["forward"].get("precision") else "") for model, info in report["models"].items() if "forward" in info]
+    if forwards:
+        lines += ["", "Forward-only: the engine alone on the same texts, batched and padded as the server does (" + "; ".join(forwards) + ")."]
+    if report.get("echo"):
+        lines += ["", "## The serving stack alone (echo engine: no forward pass, 1 text per request)", "", "| protocol | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
+        for p in report["echo"]:
+            lines.append(f"| {p['protocol']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | {_f(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
     lines += ["", "## Where a request's time goes at the peak (ms per request, server statistics over the same window)", "", "| protocol | model | conc. × texts/req | client e2e | tokenize | queue | forward | server other | HTTP/gRPC + client | engine busy | texts / forward pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["summary"]:
         pr = r.get("profile")
         if not pr:
             continue
         parts = pr["parts_ms"]
-        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['at_texts_per_request']} | {_f(pr['client_ms'], '.2f')} | {_f(parts['tokenize'], '.2f')} | {_f(parts['queue'], '.2f')} | {_f(parts['forward'], '.2f')} | {_f(parts['server_other'], '.2f')} | {_f(parts['protocol_client'], '.2f')} | {_f(pr['engine_busy'], '.0%')} | {_f(pr['texts_per_forward'], '.1f')} |")
+        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['texts_per_request']} | {_f(pr['client_ms'], '.2f')} | {_f(parts['tokenize'], '.2f')} | {_f(parts['queue'], '.2f')} | {_f(parts['forward'], '.2f')} | {_f(parts['server_other'], '.2f')} | {_f(parts['protocol_client'], '.2f')} | {_f(pr['engine_busy'], '.0%')} | {_f(pr['texts_per_forward'], '.1f')} |")
     lines += [
         "",
         "## Physical limit (FLOPs per text against this machine's matmul rate)",
@@ -260,7 +286,7 @@ def markdown(report: dict) -> str:
         "| model | N | mean tokens | MFLOP / text | matmul GFLOP/s (shape, threads) | limit texts/s | peak served texts/s | served / limit | mean padded length | MFLOP / text padded | limit padded | served / limit padded |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    peaks = {r["model"]: r for r in report["summary"] if r["protocol"] == s["protocols"][0]}
+    peaks = {r["model"]: r for r in report["summary"] if r["protocol"] == s["protocols"][0] and r["texts_per_request"] == s["texts_per_request"][0]}
     for model in s["models"]:
         lim = report["models"][model].get("limit")
         if not lim:
@@ -270,9 +296,9 @@ def markdown(report: dict) -> str:
             f"| {model} | {lim['num_instances']} | {lim['mean_text_tokens']:.1f} | {lim['flops_per_text'] / 1e6:.1f} | {mm['flops_per_s'] / 1e9:.1f} ({'×'.join(map(str, mm['shape']))}, {mm['threads']}) | {lim['limit_texts_per_s']:.1f} | {_f(r.get('peak_texts_per_s'))} | {_f(r.get('served_over_limit'), '.1%')} "
             f"| {lim['mean_padded_length']:.1f} | {lim['flops_per_text_padded'] / 1e6:.1f} | {lim['limit_texts_per_s_padded']:.1f} | {_f(r.get('served_over_limit_padded'), '.1%')} |"
         )
-    lines += ["", "## Every point", "", "| protocol | model | texts/req | conc. | req/s | texts/s | p50 ms | p90 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Every point", "", "| protocol | model | texts/req | conc. | req/s | texts/s | p50 ms | p90 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["points"]:
-        lines.append(f"| {p['protocol']} | {p['model']} | {p['texts_per_request']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['texts_per_s']:.1f} | {_f(p['p50_ms'])} | {_f(p['p90_ms'])} | {_f(p['p99_ms'])} | {p['errors']} |")
+        lines.append(f"| {p['protocol']} | {p['model']} | {p['texts_per_request']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['texts_per_s']:.1f} | {_f(p['p50_ms'])} | {_f(p['p90_ms'])} | {_f(p['p99_ms'])} | {_f(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
     lines += ["", *(f"![{name[:-4]}]({name})" for name in PLOTS), ""]
     return "\n".join(lines)
 
@@ -296,7 +322,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     s, pts = report["settings"], report["points"]
     models, tprs, protocols = s["models"], s["texts_per_request"], s["protocols"]
     colors = {m: f"C{i}" for i, m in enumerate(models)}
-    styles = {p: st for p, st in zip(protocols, ["-", "--", ":"], strict=False)}
+    styles = {p: st for p, st in zip(protocols, ["-", "--", ":", "-."], strict=False)}
     label_of = {m: f"{m} (N={report['models'][m]['num_instances']})" for m in models}
     written = []
 
@@ -349,7 +375,7 @@ def plot(report: dict, out: Path) -> list[Path]:
 
     # accuracy vs throughput: the paper's trade-off, from this server
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    rows = [r for r in report["summary"] if r["protocol"] == protocols[0] and r.get("accuracy") is not None and r.get("peak_texts_per_s")]
+    rows = [r for r in report["summary"] if r["protocol"] == protocols[0] and r["texts_per_request"] == tprs[0] and r.get("accuracy") is not None and r.get("peak_texts_per_s")]
     for i, r in enumerate(rows):
         ax.scatter(r["peak_texts_per_s"], r["accuracy"], color=colors[r["model"]], s=60, zorder=3)
         ax.annotate(f"{r['model']} (N={r['num_instances']})", (r["peak_texts_per_s"], r["accuracy"]), textcoords="offset points", xytext=(6, 4 - 12 * (i % 2)), fontsize=8)
@@ -441,7 +467,7 @@ def run_profile(repository: str, models: list[str], concurrency: int, texts_per_
                 except FileNotFoundError:
                     log("py-spy not found: pip install py-spy (it needs ptrace permission)")
 
-            point = asyncio.run(measure_point(server, model, texts, protocol, concurrency, texts_per_request, duration, warmup, window_start=start_spy if py_spy else None))
+            point = measure_point(server, model, texts, protocol, concurrency, texts_per_request, duration, warmup, window_start=start_spy if py_spy else None)
             entry = {"model": model, "point": point}
             if model in limits:
                 entry["limit"] = limits[model]
@@ -463,7 +489,7 @@ def run_profile(repository: str, models: list[str], concurrency: int, texts_per_
 
 def profile_text(entry: dict) -> str:
     p = entry["point"]
-    lines = [f"{entry['model']} ({p['protocol']}, concurrency {p['concurrency']}, {p['texts_per_request']} text(s)/request): {p['texts_per_s']:.1f} texts/s, {p['requests_per_s']:.1f} req/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, errors {p['errors']}"]
+    lines = [f"{entry['model']} ({p['protocol']}, concurrency {p['concurrency']}, {p['texts_per_request']} text(s)/request): {p['texts_per_s']:.1f} texts/s, {p['requests_per_s']:.1f} req/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, server CPU {_f(p['cpu_ms_per_request'], '.3f')} ms/request, errors {p['error_count']}"]
     pr = p.get("profile")
     if pr:
         lines.append(f"  per request: client {pr['client_ms']:.2f} ms = " + " + ".join(f"{k} {v:.2f}" for k, v in pr["parts_ms"].items()) + f"; engine busy {pr['engine_busy']:.0%}, {pr['texts_per_forward']:.1f} texts per forward pass")

@@ -5,9 +5,10 @@ sequence length, all in one process, measured in interleaved rounds so that a no
 jobs, frequency scaling) hurts every model alike. Prints a JSON list with ``--json``.
 
 ``bench serve``: starts the server on loopback with all models, sweeps models x concurrency x
-texts per request (x protocols) with the closed-loop load generator, and writes ``results.json``,
-``results.md`` and PNG plots (throughput vs concurrency, latency vs throughput, accuracy vs
-throughput) to ``--out``, with accuracy, forward-only throughput and the physical limit per model.
+texts per request (x protocols) with a native load generator (wrk, h2load) and writes
+``results.json``, ``results.md`` and PNG plots (throughput vs concurrency, latency vs throughput,
+accuracy vs throughput) to ``--out``: req/s, p50/p99, the server's CPU per request, accuracy,
+forward-only throughput, the physical limit per model, and the echo engine's CPU per request.
 
 ``bench profile``: where a request's time goes at one load (tokenize, queue, forward, the rest),
 the physical limit, and optionally a py-spy sample of the server.
@@ -22,6 +23,8 @@ import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
+
+from muxserve.bench.native import PROTOCOLS
 
 NAME = "bench"
 
@@ -144,16 +147,25 @@ def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _protocols(text: str, option: str) -> list[str]:
+    protocols = list(PROTOCOLS) if text == "all" else _names(text)
+    bad = [p for p in protocols if p not in PROTOCOLS]
+    if bad or not protocols:
+        raise SystemExit(f"{option}: unknown {bad or text!r} (comma-separated of {', '.join(PROTOCOLS)}, or all)")
+    return protocols
+
+
 def _add_serve(bsub: argparse._SubParsersAction) -> None:
     p = bsub.add_parser("serve", help="served throughput, latency and accuracy: sweep models x concurrency x texts per request; results.json, results.md, plots")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--models", default="", help="comma-separated (default: every model in the repository, N=1 first); the first N=1 model is the baseline of the ratios")
-    p.add_argument("--concurrency", default="1,8,32,128", help="requests in flight, comma-separated")
+    p.add_argument("--concurrency", default="64", help="requests in flight (connections), comma-separated")
     p.add_argument("--texts-per-request", default="1,8", help="comma-separated")
-    p.add_argument("--protocol", default="http", help="http, grpc or both (comma-separated)")
-    p.add_argument("--duration", type=float, default=8.0, help="measuring seconds per point")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before each point's measuring window, at least; the warm-up also lasts until every worker has had an answer")
-    p.add_argument("--max-warmup", type=float, default=120.0, help="cap on that warm-up, seconds")
+    p.add_argument("--protocol", default="classify", help=f"comma-separated of {', '.join(PROTOCOLS)} (classify: /v1/classify; json, binary: KServe v2 infer; grpc: ModelInfer), or all")
+    p.add_argument("--duration", type=float, default=10.0, help="measuring seconds per point")
+    p.add_argument("--warmup", type=float, default=3.0, help="seconds of unmeasured load before each point")
+    p.add_argument("--client-threads", type=int, default=1, help="load generator threads (they share the machine with the server)")
+    p.add_argument("--echo-protocols", default="all", help="protocols for the echo engine's CPU per request (comma-separated, all, or none)")
     p.add_argument("--out", default="bench-results", help="output folder")
     p.add_argument("--texts", default="", help="text source for the load: a .tsv with a header (first column) or one text per line (default: SST-2 dev)")
     p.add_argument("--accuracy-data", default="", help="labeled TSV for accuracy (default: SST-2 dev)")
@@ -175,13 +187,9 @@ def _run_serve(a: argparse.Namespace) -> int:
     models = _names(a.models) or repository_models(a.model_repository)
     if not models:
         raise SystemExit(f"no models with weights in {a.model_repository}")
-    protocols = ["http", "grpc"] if a.protocol == "both" else _names(a.protocol)
-    bad = [p for p in protocols if p not in ("http", "grpc")]
-    if bad:
-        raise SystemExit(f"--protocol: unknown {bad} (http, grpc or both)")
     opts = SweepOptions(
-        repository=a.model_repository, models=models, concurrency=_ints(a.concurrency), texts_per_request=_ints(a.texts_per_request), protocols=protocols,
-        duration=a.duration, warmup=a.warmup, max_warmup=a.max_warmup, out=a.out, texts=a.texts, accuracy=not a.no_accuracy, accuracy_data=a.accuracy_data, accuracy_limit=a.accuracy_limit,
+        repository=a.model_repository, models=models, concurrency=_ints(a.concurrency), texts_per_request=_ints(a.texts_per_request), protocols=_protocols(a.protocol, "--protocol"),
+        duration=a.duration, warmup=a.warmup, client_threads=a.client_threads, echo_protocols=[] if a.echo_protocols == "none" else _protocols(a.echo_protocols, "--echo-protocols"), out=a.out, texts=a.texts, accuracy=not a.no_accuracy, accuracy_data=a.accuracy_data, accuracy_limit=a.accuracy_limit,
         forward_seconds=a.forward_seconds, matmul_seconds=a.matmul_seconds, server_args=a.server_arg, command="muxserve " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
     )
     report = run_sweep(opts)
@@ -196,7 +204,7 @@ def _add_profile(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", default="sst2-bert,sst2-mux5", help="comma-separated")
     p.add_argument("--concurrency", type=int, default=128)
     p.add_argument("--texts-per-request", type=int, default=1)
-    p.add_argument("--protocol", choices=["http", "grpc"], default="http")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="classify")
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--out", default="bench-profile")
