@@ -290,7 +290,7 @@ def accuracy_key(repository: str | Path, model: str, data: str | Path, limit: in
     directory = resolve_model_dir(repository, model)
     files = sorted(p for p in directory.iterdir() if p.is_file())
     stamp = ",".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
-    return f"{directory.resolve()}|{stamp}|{Path(data).resolve()}|{limit}"
+    return f"{os.path.relpath(directory)}|{stamp}|{os.path.relpath(data)}|{limit}"
 
 
 def model_accuracy(repository: str | Path, model: str, data: str | Path, limit: int | None = None, batch_texts: int = 256) -> dict:
@@ -307,4 +307,4 @@ def model_accuracy(repository: str | Path, model: str, data: str | Path, limit: 
     tok = TextTokenizer(directory / TOKENIZER_FILE, net.config.max_seq_length)
     start = time.perf_counter()
     result = accuracy(net, tok, labeled, batch_texts)
-    return {**result, "data": str(data), "limit": limit, "seconds": time.perf_counter() - start, "key": accuracy_key(repository, model, data, limit)}
+    return {**result, "data": os.path.relpath(data), "limit": limit, "seconds": time.perf_counter() - start, "key": accuracy_key(repository, model, data, limit)}

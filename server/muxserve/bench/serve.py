@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 import sys
@@ -99,7 +100,7 @@ def measure_point(server: ServerHandle, model: str, texts: Sequence[str], protoc
 
 def point_text(p: dict) -> str:
     errors = f", errors {p['errors']}" if p["error_count"] else ""
-    return f"{p['protocol']} {p['model']} c={p['concurrency']} texts/req={p['texts_per_request']}: {p['requests_per_s']:.1f} req/s, {p['texts_per_s']:.1f} texts/s, p50 {_f(p['p50_ms'])} ms, p99 {_f(p['p99_ms'])} ms, server CPU {_f(p['cpu_ms_per_request'], '.3f')} ms/request{errors}"
+    return f"{p['protocol']} {p['model']} c={p['concurrency']} texts/req={p['texts_per_request']}: {p['requests_per_s']:.1f} req/s, {p['texts_per_s']:.1f} texts/s, p50 {cell(p['p50_ms'])} ms, p99 {cell(p['p99_ms'])} ms, server CPU {cell(p['cpu_ms_per_request'], '.3f')} ms/request{errors}"
 
 
 def measure_echo(opts: SweepOptions, texts: Sequence[str], out: Path, log: Log) -> list[dict]:
@@ -211,7 +212,7 @@ def run_sweep(opts: SweepOptions, log: Log = lambda s: print(s, file=sys.stderr,
         "command": opts.command,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "settings": {k: v for k, v in asdict(opts).items() if k != "command"},
-        "texts": {"source": opts.texts or str(default_sst2_dev()), "count": len(texts)},
+        "texts": {"source": os.path.relpath(opts.texts or default_sst2_dev()), "count": len(texts)},
         "models": models,
         "points": points,
         "echo": echo,
@@ -220,25 +221,25 @@ def run_sweep(opts: SweepOptions, log: Log = lambda s: print(s, file=sys.stderr,
     report["summary"] = summarize(report)
     write_report(report, out)
     report["seconds"]["total"] = time.perf_counter() - start
-    (out / "results.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(strict_json(report), indent=2) + "\n")
     return report
 
 
 # ---------------------------------------------------------------------------- report
 
 
-def _clean(x: object) -> object:
+def strict_json(x: object) -> object:
     """NaN/inf -> None, so that results.json is strict JSON."""
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
+        return {k: strict_json(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_clean(v) for v in x]
+        return [strict_json(v) for v in x]
     return x
 
 
-def _f(x: object, fmt: str = ".1f", suffix: str = "") -> str:
+def cell(x: object, fmt: str = ".1f", suffix: str = "") -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "–"
     return f"{x:{fmt}}{suffix}"
@@ -261,7 +262,7 @@ def markdown(report: dict) -> str:
     ]
     for r in report["summary"]:
         lines.append(
-            f"| {r['protocol']} | {r['texts_per_request']} | {r['model']} | {r['num_instances']} | {_f(r.get('accuracy'), '.3f')} | {_f(r.get('peak_requests_per_s'))} | {_f(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} | {_f(r.get('p50_ms'))} | {_f(r.get('p99_ms'))} | {_f(r.get('cpu_ms_per_request'), '.3f')} | {_f(r.get('ratio_to_baseline'), '.2f', '×')} | {_f(r.get('forward_texts_per_s'))} | {_f(r.get('served_over_forward'), '.0%')} | {_f(r.get('limit_texts_per_s'))} | {_f(r.get('served_over_limit'), '.1%')} |"
+            f"| {r['protocol']} | {r['texts_per_request']} | {r['model']} | {r['num_instances']} | {cell(r.get('accuracy'), '.3f')} | {cell(r.get('peak_requests_per_s'))} | {cell(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} | {cell(r.get('p50_ms'))} | {cell(r.get('p99_ms'))} | {cell(r.get('cpu_ms_per_request'), '.3f')} | {cell(r.get('ratio_to_baseline'), '.2f', '×')} | {cell(r.get('forward_texts_per_s'))} | {cell(r.get('served_over_forward'), '.0%')} | {cell(r.get('limit_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} |"
         )
     forwards = [f"{model}: {info['forward']['batch_texts']} texts per pass, {info['forward']['threads']} thread(s)" + (f", {info['forward']['precision']}" if info["forward"].get("precision") else "") for model, info in report["models"].items() if "forward" in info]
     if forwards:
@@ -269,14 +270,14 @@ def markdown(report: dict) -> str:
     if report.get("echo"):
         lines += ["", "## The serving stack alone (echo engine: no forward pass, 1 text per request)", "", "| protocol | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
         for p in report["echo"]:
-            lines.append(f"| {p['protocol']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | {_f(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
+            lines.append(f"| {p['protocol']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {cell(p['p50_ms'])} | {cell(p['p99_ms'])} | {cell(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
     lines += ["", "## Where a request's time goes at the peak (ms per request, server statistics over the same window)", "", "| protocol | model | conc. × texts/req | client e2e | tokenize | queue | forward | server other | HTTP/gRPC + client | engine busy | texts / forward pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["summary"]:
         pr = r.get("profile")
         if not pr:
             continue
         parts = pr["parts_ms"]
-        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['texts_per_request']} | {_f(pr['client_ms'], '.2f')} | {_f(parts['tokenize'], '.2f')} | {_f(parts['queue'], '.2f')} | {_f(parts['forward'], '.2f')} | {_f(parts['server_other'], '.2f')} | {_f(parts['protocol_client'], '.2f')} | {_f(pr['engine_busy'], '.0%')} | {_f(pr['texts_per_forward'], '.1f')} |")
+        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['texts_per_request']} | {cell(pr['client_ms'], '.2f')} | {cell(parts['tokenize'], '.2f')} | {cell(parts['queue'], '.2f')} | {cell(parts['forward'], '.2f')} | {cell(parts['server_other'], '.2f')} | {cell(parts['protocol_client'], '.2f')} | {cell(pr['engine_busy'], '.0%')} | {cell(pr['texts_per_forward'], '.1f')} |")
     lines += [
         "",
         "## Physical limit (FLOPs per text against this machine's matmul rate)",
@@ -293,12 +294,12 @@ def markdown(report: dict) -> str:
             continue
         mm, r = lim["matmul"], peaks.get(model, {})
         lines.append(
-            f"| {model} | {lim['num_instances']} | {lim['mean_text_tokens']:.1f} | {lim['flops_per_text'] / 1e6:.1f} | {mm['flops_per_s'] / 1e9:.1f} ({'×'.join(map(str, mm['shape']))}, {mm['threads']}) | {lim['limit_texts_per_s']:.1f} | {_f(r.get('peak_texts_per_s'))} | {_f(r.get('served_over_limit'), '.1%')} "
-            f"| {lim['mean_padded_length']:.1f} | {lim['flops_per_text_padded'] / 1e6:.1f} | {lim['limit_texts_per_s_padded']:.1f} | {_f(r.get('served_over_limit_padded'), '.1%')} |"
+            f"| {model} | {lim['num_instances']} | {lim['mean_text_tokens']:.1f} | {lim['flops_per_text'] / 1e6:.1f} | {mm['flops_per_s'] / 1e9:.1f} ({'×'.join(map(str, mm['shape']))}, {mm['threads']}) | {lim['limit_texts_per_s']:.1f} | {cell(r.get('peak_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} "
+            f"| {lim['mean_padded_length']:.1f} | {lim['flops_per_text_padded'] / 1e6:.1f} | {lim['limit_texts_per_s_padded']:.1f} | {cell(r.get('served_over_limit_padded'), '.1%')} |"
         )
     lines += ["", "## Every point", "", "| protocol | model | texts/req | conc. | req/s | texts/s | p50 ms | p90 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in report["points"]:
-        lines.append(f"| {p['protocol']} | {p['model']} | {p['texts_per_request']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['texts_per_s']:.1f} | {_f(p['p50_ms'])} | {_f(p['p90_ms'])} | {_f(p['p99_ms'])} | {_f(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
+        lines.append(f"| {p['protocol']} | {p['model']} | {p['texts_per_request']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {p['texts_per_s']:.1f} | {cell(p['p50_ms'])} | {cell(p['p90_ms'])} | {cell(p['p99_ms'])} | {cell(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
     lines += ["", *(f"![{name[:-4]}]({name})" for name in PLOTS), ""]
     return "\n".join(lines)
 
@@ -401,7 +402,7 @@ def plot(report: dict, out: Path) -> list[Path]:
 
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(strict_json(report), indent=2) + "\n")
     (out / "results.md").write_text(markdown(report))
     plot(report, out)
 
@@ -483,13 +484,13 @@ def run_profile(repository: str, models: list[str], concurrency: int, texts_per_
     finally:
         server.stop()
     report = {"machine": machine_info(), "command": " ".join(shlex.quote(a) for a in sys.argv), "settings": {"repository": repository, "models": models, "concurrency": concurrency, "texts_per_request": texts_per_request, "protocol": protocol, "duration": duration, "warmup": warmup}, "results": results}
-    (out / "profile.json").write_text(json.dumps(_clean(report), indent=2) + "\n")
+    (out / "profile.json").write_text(json.dumps(strict_json(report), indent=2) + "\n")
     return report
 
 
 def profile_text(entry: dict) -> str:
     p = entry["point"]
-    lines = [f"{entry['model']} ({p['protocol']}, concurrency {p['concurrency']}, {p['texts_per_request']} text(s)/request): {p['texts_per_s']:.1f} texts/s, {p['requests_per_s']:.1f} req/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, server CPU {_f(p['cpu_ms_per_request'], '.3f')} ms/request, errors {p['error_count']}"]
+    lines = [f"{entry['model']} ({p['protocol']}, concurrency {p['concurrency']}, {p['texts_per_request']} text(s)/request): {p['texts_per_s']:.1f} texts/s, {p['requests_per_s']:.1f} req/s, p50 {p['p50_ms']:.1f} ms, p99 {p['p99_ms']:.1f} ms, server CPU {cell(p['cpu_ms_per_request'], '.3f')} ms/request, errors {p['error_count']}"]
     pr = p.get("profile")
     if pr:
         lines.append(f"  per request: client {pr['client_ms']:.2f} ms = " + " + ".join(f"{k} {v:.2f}" for k, v in pr["parts_ms"].items()) + f"; engine busy {pr['engine_busy']:.0%}, {pr['texts_per_forward']:.1f} texts per forward pass")
