@@ -37,7 +37,7 @@ import httpx
 from muxserve.bench import native
 from muxserve.bench.run import load_texts, machine_info, repository_models
 from muxserve.bench.serve import SweepOptions, cell, run_sweep, strict_json
-from muxserve.launch import free_port
+from muxserve.launch import free_port, wait_until_ready
 
 PEER_MODEL = "minilm-sst2-peer"  # the name infinity serves the classifier under
 TARGETS = {"served_over_forward": 0.60, "echo_cpu_ms": 0.25, "bert_over_peer": 2.0, "mux5_over_peer": 8.0}
@@ -81,17 +81,7 @@ class Peer:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"infinity_emb exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"infinity_emb not ready after {timeout:.0f} s:\n{self.log_path.read_text()[-3000:]}")
+        wait_until_ready(self.proc, f"http://{self.url}/health", timeout, self.log_path)
 
     def classify(self, texts: list[str]) -> list:
         r = httpx.post(f"http://{self.url}/classify", json={"model": PEER_MODEL, "input": texts}, timeout=60)

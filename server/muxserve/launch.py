@@ -57,6 +57,22 @@ class ServerHandle:
         return self.proc.returncode
 
 
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+    """Poll ``GET url`` until it answers 200; an error with the log's tail if ``proc`` exits
+    first or ``timeout`` seconds pass (also used for peer servers in ``benchmarks/``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
+
+
 def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False) -> ServerHandle:
     """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready."""
     http_port = http_port or free_port()
@@ -72,19 +88,11 @@ def start_server(repository: str | Path, models: Sequence[str], log_path: str | 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerHandle(proc, http_port, grpc_port, log_path)
-    deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
-        try:
-            if httpx.get(f"http://{server.http_url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    else:
+    try:
+        wait_until_ready(proc, f"http://{server.http_url}/v2/health/ready", ready_timeout, log_path)
+    except RuntimeError:
         server.stop()
-        raise RuntimeError(f"server not ready after {ready_timeout:.0f}s:\n{server.log()[-4000:]}")
+        raise
     for model in models:
         if httpx.get(f"http://{server.http_url}/v2/models/{model}/ready", timeout=5).status_code != 200:
             server.stop()
