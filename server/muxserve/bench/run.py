@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]  # the checkout (editable install)
+ROOT = Path(__file__).resolve().parents[3]  # the checkout (editable install): server/muxserve/bench/run.py
 SST2_DEV_RELATIVE = Path("shared") / "data" / "sst2" / "dev.tsv"
 
 
@@ -73,15 +73,15 @@ def machine_info() -> dict:
 # ---------------------------------------------------------------------------- the server's own numbers
 
 
-def parse_counts(metrics_text: str, model: str) -> dict:
+def parse_counts(metrics_text: str, model: str, version: str | None = None) -> dict:
     """Requests (success, failure, failures by reason as ``failure:REASON``) and texts of one
-    model (all versions) from /metrics text."""
+    model (all versions, or only ``version``) from /metrics text."""
     from prometheus_client.parser import text_string_to_metric_families
 
     out = {"success": 0.0, "failure": 0.0, "texts": 0.0, "executions": 0.0}
     for family in text_string_to_metric_families(metrics_text):
         for sample in family.samples:
-            if sample.labels.get("model") != model:
+            if sample.labels.get("model") != model or (version is not None and sample.labels.get("version") != version):
                 continue
             if sample.name == "muxserve_requests_total":
                 if sample.labels.get("outcome") == "success":
@@ -98,10 +98,10 @@ def parse_counts(metrics_text: str, model: str) -> dict:
     return out
 
 
-def server_counts(http_url: str, model: str, timeout: float = 10) -> dict:
+def server_counts(http_url: str, model: str, timeout: float = 10, version: str | None = None) -> dict:
     """``parse_counts`` of ``GET /metrics`` (``http_url``: host:port or http://host:port)."""
     base = http_url if "://" in http_url else f"http://{http_url}"
-    return parse_counts(httpx.get(f"{base.rstrip('/')}/metrics", timeout=timeout).text, model)
+    return parse_counts(httpx.get(f"{base.rstrip('/')}/metrics", timeout=timeout).text, model, version)
 
 
 def counts_delta(before: dict, after: dict) -> dict:
