@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -104,16 +105,24 @@ def _run_eval(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
-    """The command line's parser and each command's handler."""
-    from muxserve.cli import bench, export, package, serve
+COMMAND_MODULES = ("serve", "package", "export", "bench")  # modules of this package: NAME, add_parser, run
 
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """The command line's parser and each command's handler. A command whose package is not
+    installed is left out: the serving image carries no bench package."""
     parser = argparse.ArgumentParser(prog="muxserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     handlers = {"train": _run_train, "eval": _run_eval}
     _add_train(sub)
     _add_eval(sub)
-    for module in (serve, package, export, bench):
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"muxserve.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("muxserve."):
+                raise
+            continue
         handlers[module.NAME] = module.run
         module.add_parser(sub)
     return parser, handlers
