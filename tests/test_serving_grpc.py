@@ -337,7 +337,7 @@ def test_malformed_messages(server, client):
         raw = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
         with pytest.raises(grpc.RpcError) as info:
             raw(b"\xff\xff\xff\xff not a protobuf")
-        assert info.value.code() != grpc.StatusCode.OK
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         request = service_pb2.ModelInferRequest(model_name="tiny-bert", raw_input_contents=[b"", b""])
         request.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])

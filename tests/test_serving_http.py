@@ -217,6 +217,7 @@ BAD_REQUESTS = {
     "wrong-shape": ("tiny-mux2", _json_body(shape=[2, 2], data=["a", "b", "c", "d"]), 400, "shape"),
     "shape-data-mismatch": ("tiny-mux2", _json_body(shape=[3, 1], data=["a", "b"]), 400, "3 elements"),
     "empty-batch": ("tiny-mux5", _json_body(shape=[0, 1], data=[]), 400, "empty"),
+    "empty-text": ("tiny-mux5", _json_body(data=["fine", ""]), 400, "element 1 is empty"),
     "non-utf8": ("tiny-bert", {"content": NON_UTF8_BODY, "headers": NON_UTF8_HEADERS}, 400, "UTF-8"),
     "unknown-output": ("tiny-bert", {"json": {**_json_body()["json"], "outputs": [{"name": "PROBS"}]}}, 400, "unknown output"),
     "too-many-texts": ("tiny-mux2", _json_body(data=["t"] * (MAX_BATCH + 1)), 400, "max_batch_size"),
@@ -272,7 +273,8 @@ def test_classify(client, base, headers):
         (b'{"model": "tiny-bert", "inputs": []}', 400, "non-empty"),
         (b'{"model": "tiny-bert"', 400, "invalid request"),
         (b'{"inputs": ["a"]}', 400, "model"),
-        (json.dumps({"model": "tiny-bert", "inputs": ["t"] * (MAX_BATCH + 1)}).encode(), 400, "max_batch_size"),
+        (json.dumps({"model": "tiny-bert", "inputs": ["t"] * 1025}).encode(), 413, "max_client_batch_size"),
+        (b'{"model": "tiny-bert", "inputs": ["a", ""]}', 400, "inputs[1] is empty"),
     ],
 )
 def test_classify_errors(base, body, status, message):

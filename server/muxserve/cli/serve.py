@@ -9,6 +9,12 @@ if TYPE_CHECKING:
     from muxserve.serving.settings import Settings
 
 NAME = "serve"
+# settings that are flags of their own name (--max-texts-in-flight ...), typed and described by
+# Settings itself; each can also come from MUXSERVE_<NAME> (docs/reliability.md, docs/security.md)
+SETTING_FLAGS = (
+    "max_tensor_elements", "max_client_batch_size", "max_texts_in_flight", "max_concurrent_rpcs", "max_concurrent_streams", "max_stream_inflight",
+    "idle_timeout_s", "header_timeout_s", "body_timeout_s", "write_timeout_s", "api_key", "open_endpoints", "tls_certfile", "tls_keyfile",
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,11 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-shadow", action="store_true", help="disable shadow sampling")
     p.add_argument("--max-request-bytes", type=int, default=None)
     p.add_argument("--log-level", default=None)
+    from muxserve.serving.settings import LIST_FIELDS, Settings
+
+    for name in SETTING_FLAGS:
+        field = Settings.model_fields[name]
+        default = field.get_default(call_default_factory=True)
+        shown = ",".join(default) if name in LIST_FIELDS else default
+        kind = str if name in LIST_FIELDS else field.annotation
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{field.description} (default: {shown!r})")
 
 
 def settings_from_args(a: argparse.Namespace) -> Settings:
     """Flags over MUXSERVE_* environment variables over the defaults."""
-    from muxserve.serving.settings import Settings
+    from muxserve.serving.settings import LIST_FIELDS, Settings
+
+    flags = {name: getattr(a, name) for name in SETTING_FLAGS}
+    for name in LIST_FIELDS & flags.keys():
+        if flags[name] is not None:
+            flags[name] = [v for v in flags[name].split(",") if v]
 
     return Settings.from_env(
         model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
@@ -43,7 +62,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
         engine=a.engine, threads=a.threads, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,
         warmup=False if a.no_warmup else None, shadow=False if a.no_shadow else None,
-        max_request_bytes=a.max_request_bytes, log_level=a.log_level,
+        max_request_bytes=a.max_request_bytes, log_level=a.log_level, **flags,
     )
 
 

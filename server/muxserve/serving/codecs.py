@@ -42,12 +42,16 @@ def element_count(shape: list[int]) -> int:
     return count
 
 
-def decode_bytes_tensor(buffer: bytes | memoryview) -> list[bytes]:
-    """Triton's BYTES serialization: each element is a 4-byte little-endian length + its bytes."""
+def decode_bytes_tensor(buffer: bytes | memoryview, count: int | None = None) -> list[bytes]:
+    """Triton's BYTES serialization: each element is a 4-byte little-endian length + its bytes.
+    ``count``: the elements the shape declares; a buffer holding more is refused as soon as
+    that is seen, so a small shape over a huge buffer costs nothing to refuse."""
     view = memoryview(buffer)
     items: list[bytes] = []
     offset = 0
     while offset < len(view):
+        if count is not None and len(items) == count:
+            raise BadRequest(f"malformed BYTES tensor: more elements than the {count} its shape declares")
         if offset + 4 > len(view):
             raise BadRequest("malformed BYTES tensor: truncated length prefix")
         (length,) = struct.unpack_from("<I", view, offset)
@@ -67,10 +71,11 @@ def encode_bytes_tensor(items: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
-def decode_raw(datatype: str, buffer: bytes | memoryview) -> list[Any] | np.ndarray:
-    """A binary/raw tensor buffer -> list of bytes (BYTES) or a flat numpy array."""
+def decode_raw(datatype: str, buffer: bytes | memoryview, count: int | None = None) -> list[Any] | np.ndarray:
+    """A binary/raw tensor buffer -> list of bytes (BYTES) or a flat numpy array (``count``:
+    the declared elements, see ``decode_bytes_tensor``)."""
     if datatype == "BYTES":
-        return decode_bytes_tensor(buffer)
+        return decode_bytes_tensor(buffer, count)
     if datatype not in NUMPY_DTYPES:
         raise BadRequest(f"unsupported datatype {datatype!r}")
     dtype = np.dtype(NUMPY_DTYPES[datatype])
@@ -85,14 +90,17 @@ def encode_raw(datatype: str, data: np.ndarray) -> bytes:
     return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
-def decode_contents(datatype: str, contents: Any) -> list[Any] | np.ndarray:
-    """gRPC ``InferTensorContents`` -> list of bytes (BYTES) or a flat numpy array."""
+def decode_contents(datatype: str, contents: Any, count: int | None = None) -> list[Any] | np.ndarray:
+    """gRPC ``InferTensorContents`` -> list of bytes (BYTES) or a flat numpy array (refused
+    unconverted if it holds more than the ``count`` elements its shape declares)."""
     field = CONTENTS_FIELDS.get(datatype)
     if field is None:
         if datatype in NUMPY_DTYPES:
             raise BadRequest(f"datatype {datatype} has no typed contents field: send it in raw_input_contents")
         raise BadRequest(f"unsupported datatype {datatype!r}")
     values = getattr(contents, field)
+    if count is not None and len(values) > count:
+        raise BadRequest(f"tensor contents hold {len(values)} elements, more than the {count} its shape declares")
     if datatype == "BYTES":
         return list(values)
     return np.asarray(values, dtype=NUMPY_DTYPES[datatype])
@@ -121,8 +129,9 @@ def parameters_to_proto(params: dict[str, Any], target: Any) -> None:
             param.string_param = str(value)
 
 
-def flatten_json_data(data: Any) -> list[Any]:
-    """KServe JSON tensor data may be flat or nested row-major: flatten it."""
+def flatten_json_data(data: Any, count: int | None = None) -> list[Any]:
+    """KServe JSON tensor data may be flat or nested row-major: flatten it (refused as soon as
+    it holds more than the ``count`` elements its shape declares)."""
     if not isinstance(data, list):
         return [data]
     flat: list[Any] = []
@@ -132,6 +141,8 @@ def flatten_json_data(data: Any) -> list[Any]:
             if isinstance(item, list):
                 stack.append(iter(item))
                 break
+            if count is not None and len(flat) == count:
+                raise BadRequest(f"tensor data has more elements than the {count} its shape declares")
             flat.append(item)
         else:
             stack.pop()

@@ -7,7 +7,9 @@ about what a valid request is and what an answer looks like lives here, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -15,7 +17,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve import __version__
 from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
-from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError
+from muxserve.serving.errors import BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
 from muxserve.serving.registry import ModelRegistry, ServedModel
 from muxserve.serving.settings import Settings
 from muxserve.serving.types import InferRequest, InferResponse, OutputTensor
@@ -25,6 +27,8 @@ EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_co
 TEXT, LOGITS, LABEL = "TEXT", "LOGITS", "LABEL"
 # tokenizing a big request on the event loop would stall every other caller
 OFFLOOP_TOKENIZE_CHARS = 64 * 1024
+# what an input tensor declares before its data is decoded: (name, datatype, shape)
+Declared = tuple[str, str, Sequence[int]]
 
 
 class DataPlane:
@@ -33,6 +37,7 @@ class DataPlane:
         self.settings = settings
         self.shadow = shadow
         self.draining = False
+        self.texts_in_flight = 0  # accepted by this frontend and not yet answered
 
     # ------------------------------------------------------------------ health & metadata
 
@@ -109,18 +114,10 @@ class DataPlane:
 
     async def _infer(self, served: ServedModel, request: InferRequest) -> InferResponse:
         start = time.perf_counter()
-        try:
+        with self.counting_failures(served, start):
             texts = self._texts(served, request)
             wanted = self._requested_outputs(served, request)
             logits, truncated = await self._run(served, texts, start)
-        except ServingError as exc:
-            if served.monitor is not None:
-                served.monitor.request_failed(exc.reason, time.perf_counter() - start)
-            raise
-        except asyncio.CancelledError:
-            if served.monitor is not None:
-                served.monitor.request_failed("cancelled", time.perf_counter() - start)
-            raise
         outputs = [self._output(served, name, params, logits) for name, params in wanted]
         params: dict[str, Any] = {}
         if truncated:
@@ -129,39 +126,72 @@ class DataPlane:
         return InferResponse(served.name, served.version, outputs, request.id, params)
 
     async def classify(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
-        """The simple API: one {label, score} per text (score: softmax probability)."""
+        """The simple API: one {label, score} per text (score: softmax probability). Up to
+        ``max_client_batch_size`` texts; more than the model's ``max_batch_size`` are split
+        into several of its batches."""
         with self.registry.use(model) as served:
             return await self._classify(served, texts)
 
     async def _classify(self, served: ServedModel, texts: list[str]) -> list[dict[str, Any]]:
         start = time.perf_counter()
-        model = served.name
-        try:
+        with self.counting_failures(served, start):
+            limit = self.settings.max_client_batch_size
             if not texts:
                 raise BadRequest("'inputs' must be a non-empty list of strings")
-            if len(texts) > served.max_batch_size:
-                raise BadRequest(f"{len(texts)} inputs exceed max_batch_size {served.max_batch_size} of model '{model}'")
+            if len(texts) > limit:
+                raise PayloadTooLarge(f"{len(texts)} inputs exceed the limit of {limit} texts per request (max_client_batch_size)")
+            for i, text in enumerate(texts):
+                if not text.strip():
+                    raise BadRequest(f"inputs[{i}] is empty")
             logits, _ = await self._run(served, texts, start)
-        except ServingError as exc:
-            served.monitor.request_failed(exc.reason, time.perf_counter() - start)
-            raise
         probs = _softmax(logits)
         best = probs.argmax(-1)
         return [{"label": _label(served, i), "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
 
+    @contextlib.contextmanager
+    def counting_failures(self, served: ServedModel, start: float | None = None) -> Iterator[None]:
+        """Count a request that fails inside the block in its model's failure counters (also
+        one the adapter refuses before the data plane sees it, e.g. malformed JSON)."""
+        start = time.perf_counter() if start is None else start
+        try:
+            yield
+        except ServingError as exc:
+            if served.monitor is not None:
+                served.monitor.request_failed(exc.reason, time.perf_counter() - start)
+            raise
+        except asyncio.CancelledError:
+            if served.monitor is not None:
+                served.monitor.request_failed("cancelled", time.perf_counter() - start)
+            raise
+
+    @contextlib.contextmanager
+    def _admitted(self, texts: int) -> Iterator[None]:
+        """Hold ``texts`` of the frontend's ``max_texts_in_flight`` for the block."""
+        limit = self.settings.max_texts_in_flight
+        if limit and texts > limit:
+            raise PayloadTooLarge(f"{texts} texts exceed the server's limit of {limit} texts in flight (max_texts_in_flight)")
+        if limit and self.texts_in_flight + texts > limit:
+            raise Overloaded(f"server busy: {self.texts_in_flight} texts in flight, limit {limit}; retry later")
+        self.texts_in_flight += texts
+        try:
+            yield
+        finally:
+            self.texts_in_flight -= texts
+
     async def _run(self, served: ServedModel, texts: list[str], start: float) -> tuple[np.ndarray, list[int]]:
         assert served.tokenizer is not None and served.scheduler is not None and served.monitor is not None
         limit = self.settings.max_text_chars
-        cut = [i for i, t in enumerate(texts) if len(t) > limit]
-        texts = [t[:limit] for t in texts]
-        t0 = time.perf_counter()
-        if sum(map(len, texts)) > OFFLOOP_TOKENIZE_CHARS:
-            encoded = await asyncio.to_thread(served.tokenizer.encode, texts)
-        else:
-            encoded = served.tokenizer.encode(texts)
-        served.monitor.tokenized(time.perf_counter() - t0)
-        truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
-        logits = await served.scheduler.submit(encoded.ids)
+        with self._admitted(len(texts)):
+            cut = [i for i, t in enumerate(texts) if len(t) > limit]
+            texts = [t[:limit] for t in texts]
+            t0 = time.perf_counter()
+            if sum(map(len, texts)) > OFFLOOP_TOKENIZE_CHARS:
+                encoded = await asyncio.to_thread(served.tokenizer.encode, texts)
+            else:
+                encoded = served.tokenizer.encode(texts)
+            served.monitor.tokenized(time.perf_counter() - t0)
+            truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
+            logits = await _submit_in_batches(served, encoded.ids)
         served.monitor.set_queue_depth(served.scheduler.queue_depth)
         served.monitor.request_succeeded(len(texts), time.perf_counter() - start)
         if self.shadow is not None:
@@ -170,35 +200,47 @@ class DataPlane:
 
     # ------------------------------------------------------------------ validation & formatting
 
-    @staticmethod
-    def _texts(served: ServedModel, request: InferRequest) -> list[str]:
-        if len(request.inputs) != 1 or request.inputs[0].name != TEXT:
-            names = [i.name for i in request.inputs]
-            raise BadRequest(f"expected exactly one input named '{TEXT}', got {names}")
-        tensor = request.inputs[0]
-        if tensor.datatype != "BYTES":
-            raise BadRequest(f"input '{TEXT}' must have datatype BYTES, got {tensor.datatype}")
-        shape = list(tensor.shape)
+    def check_inputs(self, served: ServedModel, declared: Sequence[Declared]) -> None:
+        """Everything about the inputs that their declarations show, checked before any data is
+        decoded: one BYTES tensor TEXT of shape [batch] or [batch, 1], 1 <= batch <=
+        max_batch_size, and no tensor over ``max_tensor_elements``."""
+        limit = self.settings.max_tensor_elements
+        for name, _, shape in declared:
+            count = element_count(list(shape))
+            if count > limit:
+                raise PayloadTooLarge(f"input '{name}' declares {count} elements; the limit is {limit} per tensor (max_tensor_elements)")
+        if len(declared) != 1 or declared[0][0] != TEXT:
+            raise BadRequest(f"expected exactly one input named '{TEXT}', got {[d[0] for d in declared]}")
+        _, datatype, shape = declared[0]
+        if datatype != "BYTES":
+            raise BadRequest(f"input '{TEXT}' must have datatype BYTES, got {datatype}")
+        shape = list(shape)
         if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
             raise BadRequest(f"input '{TEXT}' must have shape [batch] or [batch, 1], got {shape}")
         batch = element_count(shape)
         if batch == 0:
             raise BadRequest(f"input '{TEXT}' is empty: batch size must be at least 1")
-        if len(tensor.data) != batch:
-            raise BadRequest(f"input '{TEXT}' has shape {shape} ({batch} elements) but {len(tensor.data)} values")
         if batch > served.max_batch_size:
             raise BadRequest(f"batch of {batch} texts exceeds max_batch_size {served.max_batch_size} of model '{served.name}'")
+
+    def _texts(self, served: ServedModel, request: InferRequest) -> list[str]:
+        self.check_inputs(served, [(t.name, t.datatype, t.shape) for t in request.inputs])
+        tensor = request.inputs[0]
+        batch = element_count(list(tensor.shape))
+        if len(tensor.data) != batch:
+            raise BadRequest(f"input '{TEXT}' has shape {list(tensor.shape)} ({batch} elements) but {len(tensor.data)} values")
         texts = []
         for i, item in enumerate(tensor.data):
-            if isinstance(item, str):
-                texts.append(item)
-                continue
-            if not isinstance(item, bytes | bytearray):
+            if isinstance(item, bytes | bytearray):
+                try:
+                    item = bytes(item).decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise BadRequest(f"input '{TEXT}' element {i} is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+            elif not isinstance(item, str):
                 raise BadRequest(f"input '{TEXT}' element {i} is not a string")
-            try:
-                texts.append(bytes(item).decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise BadRequest(f"input '{TEXT}' element {i} is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+            if not item.strip():
+                raise BadRequest(f"input '{TEXT}' element {i} is empty")
+            texts.append(item)
         return texts
 
     @staticmethod
@@ -226,6 +268,21 @@ class DataPlane:
             return OutputTensor(LOGITS, "FP32", [batch, logits.shape[1]], logits.astype(np.float32, copy=False))
         labels = np.array([_label(served, i).encode() for i in logits.argmax(-1)], dtype=object).reshape(batch, 1)
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
+
+
+async def _submit_in_batches(served: ServedModel, rows: list[list[int]]) -> np.ndarray:
+    """Rows -> logits, submitted to the scheduler in pieces of at most ``max_batch_size``; if
+    one piece fails the others are withdrawn (their texts are skipped, not computed)."""
+    assert served.scheduler is not None
+    size = max(1, served.max_batch_size)
+    if len(rows) <= size:
+        return await served.scheduler.submit(rows)
+    tasks = [asyncio.ensure_future(served.scheduler.submit(rows[i : i + size])) for i in range(0, len(rows), size)]
+    try:
+        return np.concatenate(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _label(served: ServedModel, index: int) -> str:

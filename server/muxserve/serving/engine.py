@@ -25,6 +25,9 @@ from muxserve.model.weights import load_model
 from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
 __all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "padded_length"]
+# [MASK] of BERT vocabularies: the echo engine fails any forward pass holding it
+ECHO_FAIL_TOKEN_ID = 103
+
 
 def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -45,7 +48,8 @@ class EchoForward:
 
     Output row = [sum of ids, number of tokens, first real id after [CLS], 0...]. Tests use it
     to prove that every caller gets its own row back; operators use it to measure the server's
-    overhead without model compute.
+    overhead without model compute. A pass holding a text with ``[MASK]`` raises, so that tests
+    can show a failing pass fails only the requests in it.
     """
 
     def __init__(self, num_labels: int) -> None:
@@ -53,6 +57,8 @@ class EchoForward:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         ids = input_ids * attention_mask
+        if bool((ids == ECHO_FAIL_TOKEN_ID).any()):
+            raise RuntimeError("echo engine: a text holds [MASK], so this pass fails")
         out = torch.zeros(input_ids.shape[0], self.num_labels, dtype=torch.float64)
         out[:, 0] = ids.sum(1).double()
         out[:, 1] = attention_mask.sum(1).double()

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 
 class ServingError(Exception):
-    """An error that goes back to the caller as ``{"error": message}`` with ``http_status``."""
+    """An error that goes back to the caller as ``{"error": message}`` with ``http_status``.
+
+    ``retry_after``: seconds a client should wait before retrying (HTTP ``Retry-After``), for
+    errors that say "not now" rather than "not this"."""
 
     http_status = 500
     grpc_code = "INTERNAL"
     reason = "internal"  # label for metrics: why the request failed
+    retry_after: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -25,6 +29,19 @@ class PayloadTooLarge(BadRequest):
     http_status = 413
 
 
+class RequestTimeout(BadRequest):
+    """The client took longer than the server allows to send its request."""
+
+    http_status = 408
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(ServingError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    reason = "unauthenticated"
+
+
 class ModelNotFound(ServingError):
     http_status = 404
     grpc_code = "NOT_FOUND"
@@ -35,12 +52,23 @@ class NotReady(ServingError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     reason = "not_ready"
+    retry_after = 1
 
 
 class QueueFull(ServingError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     reason = "queue_full"
+    retry_after = 1
+
+
+class Overloaded(ServingError):
+    """More texts in flight than this frontend admits (``max_texts_in_flight``)."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "overloaded"
+    retry_after = 1
 
 
 class InferenceFailed(ServingError):

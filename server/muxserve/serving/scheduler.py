@@ -11,6 +11,7 @@ requests that had texts in it. A caller that goes away leaves its texts to be sk
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import numpy as np
 
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
 from muxserve.serving.padding import PAD_MULTIPLE, padded_length
+
+log = logging.getLogger("muxserve")
 
 
 @dataclass
@@ -287,9 +290,11 @@ class MuxScheduler:
                 raise RuntimeError(f"engine returned {len(logits)} rows for {len(batch)} texts")
             for row, text in zip(logits, batch, strict=True):
                 self._deliver(text, row)
-        except Exception as exc:  # a failing pass fails only its own requests
+        except Exception:  # a failing pass fails only its own requests
             failed = True
-            error = InferenceFailed(f"forward pass failed: {type(exc).__name__}: {exc}")
+            # the cause goes to the log; callers learn only that their pass failed
+            log.exception("model %s: forward pass of %d texts failed", self.name, len(batch))
+            error = InferenceFailed(f"model {self.name}: forward pass failed (the server log has the cause)")
             for request in {id(t.request): t.request for t in batch}.values():
                 if not request.future.done():
                     request.future.set_exception(error)

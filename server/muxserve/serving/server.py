@@ -50,9 +50,12 @@ class MuxServer:
         if self.settings.model_control_mode == "poll":
             self.poller = asyncio.create_task(self.registry.poll_forever(self.settings.repository_poll_secs), name="repository-poll")
         from muxserve.serving.http.app import create_app
+        from muxserve.serving.http.protocol import GuardedHttpProtocol
 
-        app = create_app(self.plane, self.metrics, self.settings.max_request_bytes)
-        config = uvicorn.Config(app, host=self.settings.host, port=self.settings.http_port, log_level=self.settings.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30)
+        s = self.settings
+        app = create_app(self.plane, self.metrics)
+        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s)
+        config = uvicorn.Config(app, host=s.host, port=s.http_port, http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         if self.settings.grpc_port > 0:
             from muxserve.serving.grpc.server import create_grpc_server

@@ -9,6 +9,8 @@ from pydantic import BaseModel, Field
 
 
 class Settings(BaseModel):
+    """Everything a deployment can set (``muxserve serve --help`` lists each with its default)."""
+
     model_repository: str = "model_repository"
     host: str = "0.0.0.0"
     http_port: int = 8000
@@ -24,16 +26,34 @@ class Settings(BaseModel):
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="group texts of similar length (less padding)")
     warmup: bool = True
-    max_request_bytes: int = Field(16 * 1024 * 1024, description="HTTP bodies larger than this get 413")
+    max_request_bytes: int = Field(16 * 1024 * 1024, description="HTTP bodies and gRPC messages larger than this are refused (413 / RESOURCE_EXHAUSTED)")
     max_text_chars: int = Field(100_000, description="longer texts are cut before tokenizing (they are truncated to max_seq_length anyway)")
     shadow: bool = Field(True, description="run shadow sampling where a model's config asks for it")
     log_level: str = "info"
+    # -- limits (each frontend enforces its own; see docs/reliability.md)
+    max_tensor_elements: int = Field(65536, description="an input tensor declaring more elements is refused before it is decoded (413)")
+    max_client_batch_size: int = Field(1024, description="texts in one /v1/classify call; split into the model's max_batch_size")
+    max_texts_in_flight: int = Field(8192, description="texts accepted and not yet answered; past it 429 / RESOURCE_EXHAUSTED with Retry-After; 0: no limit")
+    max_concurrent_rpcs: int = Field(1024, description="gRPC calls served at once; past it RESOURCE_EXHAUSTED")
+    max_concurrent_streams: int = Field(256, description="HTTP/2 streams per gRPC connection")
+    max_stream_inflight: int = Field(128, description="requests of one ModelStreamInfer stream served at once (the stream is read no further until one is answered)")
+    idle_timeout_s: float = Field(30.0, description="close a connection idle this long (HTTP keep-alive, gRPC max_connection_idle)")
+    header_timeout_s: float = Field(10.0, description="a request's head must arrive within this after its first byte (HTTP; gRPC: the connection handshake)")
+    body_timeout_s: float = Field(30.0, description="a request body must arrive within this after its head (HTTP, 408)")
+    write_timeout_s: float = Field(30.0, description="close a connection whose client reads no response bytes for this long (HTTP)")
+    # -- security (docs/security.md)
+    api_key: str = Field("", description="if set, every request but those to open_endpoints needs it: HTTP 'Authorization: Bearer KEY', gRPC 'authorization' metadata")
+    open_endpoints: list[str] = Field(default_factory=lambda: ["health", "metrics"], description="endpoint groups served without the API key: health, metrics, metadata")
+    tls_certfile: str = Field("", description="PEM certificate (chain): serve HTTPS and gRPC over TLS")
+    tls_keyfile: str = Field("", description="PEM private key of tls_certfile")
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         env = {k.removeprefix("MUXSERVE_").lower(): v for k, v in os.environ.items() if k.startswith("MUXSERVE_")}
         known = {k: v for k, v in env.items() if k in cls.model_fields}
-        for listed in ("models", "load_models"):
-            if listed in known:
-                known[listed] = [m for m in str(known[listed]).split(",") if m]
+        for name in LIST_FIELDS & known.keys():
+            known[name] = [m for m in str(known[name]).split(",") if m]
         return cls(**{**known, **{k: v for k, v in overrides.items() if v is not None}})
+
+
+LIST_FIELDS = {name for name, f in Settings.model_fields.items() if f.annotation == list[str]}

@@ -3,8 +3,12 @@
 A thin layer like the HTTP one: decode the protobuf into ``muxserve.serving.types``, call the data plane,
 encode the answer. Tensors come in ``raw_input_contents`` (tritonclient's way; BYTES with 4-byte
 length prefixes) or in typed ``contents``; outputs go back in ``raw_output_contents``.
-``ModelStreamInfer`` runs every request of a stream as its own task, so texts of one stream fill
-mux groups together, and writes each response as it completes.
+``ModelStreamInfer`` runs the requests of a stream concurrently (up to ``max_stream_inflight``
+of them; the stream is read no further until one is answered), so texts of one stream fill mux
+groups together, and writes each response as it completes.
+
+A message that is not valid protobuf gets ``INVALID_ARGUMENT``: requests are parsed by this
+module (``_parse``), not by gRPC, which would answer ``UNKNOWN``.
 """
 
 from __future__ import annotations
@@ -12,16 +16,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from muxserve.serving.codecs import decode_contents, decode_raw, encode_raw, parameters_from_proto, parameters_to_proto
-from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.codecs import decode_contents, decode_raw, element_count, encode_raw, parameters_from_proto, parameters_to_proto
+from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError
 from muxserve.serving.observability.stats import statistics_proto
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -35,24 +40,47 @@ def status_code(exc: ServingError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
 
 
-def internal_message(exc: BaseException) -> str:
-    return f"internal error: {type(exc).__name__}: {exc}"
+# what callers learn of an unexpected failure; the cause goes to the log
+INTERNAL_MESSAGE = "internal error (the server log has the cause)"
 
 
 # ---------------------------------------------------------------------------- message codec
 
 
-def decode_infer_request(req: pb.ModelInferRequest) -> InferRequest:
+class Malformed:
+    """Stands for a request message that is not valid protobuf (see ``_parse``)."""
+
+    def __init__(self, kind: str, error: str) -> None:
+        self.message = f"malformed {kind} message: {error or 'not valid protobuf'}"
+
+
+def _parse(message_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Malformed(message_class.__name__, str(exc))
+
+    return parse
+
+
+def decode_infer_request(req: pb.ModelInferRequest, check: Callable[[Sequence[Declared]], None] | None = None) -> InferRequest:
+    """ModelInferRequest -> InferRequest; ``check`` sees every input's declaration (name,
+    datatype, shape) before any is decoded."""
     raw = req.raw_input_contents
     if raw and len(raw) != len(req.inputs):
         raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs: send every input raw or none")
+    declared = [(t.name, t.datatype, list(t.shape)) for t in req.inputs]
+    if check is not None:
+        check(declared)
     inputs = []
-    for i, tensor in enumerate(req.inputs):
+    for i, (tensor, (name, datatype, shape)) in enumerate(zip(req.inputs, declared, strict=True)):
         params = parameters_from_proto(tensor.parameters)
         if "shared_memory_region" in params:
-            raise BadRequest(f"input '{tensor.name}': shared memory is not supported")
-        data = decode_raw(tensor.datatype, raw[i]) if raw else decode_contents(tensor.datatype, tensor.contents)
-        inputs.append(InputTensor(tensor.name, tensor.datatype, list(tensor.shape), data, params))
+            raise BadRequest(f"input '{name}': shared memory is not supported")
+        count = element_count(shape)
+        data = decode_raw(datatype, raw[i], count) if raw else decode_contents(datatype, tensor.contents, count)
+        inputs.append(InputTensor(name, datatype, shape, data, params))
     outputs = None
     if req.outputs:
         outputs = []
@@ -82,13 +110,15 @@ def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any
 
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await method(self, request, context)
         except ServingError as exc:
             await context.abort(status_code(exc), exc.message)
-        except Exception as exc:
+        except Exception:
             log.exception("gRPC %s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     return wrapper
 
@@ -163,17 +193,23 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     # -- inference
 
     async def _infer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
-        return encode_infer_response(await self.plane.infer(decode_infer_request(req)))
+        served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
+        with self.plane.counting_failures(served):
+            request = decode_infer_request(req, functools.partial(self.plane.check_inputs, served))
+        return encode_infer_response(await self.plane.infer(request))
 
     @_unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
         return await self._infer(request)
 
-    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request runs as its own task; responses go out as they complete, errors in
-        ``error_message`` (with the request's id), and the stream goes on."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently, at most ``max_stream_inflight`` of them: a request holds
+        its slot until its response is taken to be written, so a client that stops reading
+        stops the stream being read (memory per stream is bounded). Responses go out as they
+        complete, errors in ``error_message`` (with the request's id), and the stream goes on;
+        a message that is not valid protobuf ends it with INVALID_ARGUMENT."""
+        slots = asyncio.Semaphore(self.plane.settings.max_stream_inflight)
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()  # <= max_stream_inflight
         tasks: set[asyncio.Task] = set()
 
         async def one(req: pb.ModelInferRequest) -> None:
@@ -181,14 +217,17 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                 msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req))
             except ServingError as exc:
                 msg = self._stream_error(req, exc.message)
-            except Exception as exc:
+            except Exception:
                 log.exception("gRPC ModelStreamInfer request failed")
-                msg = self._stream_error(req, internal_message(exc))
+                msg = self._stream_error(req, INTERNAL_MESSAGE)
             done.put_nowait(msg)
 
         async def read() -> None:
             try:
                 async for req in request_iterator:
+                    if isinstance(req, Malformed):
+                        raise BadRequest(req.message)
+                    await slots.acquire()
                     task = asyncio.create_task(one(req))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -200,8 +239,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         reader = asyncio.create_task(read())
         try:
             while (msg := await done.get()) is not None:
+                slots.release()
                 yield msg
             await reader  # surfaces a failed read (e.g. a malformed message) as the RPC's status
+        except ServingError as exc:
+            await context.abort(status_code(exc), exc.message)
         finally:
             reader.cancel()
             for task in list(tasks):
@@ -224,17 +266,36 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unsupported("LogSettings", "changing log settings at run time (use --log-level)")
 
 
+def _method_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The service's handlers as gRPC's generated code makes them, but with requests parsed by
+    ``_parse`` (malformed messages reach the servicer as ``Malformed``)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        parse = _parse(getattr(pb, method.input_type.name))
+        serialize = getattr(pb, method.output_type.name).SerializeToString
+        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(behavior, request_deserializer=parse, response_serializer=serialize)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
 def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
     """A grpc.aio server on the running event loop; messages up to the HTTP body limit in, 64 MiB out.
-    Larger requests get RESOURCE_EXHAUSTED from gRPC itself."""
+    Larger requests, and calls past ``max_concurrent_rpcs``, get RESOURCE_EXHAUSTED from gRPC itself."""
+    settings = plane.settings
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", plane.settings.max_request_bytes),
+            ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
-        ]
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+            ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
+            ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
+        ],
+        maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
     )
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(plane)),))
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server

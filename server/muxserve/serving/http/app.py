@@ -7,8 +7,12 @@ and gzip/deflate bodies, which tritonclient's HTTP client uses.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gzip
+import logging
 import zlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -20,14 +24,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from muxserve.serving.codecs import decode_raw, encode_raw, flatten_json_data, json_data
-from muxserve.serving.dataplane import DataPlane
-from muxserve.serving.errors import BadRequest, PayloadTooLarge, ServingError
+from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
+from muxserve.serving.dataplane import DataPlane, Declared
+from muxserve.serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServingError
 from muxserve.serving.observability.metrics import Metrics, refresh_throughput
 from muxserve.serving.observability.stats import statistics_json
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+log = logging.getLogger("muxserve")
 
 
 class ORJSONResponse(JSONResponse):
@@ -37,8 +42,9 @@ class ORJSONResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def error_response(status: int, message: str) -> ORJSONResponse:
-    return ORJSONResponse({"error": message}, status_code=status)
+def error_response(status: int, message: str, retry_after: int | None = None) -> ORJSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return ORJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class ClassifyRequest(BaseModel):
@@ -54,18 +60,26 @@ class ClassifyResult(BaseModel):
 # ---------------------------------------------------------------------------- body codec
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` (before and after decompression)."""
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The request body, refused with 413 past ``limit`` (before and after decompression) and
+    with 408 if it takes longer than ``timeout`` seconds to arrive."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+
+    async def receive() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        body = await asyncio.wait_for(receive(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
     encoding = request.headers.get("content-encoding", "").lower()
     if encoding in ("gzip", "deflate"):
         try:
@@ -80,8 +94,9 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None) -> tuple[InferRequest, bool]:
-    """JSON (+ binary tail) -> InferRequest; also whether outputs default to binary."""
+def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None, check: Callable[[Sequence[Declared]], None] | None = None) -> tuple[InferRequest, bool]:
+    """JSON (+ binary tail) -> InferRequest; also whether outputs default to binary.
+    ``check`` sees every input's declaration (name, datatype, shape) before any is decoded."""
     if header_length is not None:
         if not header_length.isdigit() or int(header_length) > len(body):
             raise BadRequest(f"invalid {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
@@ -97,7 +112,7 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("request must have a non-empty 'inputs' list")
-    inputs, offset = [], 0
+    declared: list[Declared] = []
     for i, raw in enumerate(raw_inputs):
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             raise BadRequest(f"input {i} must be an object with a 'name'")
@@ -106,15 +121,21 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
             raise BadRequest(f"input '{name}' lacks a 'datatype'")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
             raise BadRequest(f"input '{name}' needs 'shape' as a list of integers")
+        declared.append((name, datatype, shape))
+    if check is not None:
+        check(declared)
+    inputs, offset = [], 0
+    for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
         params = raw.get("parameters") or {}
         size = params.get("binary_data_size")
+        count = element_count(shape)
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
-            data = decode_raw(datatype, binary[offset : offset + size])
+            data = decode_raw(datatype, binary[offset : offset + size], count)
             offset += size
         elif "data" in raw:
-            data = flatten_json_data(raw["data"])
+            data = flatten_json_data(raw["data"], count)
         else:
             raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
         inputs.append(InputTensor(name, datatype, shape, data, params))
@@ -198,9 +219,8 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
-async def control_parameters(request: Request, limit: int) -> dict[str, Any]:
+def control_parameters(body: bytes) -> dict[str, Any]:
     """The ``parameters`` of a load/unload body (optional, ``{"parameters": {...}}``)."""
-    body = await read_body(request, limit)
     if not body.strip():
         return {}
     try:
@@ -213,14 +233,20 @@ async def control_parameters(request: Request, limit: int) -> dict[str, Any]:
     return params
 
 
-def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> FastAPI:
+def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
+    settings = plane.settings
+    max_request_bytes = settings.max_request_bytes
+
+    async def body_of(request: Request) -> bytes:
+        return await read_body(request, max_request_bytes, settings.body_timeout_s)
+
     app = FastAPI(title="muxserve", version=plane.server_metadata()["version"], description="KServe v2 (Triton-compatible) inference for data-multiplexed BERT classifiers", default_response_class=ORJSONResponse)
 
     app.add_middleware(BodyLimit, limit=max_request_bytes)
 
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, exc: ServingError) -> ORJSONResponse:
-        return error_response(exc.http_status, exc.message)
+        return error_response(exc.http_status, exc.message, exc.retry_after)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> ORJSONResponse:
@@ -237,8 +263,10 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
         return response
 
     @app.exception_handler(Exception)
-    async def internal_error(_: Request, exc: Exception) -> ORJSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+    async def internal_error(request: Request, exc: Exception) -> ORJSONResponse:
+        # the cause goes to the log, not to the caller
+        log.error("HTTP %s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal error (the server log has the cause)")
 
     # -- health and metadata
 
@@ -285,7 +313,7 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
 
     @app.post("/v2/repository/index", tags=["repository"])
     async def repository_index(request: Request) -> list:
-        body = await read_body(request, max_request_bytes)
+        body = await body_of(request)
         ready_only = False
         if body.strip():
             try:
@@ -296,12 +324,12 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
 
     @app.post("/v2/repository/models/{model}/load", tags=["repository"])
     async def repository_load(model: str, request: Request) -> Response:
-        await plane.load_model(model, await control_parameters(request, max_request_bytes))
+        await plane.load_model(model, control_parameters(await body_of(request)))
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{model}/unload", tags=["repository"])
     async def repository_unload(model: str, request: Request) -> Response:
-        await plane.unload_model(model, await control_parameters(request, max_request_bytes))
+        await plane.unload_model(model, control_parameters(await body_of(request)))
         return Response(status_code=200)
 
     # -- inference
@@ -309,9 +337,11 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
     @app.post("/v2/models/{model}/infer", tags=["inference"])
     @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"])
     async def infer(model: str, request: Request, version: str = "") -> Response:
-        plane.registry.find(model, version)  # 404 before reading a body for nothing
-        body = await read_body(request, max_request_bytes)
-        infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH))
+        served = plane.registry.find(model, version)  # 404 before reading a body for nothing
+        with plane.counting_failures(served):
+            body = await body_of(request)
+            check = functools.partial(plane.check_inputs, served)
+            infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH), check)
         response = await plane.infer(infer_request)
         payload, header_length = encode_infer_response(response, infer_request, binary_default)
         headers = {}
@@ -329,7 +359,7 @@ def create_app(plane: DataPlane, metrics: Metrics, max_request_bytes: int) -> Fa
         """`{"model": "sst2-mux5", "inputs": ["text", ...]}` -> one `{label, score}` per input
         (`score`: the label's softmax probability). The body is read as JSON whatever its
         Content-Type, so a bare `curl -d` works."""
-        body = await read_body(request, max_request_bytes)
+        body = await body_of(request)
         try:
             parsed = ClassifyRequest.model_validate_json(body)
         except ValidationError as exc:

@@ -24,7 +24,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 THROUGHPUT_WINDOW_S = 10.0
 # reasons a request to a loaded model version can fail with (errors.py, and "cancelled" when the
 # caller went away); exported at zero from the start, so that the first failure shows in rate()
-FAILURE_REASONS = ("bad_request", "queue_full", "not_ready", "internal", "cancelled")
+FAILURE_REASONS = ("bad_request", "queue_full", "overloaded", "not_ready", "internal", "cancelled")
+# the sliding window counts texts in bins of this width: its memory is bounded by
+# THROUGHPUT_WINDOW_S / THROUGHPUT_BIN_S entries however many requests arrive
+THROUGHPUT_BIN_S = 0.1
 
 # the *_created series double the exposition for no use here
 disable_created_metrics()
@@ -95,7 +98,7 @@ class ModelMonitor:
         self.labels = {"model": model, "version": version}
         self.stats = ModelStatistics()
         self._lock = threading.Lock()
-        self._recent: deque[tuple[float, int]] = deque()  # (time, texts) for the sliding window
+        self._recent: deque[list] = deque()  # [bin start, texts] for the sliding window, oldest first
         metrics.info.labels(**self.labels, num_instances=str(num_instances), baseline=baseline).set(1)
         # create the label sets at zero so rate() works from the first scrape
         for name in (metrics.texts, metrics.executions, metrics.failed_executions):
@@ -125,7 +128,7 @@ class ModelMonitor:
             self.stats.inference_count += texts
             self.stats.success.add(seconds)
             self.stats.last_inference_ms = int(now * 1000)
-            self._recent.append((time.monotonic(), texts))
+            self._count_recent(time.monotonic(), texts)
 
     def request_failed(self, reason: str, seconds: float) -> None:
         self.metrics.requests.labels(**self.labels, outcome="failure", reason=reason).inc()
@@ -154,13 +157,21 @@ class ModelMonitor:
         with self._lock:
             return copy.deepcopy(self.stats)
 
+    def _count_recent(self, now: float, texts: int) -> None:
+        """Add texts to the current bin and drop bins that left the window (lock held)."""
+        start = now - now % THROUGHPUT_BIN_S
+        if self._recent and self._recent[-1][0] == start:
+            self._recent[-1][1] += texts
+        else:
+            self._recent.append([start, texts])
+        while self._recent[0][0] < now - THROUGHPUT_WINDOW_S - THROUGHPUT_BIN_S:
+            self._recent.popleft()
+
     def throughput(self, window_s: float = THROUGHPUT_WINDOW_S) -> float:
-        """Texts/s served over the last ``window_s`` seconds."""
+        """Texts/s served over the last ``window_s`` seconds (at most THROUGHPUT_WINDOW_S)."""
         cutoff = time.monotonic() - window_s
         with self._lock:
-            while self._recent and self._recent[0][0] < cutoff:
-                self._recent.popleft()
-            texts = sum(n for _, n in self._recent)
+            texts = sum(n for start, n in self._recent if start >= cutoff)
         return texts / window_s
 
 

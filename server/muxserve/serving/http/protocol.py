@@ -1,0 +1,88 @@
+"""uvicorn's httptools protocol with the two timeouts it lacks, so that slow clients cost only
+their own connection:
+
+- head timeout: a request's line and headers must arrive within ``header_timeout_s`` of its
+  first byte (of the connection being opened, for the first request). A slowloris client that
+  sends its headers a byte at a time gets 408 and is closed.
+- write timeout: a client that reads none of its responses for ``write_timeout_s`` while the
+  server has more to send (the transport's buffer is over its high-water mark) is closed.
+
+The idle timeout between requests is uvicorn's keep-alive timeout; the body timeout is the
+HTTP adapter's (``read_body``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_TIMEOUT_BODY = b'{"error": "request head did not arrive in time"}'
+TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    header_timeout_s: float = 10.0
+    write_timeout_s: float = 30.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+
+    @classmethod
+    def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float) -> type[GuardedHttpProtocol]:
+        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s})
+
+    # -- head timeout
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
+            self._arm_head_timer()  # the first byte of a new request
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._cancel(self._head_timer)
+        self._head_timer = None
+        super().on_headers_complete()
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_expired)
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self.transport.is_closing():
+            self.transport.write(TIMEOUT_RESPONSE)
+            self.transport.close()
+
+    # -- write timeout
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.write_timeout_s, self._write_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel(self._write_timer)
+        self._write_timer = None
+
+    def _write_expired(self) -> None:
+        self._write_timer = None
+        self.transport.abort()  # its buffered responses can never be delivered: drop them
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel(self._head_timer)
+        self._cancel(self._write_timer)
+        self._head_timer = self._write_timer = None
+        super().connection_lost(exc)
+
+    @staticmethod
+    def _cancel(timer: asyncio.TimerHandle | None) -> None:
+        if timer is not None:
+            timer.cancel()

@@ -1,0 +1,350 @@
+"""Limits and faults against the real server process, started with small limits: bad inputs are
+refused before they cost anything (huge element counts, empty texts, malformed JSON and
+protobuf), each limit answers with its own status (413, 429 + Retry-After, RESOURCE_EXHAUSTED,
+408), a failing forward pass fails only its own requests and tells callers nothing internal,
+slow clients are closed on their own timeouts, and well-behaved callers are served throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import struct
+import time
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
+from helpers import make_tiny_repository
+from serving import ECHO, MAX_BATCH, Echo, TextSource, as_bytes, build_repository, serving, text_array
+from tritonclient.grpc import service_pb2
+from tritonclient.utils import InferenceServerException
+
+from muxserve.bench.run import parse_counts
+
+pytestmark = pytest.mark.slow
+
+HOLD = "tiny-hold"  # echo, batches run 1 s after their first text: requests stay in flight
+STEP = "tiny-step"  # echo, 200 ms batching delay
+TEXTS = TextSource(seed=20)
+LIMITS = {
+    "--max-texts-in-flight": 48, "--max-tensor-elements": 1000, "--max-client-batch-size": 40, "--max-stream-inflight": 4,
+    "--max-concurrent-rpcs": 6, "--header-timeout-s": 1, "--body-timeout-s": 1, "--write-timeout-s": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    root = build_repository(tmp_path_factory.mktemp("limits-repo"))
+    make_tiny_repository(root, {HOLD: 2}, engine="echo", max_batch_size=MAX_BATCH, batch_texts=4096, max_queue_delay_us=1_000_000)
+    make_tiny_repository(root, {STEP: 2}, engine="echo", max_batch_size=MAX_BATCH, batch_texts=4096, max_queue_delay_us=200_000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    args = [str(x) for kv in LIMITS.items() for x in kv]
+    with serving(repository, repository.parent / "limits-server.log", *args) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def echo(repository):
+    return Echo(repository)
+
+
+@pytest.fixture
+def base(server) -> str:
+    return f"http://{server.http_url}"
+
+
+def infer_body(texts: list[str]) -> dict:
+    return {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts), 1], "data": texts}]}
+
+
+def binary_body(shape: list[int], items: list[bytes] | bytes) -> tuple[bytes, dict[str, str]]:
+    raw = items if isinstance(items, bytes) else b"".join(struct.pack("<I", len(x)) + x for x in items)
+    header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": shape, "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    return header + raw, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def text_input(texts: list[str], module=grpcclient):
+    tensor = module.InferInput("TEXT", [len(texts), 1], "BYTES")
+    tensor.set_data_from_numpy(text_array(texts))
+    return tensor
+
+
+def counts(base: str, model: str) -> dict:
+    return parse_counts(httpx.get(f"{base}/metrics").text, model)
+
+
+def served_well(base: str, echo: Echo) -> None:
+    """A well-behaved caller gets its own answer."""
+    texts = TEXTS(3)
+    reply = httpx.post(f"{base}/v2/models/{ECHO}/infer", json=infer_body(texts), timeout=60)
+    assert reply.status_code == 200, reply.text
+    rows = np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, -1)
+    np.testing.assert_array_equal(rows, echo.rows(texts))
+
+
+def wait_for_queue(base: str, model: str, texts: int) -> None:
+    """Until ``texts`` texts of ``model`` wait in its queue (the condition, not a sleep)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for line in httpx.get(f"{base}/metrics").text.splitlines():
+            if line.startswith("muxserve_queue_depth_texts{") and f'model="{model}"' in line and float(line.split()[-1]) >= texts:
+                return
+    raise AssertionError(f"{texts} texts never queued for {model}")
+
+
+# ---------------------------------------------------------------------------- bad inputs
+
+
+ONE_BYTE_TEXTS = b"\x01\x00\x00\x00x" * 2_000_000  # 2,000,000 one-byte texts in 10 MB
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "message"),
+    [([1, 1], 400, "more elements than the 1"), ([2_000_000, 1], 413, "max_tensor_elements"), ([MAX_BATCH + 1, 1], 400, "max_batch_size")],
+    ids=["small-shape-huge-buffer", "huge-shape", "over-max-batch"],
+)
+def test_huge_element_counts_are_refused_and_counted(base, echo, shape, status, message):
+    before = counts(base, ECHO)
+    body, headers = binary_body(shape, ONE_BYTE_TEXTS)
+    reply = httpx.post(f"{base}/v2/models/{ECHO}/infer", content=body, headers=headers, timeout=60)
+    assert reply.status_code == status, reply.text
+    assert message in reply.json()["error"]
+    after = counts(base, ECHO)
+    assert after["failure:bad_request"] - before["failure:bad_request"] == 1
+    served_well(base, echo)
+
+
+def test_huge_element_counts_over_grpc(server, client):
+    with grpc.insecure_channel(server.grpc_url, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=service_pb2.ModelInferRequest.SerializeToString, response_deserializer=service_pb2.ModelInferResponse.FromString)
+        raw = service_pb2.ModelInferRequest(model_name=ECHO, raw_input_contents=[ONE_BYTE_TEXTS])
+        raw.inputs.add(name="TEXT", datatype="BYTES", shape=[1, 1])
+        typed = service_pb2.ModelInferRequest(model_name=ECHO)
+        typed.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.extend([b"x"] * 200_000)
+        huge = service_pb2.ModelInferRequest(model_name=ECHO)
+        huge.inputs.add(name="TEXT", datatype="BYTES", shape=[2_000_000, 1]).contents.bytes_contents.append(b"x")
+        for request, message in [(raw, "more elements than the 1"), (typed, "more than the 1"), (huge, "max_tensor_elements")]:
+            with pytest.raises(grpc.RpcError) as info:
+                infer(request)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in info.value.details()
+    assert client.infer(ECHO, [text_input(["fine"])]).as_numpy("LOGITS").shape == (1, 3)
+
+
+def test_malformed_json_counts_as_a_failure_of_its_model(base, client):
+    before, stats_before = counts(base, "tiny-bert"), client.get_inference_statistics("tiny-bert", as_json=True)
+    reply = httpx.post(f"{base}/v2/models/tiny-bert/infer", content=b'{"inputs": [{"name": "TEXT",')
+    assert reply.status_code == 400 and "malformed JSON" in reply.json()["error"]
+    after, stats_after = counts(base, "tiny-bert"), client.get_inference_statistics("tiny-bert", as_json=True)
+    assert after["failure:bad_request"] - before["failure:bad_request"] == 1
+    fail = [int(m["inference_stats"]["fail"].get("count", 0)) for m in (stats_before["model_stats"][0], stats_after["model_stats"][0])]
+    assert fail[1] - fail[0] == 1
+
+
+@pytest.mark.parametrize("texts", [[""], ["fine", "   "]], ids=["empty", "blank"])
+def test_empty_texts_are_refused(base, client, texts):
+    where = len(texts) - 1
+    reply = httpx.post(f"{base}/v2/models/tiny-bert/infer", json=infer_body(texts))
+    assert reply.status_code == 400 and f"element {where} is empty" in reply.json()["error"]
+    body, headers = binary_body([len(texts), 1], [t.encode() for t in texts])
+    reply = httpx.post(f"{base}/v2/models/tiny-bert/infer", content=body, headers=headers)
+    assert reply.status_code == 400 and f"element {where} is empty" in reply.json()["error"]
+    reply = httpx.post(f"{base}/v1/classify", json={"model": "tiny-bert", "inputs": texts})
+    assert reply.status_code == 400 and f"inputs[{where}] is empty" in reply.json()["error"]
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("tiny-bert", [text_input(texts)])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "is empty" in info.value.message()
+
+
+def test_classify_splits_a_client_batch_into_model_batches(base, client):
+    texts = TEXTS(LIMITS["--max-client-batch-size"])  # 40 texts; the model takes 16 per batch
+    reply = httpx.post(f"{base}/v1/classify", json={"model": "tiny-bert", "inputs": texts}, timeout=60)
+    assert reply.status_code == 200, reply.text
+    rows = reply.json()
+    logits = np.concatenate([client.infer("tiny-bert", [text_input(texts[i : i + MAX_BATCH])]).as_numpy("LOGITS") for i in range(0, len(texts), MAX_BATCH)])
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert [r["label"] for r in rows] == [["negative", "positive"][i] for i in logits.argmax(1)]
+    np.testing.assert_allclose([r["score"] for r in rows], probs.max(1), rtol=1e-4)
+    reply = httpx.post(f"{base}/v1/classify", json={"model": "tiny-bert", "inputs": TEXTS(41)})
+    assert reply.status_code == 413 and "max_client_batch_size" in reply.json()["error"]
+
+
+def test_malformed_protobuf_is_invalid_argument(server, base, echo):
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+        with pytest.raises(grpc.RpcError) as info:
+            unary(b"\xff\xff\xff\xff not a protobuf")
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed ModelInferRequest" in info.value.details()
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            list(stream(iter([b"\xff\xff\xff\xff not a protobuf"])))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in info.value.details()
+    served_well(base, echo)
+
+
+# ---------------------------------------------------------------------------- limits with their status
+
+
+async def test_texts_in_flight_limit_answers_429_and_resource_exhausted(server, repository, base, echo):
+    before = counts(base, HOLD)
+    batches = [TEXTS(8) for _ in range(6)]  # 48 texts: the limit
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        held = [asyncio.create_task(http.post(f"/v2/models/{HOLD}/infer", json=infer_body(b))) for b in batches]
+        await asyncio.to_thread(wait_for_queue, base, HOLD, 48)
+        late = await http.post(f"/v2/models/{HOLD}/infer", json=infer_body(["one too many"]))
+        assert late.status_code == 429 and late.headers["retry-after"] == "1"
+        assert "texts in flight" in late.json()["error"]
+        grpc_client = grpcaio.InferenceServerClient(server.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException) as info:
+                await grpc_client.infer(HOLD, [text_input(["one too many"], grpcaio)])
+            assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        finally:
+            await grpc_client.close()
+        for texts, reply in zip(batches, await asyncio.gather(*held), strict=True):
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_array_equal(np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(8, -1), Echo(repository, HOLD).rows(texts))
+    after = counts(base, HOLD)
+    assert after["failure:overloaded"] - before["failure:overloaded"] == 2
+    served_well(base, echo)
+
+
+async def test_concurrent_rpc_limit(server, base):
+    grpc_client = grpcaio.InferenceServerClient(server.grpc_url)
+    try:
+        held = [asyncio.create_task(grpc_client.infer(HOLD, [text_input([t], grpcaio)])) for t in TEXTS(LIMITS["--max-concurrent-rpcs"])]
+        await asyncio.to_thread(wait_for_queue, base, HOLD, len(held))
+        with pytest.raises(InferenceServerException) as info:
+            await grpc_client.infer(HOLD, [text_input(["one rpc too many"], grpcaio)])
+        assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+        for result in await asyncio.gather(*held):
+            assert result.as_numpy("LOGITS").shape == (1, 3)
+    finally:
+        await grpc_client.close()
+
+
+def test_stream_serves_a_bounded_number_of_requests_at_once(repository, base, client):
+    """20 requests sent at once on one stream: at most 4 (max_stream_inflight) are in the
+    server at a time, so no forward pass holds more than 4 texts; each gets its own answer."""
+    echo = Echo(repository, STEP)
+    sent = {str(i): TEXTS(1) for i in range(20)}
+    results: dict[str, np.ndarray] = {}
+    errors = []
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(error)
+        else:
+            results[result.get_response().id] = result.as_numpy("LOGITS")
+
+    before = httpx.get(f"{base}/metrics").text
+    client.start_stream(callback=callback)
+    for rid, texts in sent.items():
+        client.async_stream_infer(STEP, [text_input(texts)], request_id=rid)
+    client.stop_stream()  # waits for every response
+    assert not errors and set(results) == set(sent)
+    for rid, texts in sent.items():
+        np.testing.assert_array_equal(results[rid], echo.rows(texts))
+    after = httpx.get(f"{base}/metrics").text
+    assert batches_over(after, STEP, 4) == batches_over(before, STEP, 4)
+
+
+def batches_over(metrics_text: str, model: str, texts: int) -> float:
+    """Forward passes of ``model`` with more than ``texts`` texts so far."""
+    total = within = 0.0
+    for line in metrics_text.splitlines():
+        if line.startswith("muxserve_batch_texts_") and f'model="{model}"' in line:
+            if line.startswith("muxserve_batch_texts_count"):
+                total = float(line.split()[-1])
+            elif f'le="{float(texts)}"' in line:
+                within = float(line.split()[-1])
+    return total - within
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+async def test_failing_forward_pass_fails_only_its_requests(server, base, echo):
+    """A text with [MASK] makes the echo engine's pass raise: the requests in that pass get 500
+    / INTERNAL with no internal detail, requests in other passes meanwhile get their answers."""
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        doomed = [asyncio.create_task(http.post(f"/v2/models/{STEP}/infer", json=infer_body(t))) for t in (["[MASK] fails"], TEXTS(2))]
+        others = [TEXTS(2) for _ in range(10)]
+        replies = await asyncio.gather(*(http.post(f"/v2/models/{ECHO}/infer", json=infer_body(t)) for t in others))
+        for texts, reply in zip(others, replies, strict=True):
+            assert reply.status_code == 200
+            np.testing.assert_array_equal(np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1), echo.rows(texts))
+        for reply in await asyncio.gather(*doomed):
+            assert reply.status_code == 500
+            error = reply.json()["error"]
+            assert "forward pass failed" in error and "MASK" not in error and "RuntimeError" not in error
+    grpc_client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as info:
+        grpc_client.infer(STEP, [text_input(["[MASK] fails"])])
+    assert info.value.status() == "StatusCode.INTERNAL" and "MASK" not in info.value.message()
+    assert as_bytes(grpc_client.infer(STEP, [text_input(["fine"])]).as_numpy("LABEL")[0, 0]) == b"negative"
+    grpc_client.close()
+    assert "a text holds [MASK]" in server.log()  # the cause is in the log
+
+
+# ---------------------------------------------------------------------------- slow clients
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    sock.settimeout(30)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_slowloris_and_slow_bodies_time_out_while_others_are_served(server, base, echo):
+    heads = []
+    for i in range(20):
+        sock = socket.create_connection(("127.0.0.1", server.http_port))
+        sock.sendall(b"POST /v2/models/tiny-echo/infer HTTP/1.1\r\nHost: x\r\nContent-Le"[: 10 + i])  # and never the rest
+        heads.append(sock)
+    silent = socket.create_connection(("127.0.0.1", server.http_port))  # sends nothing at all
+    body = socket.create_connection(("127.0.0.1", server.http_port))
+    body.sendall(b"POST /v2/models/tiny-echo/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"inputs\"")
+    for _ in range(5):
+        served_well(base, echo)
+    for sock in [*heads, silent]:
+        assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+        sock.close()
+    reply = _read_all(body)
+    assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in reply
+    body.close()
+    served_well(base, echo)
+
+
+# ---------------------------------------------------------------------------- memory without scrapes
+
+
+def test_throughput_window_stays_bounded_without_scrapes(monkeypatch):
+    """100,000 requests over 100 s and no /metrics scrape: the sliding window keeps one bin per
+    THROUGHPUT_BIN_S of the last THROUGHPUT_WINDOW_S, not one entry per request."""
+    from muxserve.serving.observability import metrics
+
+    monitor = metrics.ModelMonitor(metrics.Metrics(), "m", "1", 1)
+    now = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: now[0])
+    for _ in range(100_000):
+        now[0] += 0.001
+        monitor.request_succeeded(1, 0.001)
+    assert len(monitor._recent) <= metrics.THROUGHPUT_WINDOW_S / metrics.THROUGHPUT_BIN_S + 2
+    assert monitor.throughput() == pytest.approx(1000.0, rel=0.02)
