@@ -46,7 +46,7 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repository):
-    args = [str(x) for kv in LIMITS.items() for x in kv]
+    args = [str(x) for kv in LIMITS.items() for x in kv] + ["--max-batch-tokens", "0"]  # fixed batches: HOLD holds all it gets
     with serving(repository, repository.parent / "limits-server.log", *args) as proc:
         yield proc
 
