@@ -15,7 +15,9 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,25 @@ class PrometheusProcess:
             if result or time.monotonic() > deadline:
                 return result
             time.sleep(0.25)
+
+    def wait_until(self, condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Poll until ``condition`` holds: Prometheus scrapes and evaluates on its own clock, so
+        the only way to know it has is to ask it. ``timeout`` only ends a wait that failed."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what}\n{self.log()[-2000:]}")
+            time.sleep(0.1)
+
+    def rules_evaluated_since(self, unix_time: float) -> bool:
+        """Whether every rule group has been evaluated at or after ``unix_time``."""
+        groups = httpx.get(f"{self.url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+
+        def seconds(rfc3339: str) -> float:  # Prometheus writes nanoseconds; keep microseconds
+            stamp = re.sub(r"(\.\d{6})\d*", r"\1", rfc3339).replace("Z", "+00:00")
+            return datetime.fromisoformat(stamp).timestamp()
+
+        return bool(groups) and all(seconds(g["lastEvaluation"]) >= unix_time for g in groups)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -46,7 +46,10 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
         assert p["server"]["texts"] == 2 * p["server"]["success"] and p["cpu_ms_per_request"] > 0
         prof = p["profile"]
         assert prof["parts_ms"]["forward"] > 0 and prof["parts_ms"]["tokenize"] > 0 and 0 < prof["engine_busy"] <= 1.05
-        assert sum(prof["parts_ms"].values()) == pytest.approx(prof["client_ms"])
+        # measured on different clocks, the parts nest: what the data plane times inside a request
+        # fits in its request time, and that in the client's latency (HTTP and the client on top)
+        inner = prof["parts_ms"]["tokenize"] + prof["parts_ms"]["queue"] + prof["parts_ms"]["forward"]
+        assert inner <= prof["server_ms"] * 1.02 and prof["server_ms"] < prof["client_ms"], prof
     assert [(p["protocol"], p["engine"], p["texts_per_request"]) for p in report["echo"]] == [("classify", "echo", 1), ("grpc", "echo", 1)]
     assert all(p["error_count"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0 for p in report["echo"])
     for model, n in (("tiny-bert", 1), ("tiny-mux2", 2)):

@@ -5,6 +5,7 @@ accuracy on SST-2 dev."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import queue
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.grpc.aio as grpcaio
 import tritonclient.http as httpclient
 import tritonclient.http.aio as aiohttpclient
 from deploy import kserve_sdk
@@ -222,3 +224,80 @@ def test_readme_tritonclient_snippet_runs(server) -> None:
     run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "positive" in run.stdout and "negative" in run.stdout
+
+
+# ---------------------------------------------------------------------------- exact routing, real model
+
+POSITIVE_WORDS = ["wonderful", "brilliant", "beautiful", "delightful", "excellent", "moving", "charming", "superb"]
+NEGATIVE_WORDS = ["awful", "boring", "dreadful", "tedious", "terrible", "lifeless", "dull", "painful"]
+
+
+def _polar_texts() -> list[tuple[str, str]]:
+    """Distinct short reviews, each clearly one way, interleaved positive and negative."""
+    pos = [(f"a {a} and {b} film .", "positive") for a, b in itertools.permutations(POSITIVE_WORDS, 2)]
+    neg = [(f"a {a} and {b} film .", "negative") for a, b in itertools.permutations(NEGATIVE_WORDS, 2)]
+    return [pair for both in zip(pos, neg, strict=True) for pair in both]
+
+
+def _robust_texts(model_name: str) -> list[tuple[str, str]]:
+    """The polar texts that the model labels as meant whatever shares their group: alone, and in
+    5 random groupings among each other (computed here, offline, with the same weights)."""
+    import torch
+
+    from muxserve.model.tokenizer import TextTokenizer
+    from muxserve.model.weights import TOKENIZER_FILE, load_model
+    from muxserve.serving.repository import resolve_model_dir
+    from muxserve.training.evaluate import predict
+
+    directory = resolve_model_dir(REPOSITORY, model_name)
+    model = load_model(directory)
+    tokenizer = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
+    pairs = _polar_texts()
+    texts = [t for t, _ in pairs]
+    labels = model.config.labels
+    n = model.config.num_instances
+    right = torch.ones(len(pairs), dtype=torch.bool)
+    with torch.no_grad():
+        # alone: a short group completed as the server completes it (copies or empty texts)
+        filler = (lambda t: [t] * (n - 1)) if model.config.short_group_policy == "copy" else (lambda t: [""] * (n - 1))
+        alone = predict(model, tokenizer, [x for t in texts for x in [t, *filler(t)]]).argmax(1)[::n]
+        right &= torch.tensor([labels[int(p)] == want for p, (_, want) in zip(alone, pairs, strict=True)])
+        for seed in range(5):
+            order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))
+            predicted = predict(model, tokenizer, [texts[i] for i in order]).argmax(1)
+            for slot, i in enumerate(order.tolist()):
+                right[i] &= labels[int(predicted[slot])] == pairs[i][1]
+    return [pair for pair, ok in zip(pairs, right.tolist(), strict=True) if ok]
+
+
+def test_concurrent_callers_each_get_their_own_answer_from_a_mux_model(server) -> None:
+    """Many callers at once, over HTTP and gRPC, each sending one text whose answer is known;
+    the server groups them as they come, and every caller must get its own text's label."""
+    model = "sst2-mux5"
+    known = _robust_texts(model)
+    assert len(known) >= 60, f"only {len(known)} robust texts"
+    assert {label for _, label in known} == {"negative", "positive"}
+
+    async def call_http(client: aiohttpclient.InferenceServerClient, text: str) -> str:
+        inp = aiohttpclient.InferInput("TEXT", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        return (await client.infer(model, [inp])).as_numpy("LABEL")[0][0].decode()
+
+    async def call_grpc(client: grpcaio.InferenceServerClient, text: str) -> str:
+        inp = grpcaio.InferInput("TEXT", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[text.encode()]], dtype=object))
+        return (await client.infer(model, [inp])).as_numpy("LABEL")[0][0].decode()
+
+    async def everyone() -> list[str]:
+        async with aiohttpclient.InferenceServerClient(server.http_url) as http:
+            grpc = grpcaio.InferenceServerClient(server.grpc_url)
+            try:
+                calls = [(call_http if i % 2 else call_grpc)(http if i % 2 else grpc, text) for _ in range(3) for i, (text, _) in enumerate(known)]
+                return await asyncio.gather(*calls)
+            finally:
+                await grpc.close()
+
+    answers = asyncio.run(everyone())
+    expected = [label for _ in range(3) for _, label in known]
+    wrong = [(known[i % len(known)][0], got, want) for i, (got, want) in enumerate(zip(answers, expected, strict=True)) if got != want]
+    assert not wrong, f"{len(wrong)} of {len(answers)} callers got another answer: {wrong[:5]}"

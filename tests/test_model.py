@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from muxtiny import CLS, PAD, SEP, TINY_VOCAB, random_batch, tiny_config, tiny_model
 
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
@@ -96,7 +97,6 @@ def test_n1_permutation_equivariant() -> None:
 @pytest.mark.slow
 def test_n1_equals_huggingface_bert() -> None:
     """N=1 is BERT's encoder + a linear classifier on the [CLS] state (no pooler)."""
-    transformers = pytest.importorskip("transformers")
     model = tiny_model(num_instances=1)
     cfg = model.config
     hf_cfg = transformers.BertConfig(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import time
 
 import httpx
 import pytest
@@ -33,12 +32,8 @@ def test_prometheus_reads_throughput_and_mux_baseline_ratio(tmp_path):
     prom = None
     try:
         prom = start_prometheus(tmp_path / "prometheus", server.http_url, interval="1s")
-        up = prom.wait_for('up{job="muxserve"} == 1')
-        assert up, f"Prometheus never scraped the server:\n{prom.log()}"
-        deadline = time.monotonic() + 30
-        while set(prom.by_model("model:muxserve_inference_texts:rate1m")) < {BASELINE, MUX}:  # the rules run
-            assert time.monotonic() < deadline, f"recording rules never evaluated:\n{prom.log()}"
-            time.sleep(0.25)
+        prom.wait_until(lambda: prom.query('up{job="muxserve"} == 1'), "Prometheus never scraped the server")
+        prom.wait_until(lambda: set(prom.by_model("model:muxserve_inference_texts:rate1m")) >= {BASELINE, MUX}, "recording rules never evaluated")
 
         # one bad request, so that the error panels have something to show
         assert httpx.post(f"http://{server.http_url}/v1/classify", json={"model": MUX, "inputs": []}, timeout=30).status_code == 400
@@ -49,11 +44,11 @@ def test_prometheus_reads_throughput_and_mux_baseline_ratio(tmp_path):
         client_ratio = done[MUX] / done[BASELINE]
 
         # Prometheus holds the exact totals once it has scraped after the load ...
-        deadline = time.monotonic() + 15
-        while (totals := prom.by_model("sum by (model) (muxserve_inference_texts_total)")) != {m: float(n) for m, n in done.items()}:
-            assert time.monotonic() < deadline, f"Prometheus totals {totals} != texts served {done}"
-            time.sleep(0.25)
-        time.sleep(2.5)  # ... and the rules have been evaluated on that scrape
+        served = {m: float(n) for m, n in done.items()}
+        prom.wait_until(lambda: prom.by_model("sum by (model) (muxserve_inference_texts_total)") == served, f"Prometheus totals never reached the texts served {done}")
+        [scraped] = prom.query("max(timestamp(muxserve_inference_texts_total))")
+        # ... and every recording rule has been evaluated on that scrape
+        prom.wait_until(lambda: prom.rules_evaluated_since(float(scraped["value"][1])), "rules not evaluated after the last scrape")
 
         rate = prom.by_model("model:muxserve_inference_texts:rate1m")
         [ratio_series] = prom.query("model:muxserve_baseline_throughput:ratio_rate1m")
@@ -70,7 +65,7 @@ def test_prometheus_reads_throughput_and_mux_baseline_ratio(tmp_path):
         assert ratio > 1, f"mux model {MUX} is not faster than its baseline under the same load: {ratio:.2f}"
         assert gauge > 1, "the server's own sliding-window ratio should agree"
         for model in (BASELINE, MUX):
-            assert 0 < p50[model] <= p99[model] < 30
+            assert 0 < p50[model] <= p99[model]
 
         # every query of the dashboard runs in Prometheus; those about traffic return data
         empty = [(where, expr) for where, expr in dashboard_queries() if not prom.query(grafana_to_promql(expr))]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -13,20 +14,35 @@ from muxserve.serving.scheduler import BatchReport, MuxScheduler, TokenBudget, c
 
 
 class FakeEngine:
-    """Row i of the output = [sum(ids), len(ids)]; records every batch it ran."""
+    """Row i of the output = [sum(ids), len(ids)]; records every batch it ran. A gated engine holds
+    every pass until ``release()``, so a test can fill the queue while the engine is busy."""
 
-    def __init__(self, delay: float = 0.0, fail_when: int | None = None) -> None:
+    def __init__(self, gated: bool = False, fail_when: int | None = None) -> None:
         self.batches: list[list[list[int]]] = []
-        self.delay = delay
         self.fail_when = fail_when  # a batch containing this token id raises
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
+
+    def release(self) -> None:
+        self.gate.set()
 
     async def __call__(self, rows: list[list[int]]) -> np.ndarray:
         self.batches.append(rows)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        await asyncio.sleep(0)  # a pass yields to the loop, as the real engine's thread does
+        await self.gate.wait()
         if self.fail_when is not None and any(self.fail_when in r for r in rows):
             raise RuntimeError("boom")
         return np.array([[sum(r), len(r)] for r in rows], dtype=np.float32)
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the event loop run until ``condition`` holds (no timers involved)."""
+    for _ in range(10_000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never happened: {what}")
 
 
 def make(engine: FakeEngine, **kw: object) -> MuxScheduler:
@@ -43,10 +59,10 @@ def expected(rows: list[list[int]]) -> np.ndarray:
 
 async def test_texts_from_many_requests_share_one_pass_and_get_their_own_rows() -> None:
     engine = FakeEngine()
-    s = make(engine, batch_texts=8, max_queue_delay_s=1.0)
+    s = make(engine, batch_texts=8, max_queue_delay_s=3600.0)  # a full batch runs at once: no waiting for the delay
     requests = [[[i * 10 + j] * (1 + j) for j in range(2)] for i in range(4)]  # 4 requests x 2 texts = 8 texts
     results = await asyncio.gather(*(s.submit(r) for r in requests))
-    assert len(engine.batches) == 1 and len(engine.batches[0]) == 8  # full batch: no waiting for the delay
+    assert len(engine.batches) == 1 and len(engine.batches[0]) == 8
     for rows, got in zip(requests, results, strict=True):
         np.testing.assert_array_equal(got, expected(rows))
     await s.stop()
@@ -59,12 +75,12 @@ async def test_partial_batch_runs_after_max_queue_delay() -> None:
     out = await s.submit([[1, 2, 3]])
     waited = time.monotonic() - t0
     np.testing.assert_array_equal(out, expected([[1, 2, 3]]))
-    assert 0.09 <= waited < 1.0
+    assert waited >= 0.1  # never before its deadline (that it runs at all: the batch is not full)
     await s.stop()
 
 
 async def test_batch_never_exceeds_capacity_and_nothing_is_lost() -> None:
-    engine = FakeEngine(delay=0.01)
+    engine = FakeEngine()
     s = make(engine, batch_texts=6, max_queue_delay_s=0.005)
     rng = np.random.default_rng(0)
     requests = [[list(rng.integers(1, 1000, size=int(rng.integers(1, 20)))) for _ in range(int(rng.integers(1, 9)))] for _ in range(200)]
@@ -77,16 +93,15 @@ async def test_batch_never_exceeds_capacity_and_nothing_is_lost() -> None:
 
 
 async def test_queue_full_rejects_at_once() -> None:
-    engine = FakeEngine(delay=0.2)
+    engine = FakeEngine(gated=True)
     s = make(engine, batch_texts=2, max_queue_delay_s=0.0, max_queue_size=2)
-    first = asyncio.create_task(s.submit([[1], [2]]))  # taken by the engine
-    await asyncio.sleep(0.05)
+    first = asyncio.create_task(s.submit([[1], [2]]))
+    await until(lambda: len(engine.batches) == 1, "the first request taken by the engine")
     waiting = [asyncio.create_task(s.submit([[3]])), asyncio.create_task(s.submit([[4]]))]
-    await asyncio.sleep(0.01)
-    t0 = time.monotonic()
-    with pytest.raises(QueueFull, match="queue is full"):
+    await until(lambda: s.queued_requests == 2, "two requests queued")
+    with pytest.raises(QueueFull, match="queue is full"):  # at once: the engine is still held
         await s.submit([[5]])
-    assert time.monotonic() - t0 < 0.05
+    engine.release()
     await asyncio.gather(first, *waiting)  # accepted ones are all answered
     await s.stop()
 
@@ -104,14 +119,16 @@ async def test_failing_pass_fails_only_its_own_requests() -> None:
 
 
 async def test_cancelled_request_is_not_computed() -> None:
-    engine = FakeEngine(delay=0.1)
+    engine = FakeEngine(gated=True)
     s = make(engine, batch_texts=2, max_queue_delay_s=0.0)
     busy = asyncio.create_task(s.submit([[1], [2]]))
-    await asyncio.sleep(0.02)  # engine busy; the next request waits in the queue
+    await until(lambda: len(engine.batches) == 1, "the engine busy")  # the next request waits in the queue
     gone = asyncio.create_task(s.submit([[999], [998]]))
-    await asyncio.sleep(0.01)
+    await until(lambda: s.queue_depth == 2, "the request queued")
     gone.cancel()
     kept = asyncio.create_task(s.submit([[3]]))
+    await until(lambda: gone.done(), "the cancellation")
+    engine.release()
     await busy
     np.testing.assert_array_equal(await kept, expected([[3]]))
     assert all(999 not in r for b in engine.batches for r in b)
@@ -120,14 +137,16 @@ async def test_cancelled_request_is_not_computed() -> None:
 
 
 async def test_drain_answers_accepted_and_refuses_new() -> None:
-    engine = FakeEngine(delay=0.05)
+    engine = FakeEngine(gated=True)
     s = make(engine, batch_texts=4, max_queue_delay_s=0.01)
     accepted = [asyncio.create_task(s.submit([[i]])) for i in range(10)]
-    await asyncio.sleep(0)
+    await until(lambda: len(engine.batches) == 1, "the first pass started")
     drained = asyncio.create_task(s.drain())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # drain() has begun
     with pytest.raises(NotReady):
         await s.submit([[42]])
+    assert not drained.done() and not any(t.done() for t in accepted)
+    engine.release()
     await drained
     assert all(t.done() and not t.exception() for t in accepted)
     await s.stop()
@@ -138,27 +157,32 @@ async def test_drain_with_engine_instances_finishing_together() -> None:
     scheduler still turns idle, so a drain (SIGTERM) returns."""
     gate = asyncio.Event()
 
+    started: list[list[list[int]]] = []
+
     async def engine(rows: list[list[int]]) -> np.ndarray:
+        started.append(rows)
         await gate.wait()
         return expected(rows)
 
     s = MuxScheduler(engine, num_instances=1, batch_texts=1, max_queue_delay_s=0.0, engine_instances=2)
     s.start()
     requests = [asyncio.create_task(s.submit([[i]])) for i in range(2)]
-    await asyncio.sleep(0.02)
+    await until(lambda: len(started) == 2, "both engine instances busy")
     gate.set()
     await asyncio.gather(*requests)
-    await asyncio.wait_for(s.drain(), 2)
+    await s.drain()  # returns (a hang here is the bug; pytest-timeout ends it)
     await s.stop()
 
 
 async def test_length_aware_batches_pick_similar_lengths_in_arrival_order() -> None:
-    engine = FakeEngine(delay=0.05)
-    s = make(engine, batch_texts=4, max_queue_delay_s=10.0)
+    engine = FakeEngine(gated=True)
+    s = make(engine, batch_texts=4, max_queue_delay_s=3600.0)
     blocker = asyncio.create_task(s.submit([[1]] * 4))  # occupies the engine while the queue fills
-    await asyncio.sleep(0.01)
+    await until(lambda: len(engine.batches) == 1, "the engine busy")
     lengths = [7, 60, 5, 61, 8, 62, 6, 63]
     tasks = [asyncio.create_task(s.submit([[1] * n])) for n in lengths]
+    await until(lambda: s.queue_depth == len(lengths), "the queue filled")
+    engine.release()
     await asyncio.gather(blocker, *tasks)
     # closest to the oldest text (length 7), kept in arrival order (groups are not sorted)
     assert [len(r) for r in engine.batches[1]] == [7, 5, 8, 6]
@@ -221,12 +245,14 @@ async def test_a_queue_that_fills_the_token_budget_runs_without_waiting_for_the_
 
 
 async def test_arrival_order_when_length_aware_is_off() -> None:
-    engine = FakeEngine(delay=0.05)
-    s = make(engine, batch_texts=4, max_queue_delay_s=10.0, length_aware=False)
+    engine = FakeEngine(gated=True)
+    s = make(engine, batch_texts=4, max_queue_delay_s=3600.0, length_aware=False)
     blocker = asyncio.create_task(s.submit([[1]] * 4))
-    await asyncio.sleep(0.01)
+    await until(lambda: len(engine.batches) == 1, "the engine busy")
     lengths = [5, 60, 6, 61, 7, 62, 8, 63]
     tasks = [asyncio.create_task(s.submit([[1] * n])) for n in lengths]
+    await until(lambda: s.queue_depth == len(lengths), "the queue filled")
+    engine.release()
     await asyncio.gather(blocker, *tasks)
     assert [len(r) for r in engine.batches[1]] == [5, 60, 6, 61]
     await s.stop()
