@@ -81,7 +81,7 @@ def test_accuracy_is_cached_by_weights_and_data(repo, tmp_path) -> None:
 @needs_sst2
 @needs_native
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy not installed")
+@pytest.mark.skipif(shutil.which("py-spy") is None, reason="py-spy is not installed (pip install -e '.[bench]')")
 def test_bench_profile_with_py_spy(repo, tmp_path) -> None:
     argv = ["bench", "profile", "--model-repository", str(repo), "--models", "tiny-mux2", "--concurrency", "4", "--duration", "1", "--warmup", "1", "--out", str(tmp_path), "--matmul-seconds", "0.2", "--py-spy"]
     assert main(argv) == 0
@@ -89,7 +89,7 @@ def test_bench_profile_with_py_spy(repo, tmp_path) -> None:
     assert result["point"]["error_count"] == 0 and 0 < result["served_over_limit"] < 1
     spy = result["py_spy"]
     if "error" in spy:  # no ptrace permission here: the profile still ran
-        pytest.skip(f"py-spy could not attach: {spy['error'][:200]}")
+        pytest.skip(f"no ptrace permission on this machine, py-spy could not attach: {spy['error'][:200]}")
     assert spy["samples"] > 0 and sum(spy["by_stage"].values()) == pytest.approx(1.0)
 
 
