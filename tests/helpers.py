@@ -41,6 +41,7 @@ def make_tiny_repository(root: Path, models: dict[str, int], engine: str = "", *
 ServerProcess = ServerHandle
 
 
-def start_server(repository: Path, log_path: Path, *extra: str, grpc: bool = True, ready_timeout: float = 120) -> ServerProcess:
-    """The real ``muxserve serve`` on loopback (shadow sampling as configured), once ready."""
-    return launch_server(repository, (), log_path, extra=extra, grpc=grpc, ready_timeout=ready_timeout, shadow=True)
+def start_server(repository: Path, log_path: Path, *extra: str, grpc: bool = True, ready_timeout: float = 120, **launch: object) -> ServerProcess:
+    """The real ``muxserve serve`` on loopback (shadow sampling as configured), once ready
+    (``launch``: ``tls_ca``, ``api_key`` of ``muxserve.launch.start_server``)."""
+    return launch_server(repository, (), log_path, extra=extra, grpc=grpc, ready_timeout=ready_timeout, shadow=True, **launch)

@@ -32,9 +32,9 @@ def build_repository(root: Path) -> Path:
 
 
 @contextlib.contextmanager
-def serving(repository: Path, log_path: Path, *extra: str) -> Iterator[ServerProcess]:
+def serving(repository: Path, log_path: Path, *extra: str, **launch: Any) -> Iterator[ServerProcess]:
     """The real server on loopback for a block; on leaving it, SIGTERM and check it exited 0."""
-    server = start_server(repository, log_path, *extra)
+    server = start_server(repository, log_path, *extra, **launch)
     try:
         yield server
     finally:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -57,15 +59,16 @@ class ServerHandle:
         return self.proc.returncode
 
 
-def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path) -> None:
+def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, log_path: Path, **request: Any) -> None:
     """Poll ``GET url`` until it answers 200; an error with the log's tail if ``proc`` exits
-    first or ``timeout`` seconds pass (also used for peer servers in ``benchmarks/``)."""
+    first or ``timeout`` seconds pass (also used for peer servers in ``benchmarks/``).
+    ``request``: more arguments of ``httpx.get`` (``headers``, ``verify``)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            if httpx.get(url, timeout=2, **request).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
@@ -73,8 +76,10 @@ def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float, log_path:
     raise RuntimeError(f"server not ready after {timeout:.0f}s:\n{Path(log_path).read_text(errors='replace')[-4000:]}")
 
 
-def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False) -> ServerHandle:
-    """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready."""
+def start_server(repository: str | Path, models: Sequence[str], log_path: str | Path, http_port: int = 0, grpc_port: int = 0, extra: Sequence[str] = (), grpc: bool = True, ready_timeout: float = 300, shadow: bool = False, tls_ca: str | Path | None = None, api_key: str = "") -> ServerHandle:
+    """``muxserve serve`` on loopback (free ports unless given; shadow sampling off unless asked), once ready.
+    A server started with TLS or an API key (in ``extra``) is polled over HTTPS trusting
+    ``tls_ca`` / with ``api_key``."""
     http_port = http_port or free_port()
     grpc_port = (grpc_port or free_port()) if grpc else 0
     log_path = Path(log_path)
@@ -88,13 +93,15 @@ def start_server(repository: str | Path, models: Sequence[str], log_path: str | 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     server = ServerHandle(proc, http_port, grpc_port, log_path)
+    base = f"https://{server.http_url}" if tls_ca else f"http://{server.http_url}"
+    request: dict[str, Any] = {"verify": ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True, "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {}}
     try:
-        wait_until_ready(proc, f"http://{server.http_url}/v2/health/ready", ready_timeout, log_path)
+        wait_until_ready(proc, f"{base}/v2/health/ready", ready_timeout, log_path, **request)
     except RuntimeError:
         server.stop()
         raise
     for model in models:
-        if httpx.get(f"http://{server.http_url}/v2/models/{model}/ready", timeout=5).status_code != 200:
+        if httpx.get(f"{base}/v2/models/{model}/ready", timeout=5, **request).status_code != 200:
             server.stop()
             raise RuntimeError(f"model {model} is not ready (see {log_path}):\n{server.log()[-4000:]}")
     return server

@@ -55,7 +55,7 @@ class MuxServer:
         s = self.settings
         app = create_app(self.plane, self.metrics)
         protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s)
-        config = uvicorn.Config(app, host=s.host, port=s.http_port, http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s)  # type: ignore[arg-type]
+        config = uvicorn.Config(app, host=s.host, port=s.http_port, http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         if self.settings.grpc_port > 0:
             from muxserve.serving.grpc.server import create_grpc_server
@@ -63,7 +63,8 @@ class MuxServer:
             self.grpc = create_grpc_server(self.plane, f"{self.settings.host}:{self.settings.grpc_port}")
             await self.grpc.start()
             log.info("gRPC listening on %s:%d", self.settings.host, self.settings.grpc_port)
-        log.info("HTTP listening on http://%s:%d", self.settings.host, self.settings.http_port)
+        scheme = "https" if self.settings.tls_certfile else "http"
+        log.info("HTTP listening on %s://%s:%d%s", scheme, self.settings.host, self.settings.http_port, " (API key required)" if self.settings.api_key else "")
 
     async def _restart_shadow(self) -> None:
         """Shadow sampling pairs loaded versions: after a model change, pair the new ones (the old

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 
 class Settings(BaseModel):
@@ -46,6 +46,22 @@ class Settings(BaseModel):
     open_endpoints: list[str] = Field(default_factory=lambda: ["health", "metrics"], description="endpoint groups served without the API key: health, metrics, metadata")
     tls_certfile: str = Field("", description="PEM certificate (chain): serve HTTPS and gRPC over TLS")
     tls_keyfile: str = Field("", description="PEM private key of tls_certfile")
+
+    @field_validator("open_endpoints")
+    @classmethod
+    def _known_groups(cls, groups: list[str]) -> list[str]:
+        from muxserve.serving.security import ENDPOINT_GROUPS
+
+        unknown = sorted(set(groups) - set(ENDPOINT_GROUPS))
+        if unknown:
+            raise ValueError(f"unknown endpoint groups {unknown} (known: {', '.join(ENDPOINT_GROUPS)})")
+        return groups
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if bool(self.tls_certfile) != bool(self.tls_keyfile):
+            raise ValueError("TLS needs both tls_certfile and tls_keyfile")
+        return self
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

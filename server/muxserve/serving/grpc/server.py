@@ -27,8 +27,9 @@ from tritonclient.grpc import service_pb2_grpc
 
 from muxserve.serving.codecs import decode_contents, decode_raw, element_count, encode_raw, parameters_from_proto, parameters_to_proto
 from muxserve.serving.dataplane import DataPlane, Declared
-from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError
+from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError, Unauthenticated
 from muxserve.serving.observability.stats import statistics_proto
+from muxserve.serving.security import AccessPolicy
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 log = logging.getLogger("muxserve")
@@ -280,10 +281,46 @@ def _method_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
+class RequireApiKey(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for a call that needs the API key and lacks it (``AccessPolicy``; the
+    key comes in the ``authorization`` metadata)."""
+
+    def __init__(self, policy: AccessPolicy) -> None:
+        self.policy = policy
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable[Any]], details: grpc.HandlerCallDetails) -> Any:
+        authorization = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        try:
+            self.policy.check_grpc(details.method, authorization)
+        except Unauthenticated as exc:
+            return _refusal(details.method, exc.message)
+        return await continuation(details)
+
+
+def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
+    async def unary(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # never reached: a stream handler must be an async generator
+
+    if method.endswith("/ModelStreamInfer"):
+        return grpc.stream_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
+
+
+def server_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials:
+    with open(keyfile, "rb") as key, open(certfile, "rb") as cert:
+        return grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+
 def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
     """A grpc.aio server on the running event loop; messages up to the HTTP body limit in, 64 MiB out.
-    Larger requests, and calls past ``max_concurrent_rpcs``, get RESOURCE_EXHAUSTED from gRPC itself."""
+    Larger requests, and calls past ``max_concurrent_rpcs``, get RESOURCE_EXHAUSTED from gRPC itself.
+    TLS from the settings' certificate files; the API key, if set, checked by ``RequireApiKey``."""
     settings = plane.settings
+    policy = AccessPolicy(settings.api_key, settings.open_endpoints)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -294,8 +331,13 @@ def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
             ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),
         ],
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
+        interceptors=[RequireApiKey(policy)] if policy.enabled else None,
     )
     server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(plane)),))
-    if server.add_insecure_port(address) == 0:
+    if settings.tls_certfile:
+        port = server.add_secure_port(address, server_credentials(settings.tls_certfile, settings.tls_keyfile))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server

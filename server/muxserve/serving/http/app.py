@@ -26,9 +26,10 @@ from starlette.exceptions import HTTPException
 
 from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import DataPlane, Declared
-from muxserve.serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServingError
+from muxserve.serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated
 from muxserve.serving.observability.metrics import Metrics, refresh_throughput
 from muxserve.serving.observability.stats import statistics_json
+from muxserve.serving.security import AccessPolicy
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -219,6 +220,25 @@ class BodyLimit:
         return await self.app(scope, limited_receive, send)
 
 
+class RequireApiKey:
+    """ASGI middleware: 401 for a request that needs the API key and lacks it, before any of
+    its body is read (``AccessPolicy``)."""
+
+    def __init__(self, app: Any, policy: AccessPolicy) -> None:
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            authorization = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+            try:
+                self.policy.check_http(scope["path"], authorization)
+            except Unauthenticated as exc:
+                response = error_response(exc.http_status, exc.message)
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def control_parameters(body: bytes) -> dict[str, Any]:
     """The ``parameters`` of a load/unload body (optional, ``{"parameters": {...}}``)."""
     if not body.strip():
@@ -243,6 +263,9 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     app = FastAPI(title="muxserve", version=plane.server_metadata()["version"], description="KServe v2 (Triton-compatible) inference for data-multiplexed BERT classifiers", default_response_class=ORJSONResponse)
 
     app.add_middleware(BodyLimit, limit=max_request_bytes)
+    policy = AccessPolicy(settings.api_key, settings.open_endpoints)
+    if policy.enabled:  # added last: it runs first
+        app.add_middleware(RequireApiKey, policy=policy)
 
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, exc: ServingError) -> ORJSONResponse:
