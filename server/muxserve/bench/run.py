@@ -206,22 +206,33 @@ def served_batch_texts(repository: str | Path, model: str, num_instances: int) -
     return batch_texts(scan(repository)[model], num_instances)
 
 
-def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float) -> dict:
-    """Texts/s of the engine alone on the served texts, batched and padded as the server does
-    (``texts per forward pass`` from the config, arrival order), with the engine's threads."""
+def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None) -> dict:
+    """Texts/s of the engine alone on the served texts, as a saturated server runs them: with
+    the engine options the server chooses for the model (precision, threads) and the batches its
+    scheduler forms from a full queue of these texts (token budget or fixed batch size,
+    length-aware grouping). ``settings``: the server's ``Settings`` (default: its defaults)."""
     import torch
 
     from muxserve.model.tokenizer import TextTokenizer
-    from muxserve.serving.engine import Engine, EngineOptions
-    from muxserve.serving.repository import resolve_model_dir
+    from muxserve.serving.engine import Engine
+    from muxserve.serving.registry import batch_texts, engine_options, max_texts, token_budget
+    from muxserve.serving.repository import resolve_model_dir, scan
+    from muxserve.serving.scheduler import split_queue
+    from muxserve.serving.settings import Settings
 
+    settings = settings if isinstance(settings, Settings) else Settings()
+    entry = scan(repository)[model]
     directory = resolve_model_dir(repository, model)
-    engine = Engine.load(directory, EngineOptions(), name=model)
+    engine = Engine.load(directory, engine_options(entry, settings), name=model)
     try:
-        tok = TextTokenizer(directory / "tokenizer.json", engine.config.max_seq_length)
-        rows = tok.encode(list(texts)).ids
-        size = served_batch_texts(repository, model, engine.config.num_instances)
-        batches = [rows[i : i + size] for i in range(0, len(rows), size)]
+        cfg = engine.config
+        rows = TextTokenizer(directory / "tokenizer.json", cfg.max_seq_length).encode(list(texts)).ids
+        budget = token_budget(entry, settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple)
+        cap = max_texts(entry, cfg.num_instances) if budget else batch_texts(entry, cfg.num_instances)
+        batches, queue = [], list(rows)
+        while queue:
+            batch, queue = split_queue(queue, len, lambda _: False, cap, settings.length_aware, budget)
+            batches.append(batch)
         before = torch.get_num_threads()
         torch.set_num_threads(engine.threads)
         try:
@@ -240,7 +251,10 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
             torch.set_num_threads(before)
     finally:
         engine.close()
-    return {"batch_texts": size, "threads": engine.threads, "forward_texts_per_s": done / elapsed, "forward_seconds": elapsed}
+    return {
+        "batch_texts": cap, "max_batch_tokens": budget.max_tokens if budget else None, "mean_batch_texts": len(rows) / len(batches),
+        "precision": engine.options.precision, "threads": engine.threads, "forward_texts_per_s": done / elapsed, "forward_seconds": elapsed,
+    }
 
 
 def physical_limit(repository: str | Path, model: str, texts: Sequence[str], matmul_seconds: float = 2.0, threads: int = 0) -> dict:

@@ -119,9 +119,21 @@ def measure_echo(opts: SweepOptions, texts: Sequence[str], out: Path, log: Log) 
     return points
 
 
+def server_settings(server_args: Sequence[str]) -> object:
+    """The ``Settings`` that ``muxserve serve`` would run with these extra arguments."""
+    import argparse
+
+    from muxserve.cli import serve as serve_cli
+
+    parser = argparse.ArgumentParser()
+    serve_cli.add_parser(parser.add_subparsers(dest="command"))
+    return serve_cli.settings_from_args(parser.parse_args([serve_cli.NAME, *server_args]))
+
+
 def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> dict[str, dict]:
-    """Accuracy (cached), forward-only throughput and physical limit per model."""
+    """Accuracy (cached), forward-only throughput (at the served settings) and physical limit per model."""
     info: dict[str, dict] = {}
+    settings = server_settings(opts.server_args)
     acc_data = opts.accuracy_data or str(default_sst2_dev())
     for model in opts.models:
         entry: dict = {"num_instances": num_instances_of(opts.repository, model)}
@@ -135,8 +147,9 @@ def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> 
                 entry["accuracy"] = model_accuracy(opts.repository, model, acc_data, opts.accuracy_limit)
                 log(f"{model}: accuracy {entry['accuracy']['accuracy']:.4f} on {entry['accuracy']['n']} texts ({entry['accuracy']['seconds']:.1f} s)")
         if opts.forward_seconds > 0:
-            entry["forward"] = forward_only(opts.repository, model, texts, opts.forward_seconds)
-            log(f"{model}: forward pass alone {entry['forward']['forward_texts_per_s']:.1f} texts/s ({entry['forward']['batch_texts']} texts per pass, {entry['forward']['threads']} thread(s))")
+            entry["forward"] = forward_only(opts.repository, model, texts, opts.forward_seconds, settings)
+            f = entry["forward"]
+            log(f"{model}: forward pass alone {f['forward_texts_per_s']:.1f} texts/s ({f['precision']}, {f['threads']} thread(s), {f['mean_batch_texts']:.0f} texts per pass)")
         if opts.matmul_seconds > 0:
             entry["limit"] = physical_limit(opts.repository, model, texts, opts.matmul_seconds)
             lim = entry["limit"]
@@ -264,9 +277,9 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['protocol']} | {r['texts_per_request']} | {r['model']} | {r['num_instances']} | {cell(r.get('accuracy'), '.3f')} | {cell(r.get('peak_requests_per_s'))} | {cell(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} | {cell(r.get('p50_ms'))} | {cell(r.get('p99_ms'))} | {cell(r.get('cpu_ms_per_request'), '.3f')} | {cell(r.get('ratio_to_baseline'), '.2f', '×')} | {cell(r.get('forward_texts_per_s'))} | {cell(r.get('served_over_forward'), '.0%')} | {cell(r.get('limit_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} |"
         )
-    forwards = [f"{model}: {info['forward']['batch_texts']} texts per pass, {info['forward']['threads']} thread(s)" + (f", {info['forward']['precision']}" if info["forward"].get("precision") else "") for model, info in report["models"].items() if "forward" in info]
+    forwards = [f"{model}: {f['precision']}, {f['threads']} thread(s), {f['mean_batch_texts']:.0f} texts per pass" + (f" (budget {f['max_batch_tokens']} tokens)" if f.get("max_batch_tokens") else "") for model, info in report["models"].items() if (f := info.get("forward"))]
     if forwards:
-        lines += ["", "Forward-only: the engine alone on the same texts, batched and padded as the server does (" + "; ".join(forwards) + ")."]
+        lines += ["", "Forward-only: the engine alone on the same texts, with the server's precision, threads and batches (those its scheduler forms from a full queue): " + "; ".join(forwards) + "."]
     if report.get("echo"):
         lines += ["", "## The serving stack alone (echo engine: no forward pass, 1 text per request)", "", "| protocol | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
         for p in report["echo"]:
