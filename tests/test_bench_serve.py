@@ -32,7 +32,7 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
     out = tmp_path / "out"
     argv = [
         "bench", "serve", "--model-repository", str(repo), "--models", "tiny-bert,tiny-mux2", "--concurrency", "1,4", "--texts-per-request", "2", "--protocol", "binary,grpc",
-        "--echo-protocols", "classify,grpc", "--duration", "1", "--warmup", "1", "--out", str(out), "--accuracy-limit", "40", "--forward-seconds", "0.2", "--matmul-seconds", "0.2",
+        "--echo-protocols", "classify,grpc", "--duration", "2", "--warmup", "1", "--out", str(out), "--accuracy-limit", "40", "--forward-seconds", "0.2", "--matmul-seconds", "0.2",
     ]
     assert main(argv) == 0
     report = json.loads((out / "results.json").read_text())
