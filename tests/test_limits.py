@@ -348,3 +348,107 @@ def test_throughput_window_stays_bounded_without_scrapes(monkeypatch):
         monitor.request_succeeded(1, 0.001)
     assert len(monitor._recent) <= metrics.THROUGHPUT_WINDOW_S / metrics.THROUGHPUT_BIN_S + 2
     assert monitor.throughput() == pytest.approx(1000.0, rel=0.02)
+
+
+TCP_ESTABLISHED = 1
+
+
+def test_a_reader_that_stops_reading_is_reset(server, base, echo):
+    """Requests pipelined on one connection whose client reads nothing: once the server's send
+    buffer stays full for write_timeout_s, the connection is reset (its unread responses
+    dropped), with no error in the server's log; everyone else is served meanwhile."""
+    tracebacks = server.log().count("Traceback")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.http_port))
+    sock.setblocking(False)
+    request = f"GET /v2/models/{ECHO}/config HTTP/1.1\r\nHost: x\r\n\r\n".encode() * 100
+    try:
+        while True:
+            sock.send(request)
+    except BlockingIOError:
+        pass  # the server reads no more of them until it can write
+    deadline = time.monotonic() + 120
+    while sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == TCP_ESTABLISHED and time.monotonic() < deadline:
+        served_well(base, echo)
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+    sock.close()
+    served_well(base, echo)
+    assert server.log().count("Traceback") == tracebacks
+
+
+# ---------------------------------------------------------------------------- SIGTERM under load
+
+
+async def test_sigterm_under_load_loses_no_accepted_request(repository, tmp_path):
+    """32 callers (half HTTP, half gRPC) send without pause while the server gets SIGTERM.
+    Every request gets its own answer or is refused: 503 / UNAVAILABLE, or its connection is
+    refused or closed before the server read it. None fails after being accepted, none gets
+    another's answer, and requests in flight at SIGTERM are answered."""
+    echo = Echo(repository, STEP)
+    outcomes: dict[str, int] = {"ok": 0, "ok_across_sigterm": 0, "refused": 0, "closed": 0}
+    lost: list[str] = []
+    sigterm = asyncio.Event()
+    enough = asyncio.Event()
+    source = TextSource(seed=99)
+
+    with serving(repository, tmp_path / "sigterm-load.log") as server:
+        base = f"http://{server.http_url}"
+
+        def answered(texts: list[str], rows: np.ndarray, sent_before_sigterm: bool) -> None:
+            if not np.array_equal(rows, echo.rows(texts)):
+                lost.append(f"wrong rows for {texts}")
+                return
+            outcomes["ok"] += 1
+            outcomes["ok_across_sigterm"] += sent_before_sigterm and sigterm.is_set()
+            if outcomes["ok"] >= 100:
+                enough.set()
+
+        async def http_caller(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+                while True:
+                    texts, before = source(int(rng.integers(1, 5))), not sigterm.is_set()
+                    try:
+                        reply = await http.post(f"/v2/models/{STEP}/infer", json=infer_body(texts))
+                    except (httpx.ConnectError, httpx.RemoteProtocolError):
+                        outcomes["closed"] += 1
+                        return
+                    except httpx.HTTPError as exc:
+                        lost.append(f"HTTP {type(exc).__name__}")
+                        return
+                    if reply.status_code == 503:
+                        outcomes["refused"] += 1
+                        return
+                    if reply.status_code != 200:
+                        lost.append(f"HTTP {reply.status_code}: {reply.text}")
+                        return
+                    answered(texts, np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(len(texts), -1), before)
+
+        async def grpc_caller(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            client = grpcaio.InferenceServerClient(server.grpc_url)
+            try:
+                while True:
+                    texts, before = source(int(rng.integers(1, 5))), not sigterm.is_set()
+                    try:
+                        result = await client.infer(STEP, [text_input(texts, grpcaio)])
+                    except InferenceServerException as exc:
+                        if exc.status() == "StatusCode.UNAVAILABLE":
+                            outcomes["refused"] += 1
+                        else:
+                            lost.append(f"gRPC {exc.status()}: {exc.message()}")
+                        return
+                    answered(texts, result.as_numpy("LOGITS"), before)
+            finally:
+                await client.close()
+
+        callers = [asyncio.create_task(http_caller(i)) for i in range(16)] + [asyncio.create_task(grpc_caller(100 + i)) for i in range(16)]
+        await asyncio.wait_for(enough.wait(), 120)
+        await asyncio.to_thread(wait_for_queue, base, STEP, 1)  # requests are in flight now
+        sigterm.set()
+        server.proc.terminate()
+        await asyncio.wait_for(asyncio.gather(*callers), 120)
+    assert lost == []
+    assert outcomes["ok_across_sigterm"] > 0, outcomes  # in flight at SIGTERM, and answered
+    assert outcomes["refused"] + outcomes["closed"] == 32, outcomes  # every caller was stopped, none by a failure

@@ -14,6 +14,8 @@ HTTP adapter's (``read_body``).
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -30,6 +32,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
+        self._running: list[Any] = []  # request cycles started on this connection and not yet answered
 
     @classmethod
     def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float) -> type[GuardedHttpProtocol]:
@@ -74,7 +77,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _write_expired(self) -> None:
         self._write_timer = None
-        self.transport.abort()  # its buffered responses can never be delivered: drop them
+        # its buffered responses will never be read: reset the connection (SO_LINGER 0) so that
+        # the kernel drops them too, rather than holding them behind a FIN that cannot be sent
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        for cycle in [self.cycle, *self._running, *(c for c, _ in self.pipeline)]:
+            if cycle is not None:
+                cycle.disconnected = True  # their handlers write nothing more
+        self.transport.abort()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._running = [c for c in self._running if not c.response_complete]
+        self._running.append(cycle)
+        super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel(self._head_timer)
