@@ -7,8 +7,9 @@ served throughput, for every bundled model. Run it on any machine with a GPU:
    sentences, max abs difference and label agreement;
 2. model throughput: forward pass alone, batches of 32·N texts at length 128 (the paper's setting)
    and of a fixed 320 texts at length 64, fp16 on CUDA, interleaved rounds;
-3. served throughput: ``muxserve serve --device cuda --precision fp16``, closed loop
-   (tritonclient asyncio, concurrency 256, one text per request) per model.
+3. served throughput: ``muxserve serve --device cuda --precision fp16``, closed loop of wrk
+   (``muxserve.bench.native``: 256 connections, one text per request on ``/v1/classify``) per
+   model, with the server's CPU per request.
 
 ``--device cpu`` runs the same script on the CPU (a smoke test of the script itself).
 """
@@ -16,7 +17,6 @@ served throughput, for every bundled model. Run it on any machine with a GPU:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import time
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from muxserve.bench.loadgen import closed_loop
+from muxserve.bench import native
 from muxserve.cli.bench import bench_models
 from muxserve.launch import start_server
 from muxserve.model.tokenizer import TextTokenizer
@@ -62,6 +62,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="per model per round, forward throughput")
     p.add_argument("--serve-seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=256)
+    p.add_argument("--protocol", default="classify", choices=native.PROTOCOLS)
+    p.add_argument("--client-threads", type=int, default=4, help="wrk threads (a divisor of --concurrency)")
     p.add_argument("--out")
     a = p.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -102,7 +104,8 @@ def main() -> None:
         extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
         server = start_server(a.model_repository, models, out.with_suffix(".server.log"), extra=extra)
         try:
-            return [asyncio.run(closed_loop(server.http_url, m, texts, a.concurrency, a.serve_seconds, warmup_s=2)).summary() for m in models]
+            runs = {m: native.drive(a.protocol, server.http_url, server.grpc_url, m, texts, 1, a.concurrency, a.client_threads) for m in models}
+            return [{"model": m, "protocol": a.protocol, **native.measure(server.proc.pid, runs[m], a.serve_seconds, warmup_s=2).summary()} for m in models]
         finally:
             server.stop()
 
