@@ -117,8 +117,9 @@ def mean_flops_per_text(cfg: MuxBertConfig, lengths: Sequence[int], chunk: int, 
     return {"flops_per_text": total / len(padded), "mean_padded_length": sum(padded) / len(padded), "chunk": chunk, "bucketed": bucketed}
 
 
-def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_seconds: float = 2.0, warmup: int = 3, min_runs: int = 5, rounds: int = 4) -> dict:
-    """FLOP/s of a ``[rows, inner] x [inner, cols]`` fp32 matmul loop on the CPU with ``threads``
+def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_seconds: float = 2.0, warmup: int = 3, min_runs: int = 5, rounds: int = 4, dtype: str = "fp32") -> dict:
+    """FLOP/s of a ``[rows, inner] x [inner, cols]`` matmul loop (``dtype``: fp32, bf16, the
+    precision the engine serves at) on the CPU with ``threads``
     intra-op threads (0: torch's current setting), e.g. an encoder's feed-forward at the served
     batch shape: rows = (texts per pass / N) * L, inner = d, cols = I.
 
@@ -130,10 +131,12 @@ def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_
     if threads:
         torch.set_num_threads(threads)
     try:
+        from muxserve.model.precision import dtype_of
+
         gen = torch.Generator().manual_seed(0)
-        a = torch.randn(rows, inner, generator=gen)
-        b = torch.randn(inner, cols, generator=gen)
-        out = torch.empty(rows, cols)
+        a = torch.randn(rows, inner, generator=gen).to(dtype_of(dtype))
+        b = torch.randn(inner, cols, generator=gen).to(dtype_of(dtype))
+        out = torch.empty(rows, cols, dtype=dtype_of(dtype))
         for _ in range(warmup):
             torch.mm(a, b, out=out)
         per_round = min_seconds / max(1, rounds)
@@ -151,4 +154,4 @@ def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
-    return {"flops_per_s": max(rates), "rounds_flops_per_s": rates, "shape": [rows, inner, cols], "threads": used, "runs": total_runs, "seconds": total_s}
+    return {"flops_per_s": max(rates), "rounds_flops_per_s": rates, "shape": [rows, inner, cols], "dtype": dtype, "threads": used, "runs": total_runs, "seconds": total_s}

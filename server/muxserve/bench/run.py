@@ -236,7 +236,8 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
         before = torch.get_num_threads()
         torch.set_num_threads(engine.threads)
         try:
-            engine.infer(batches[0])
+            for b in batches:  # every batch shape once: the first pass at a new shape builds its kernels
+                engine.infer(b)
             done, start = 0, time.perf_counter()
             while True:
                 for b in batches:
@@ -257,10 +258,11 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
     }
 
 
-def physical_limit(repository: str | Path, model: str, texts: Sequence[str], matmul_seconds: float = 2.0, threads: int = 0) -> dict:
+def physical_limit(repository: str | Path, model: str, texts: Sequence[str], matmul_seconds: float = 2.0, threads: int = 0, precision: str = "fp32") -> dict:
     """The ceiling on texts/s: the matmul rate of this machine (at the encoder's feed-forward
-    shape, with the engine's thread count) over the model's FLOPs per text on these texts, each
-    text at its own token length (the least work: no padding, mux groups of equal lengths).
+    shape, with the engine's thread count, at the served ``precision``) over the model's FLOPs
+    per text on these texts, each text at its own token length (the least work: no padding, mux
+    groups of equal lengths).
 
     Also at the length the engine pads to when a batch of the configured size is taken in
     arrival order (``*_padded``): the work without length-aware grouping."""
@@ -279,7 +281,7 @@ def physical_limit(repository: str | Path, model: str, texts: Sequence[str], mat
     padded = mean_flops_per_text(cfg, lengths, size, bucketed=True)
     length = max(1, round(padded["mean_padded_length"]))
     rows = max(1, size // cfg.num_instances) * length
-    rate = measure_matmul_rate(rows, cfg.hidden_size, cfg.intermediate_size, threads or default_threads(), matmul_seconds)
+    rate = measure_matmul_rate(rows, cfg.hidden_size, cfg.intermediate_size, threads or default_threads(), matmul_seconds, dtype=precision)
     return {
         "num_instances": cfg.num_instances,
         "muxing_variant": cfg.muxing_variant if cfg.is_mux else None,

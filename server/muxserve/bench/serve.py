@@ -132,6 +132,8 @@ def server_settings(server_args: Sequence[str]) -> object:
 
 def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> dict[str, dict]:
     """Accuracy (cached), forward-only throughput (at the served settings) and physical limit per model."""
+    from muxserve.model.precision import resolve_precision
+
     info: dict[str, dict] = {}
     settings = server_settings(opts.server_args)
     acc_data = opts.accuracy_data or str(default_sst2_dev())
@@ -151,7 +153,8 @@ def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> 
             f = entry["forward"]
             log(f"{model}: forward pass alone {f['forward_texts_per_s']:.1f} texts/s ({f['precision']}, {f['threads']} thread(s), {f['mean_batch_texts']:.0f} texts per pass)")
         if opts.matmul_seconds > 0:
-            entry["limit"] = physical_limit(opts.repository, model, texts, opts.matmul_seconds)
+            precision = entry["forward"]["precision"] if "forward" in entry else resolve_precision(settings.precision or "auto", settings.device or "cpu")
+            entry["limit"] = physical_limit(opts.repository, model, texts, opts.matmul_seconds, precision=precision)
             lim = entry["limit"]
             log(f"{model}: {lim['flops_per_text'] / 1e6:.1f} MFLOP/text at {lim['mean_text_tokens']:.1f} tokens ({lim['flops_per_text_padded'] / 1e6:.1f} padded in arrival order); matmul {lim['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s -> limit {lim['limit_texts_per_s']:.1f} texts/s")
         info[model] = entry
@@ -297,7 +300,7 @@ def markdown(report: dict) -> str:
         "",
         "Limit: each text at its own token length (no padding). Padded: batches of the configured size in arrival order, padded to the engine's length buckets.",
         "",
-        "| model | N | mean tokens | MFLOP / text | matmul GFLOP/s (shape, threads) | limit texts/s | peak served texts/s | served / limit | mean padded length | MFLOP / text padded | limit padded | served / limit padded |",
+        "| model | N | mean tokens | MFLOP / text | matmul GFLOP/s (shape, dtype, threads) | limit texts/s | peak served texts/s | served / limit | mean padded length | MFLOP / text padded | limit padded | served / limit padded |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     peaks = {r["model"]: r for r in report["summary"] if r["protocol"] == s["protocols"][0] and r["texts_per_request"] == s["texts_per_request"][0]}
@@ -307,7 +310,7 @@ def markdown(report: dict) -> str:
             continue
         mm, r = lim["matmul"], peaks.get(model, {})
         lines.append(
-            f"| {model} | {lim['num_instances']} | {lim['mean_text_tokens']:.1f} | {lim['flops_per_text'] / 1e6:.1f} | {mm['flops_per_s'] / 1e9:.1f} ({'×'.join(map(str, mm['shape']))}, {mm['threads']}) | {lim['limit_texts_per_s']:.1f} | {cell(r.get('peak_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} "
+            f"| {model} | {lim['num_instances']} | {lim['mean_text_tokens']:.1f} | {lim['flops_per_text'] / 1e6:.1f} | {mm['flops_per_s'] / 1e9:.1f} ({'×'.join(map(str, mm['shape']))}, {mm.get('dtype', 'fp32')}, {mm['threads']}) | {lim['limit_texts_per_s']:.1f} | {cell(r.get('peak_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} "
             f"| {lim['mean_padded_length']:.1f} | {lim['flops_per_text_padded'] / 1e6:.1f} | {lim['limit_texts_per_s_padded']:.1f} | {cell(r.get('served_over_limit_padded'), '.1%')} |"
         )
     lines += ["", "## Every point", "", "| protocol | model | texts/req | conc. | req/s | texts/s | p50 ms | p90 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|---|---|---|---|"]
