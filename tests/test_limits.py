@@ -377,6 +377,23 @@ def test_a_reader_that_stops_reading_is_reset(server, base, echo):
     assert server.log().count("Traceback") == tracebacks
 
 
+def test_disconnect_storm(server, base, echo):
+    """100 clients send a request and reset their connection at once: the server logs no error,
+    stays up, and a well-behaved caller is served throughout."""
+    tracebacks = server.log().count("Traceback")
+    body = json.dumps(infer_body(["gone before the answer"])).encode()
+    request = f"POST /v2/models/{STEP}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    for i in range(100):
+        sock = socket.create_connection(("127.0.0.1", server.http_port))
+        sock.sendall(request)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        if i % 20 == 0:
+            served_well(base, echo)
+    served_well(base, echo)
+    assert server.log().count("Traceback") == tracebacks
+
+
 # ---------------------------------------------------------------------------- SIGTERM under load
 
 

@@ -1,0 +1,363 @@
+"""Overload, soak and abuse runs of the real server under native load (wrk, h2load), and the
+served rate of two source trees side by side; the figures behind docs/reliability.md.
+
+    overload  capacity C (closed loop), then a server admitting C x --queue-bound-s texts in
+              flight, paced at --factor x C for --seconds: accepted and refused requests,
+              accepted p99 (the server's own histogram), how long a refusal took, RSS over the
+              run, requests lost (socket errors, timeouts, internal failures)
+    soak      capacity C (at full load: the warm-up), then --minutes one-minute runs paced at
+              --load x C: p99 and RSS per minute, RSS growth since the warm-up, the server's
+              counters against wrk's at the end
+    abuse     a well-behaved client paced at --load x C, alone and then beside each abuser
+              (huge element counts, slowloris, disconnect storm, invalid protobuf flood): its
+              p99 each time over its p99 alone
+    hotpath   closed-loop served req/s of source trees (--tree NAME=DIR, each a checkout's
+              server/ folder), alternating --rounds times in one run
+
+    flock /tmp/muxserve-bench.lock python benchmarks/reliability.py overload --out results/overload.json
+
+Every server runs the bundled ``--model`` (default sst2-mux5) on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import socket
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from muxserve.bench.native import GRPC_INFER_PATH, HttpLoad, LoadResult, http_load, process_tree, run_h2load, run_wrk
+from muxserve.bench.run import ROOT, counts_delta, load_texts, machine_info, model_stats, server_counts
+from muxserve.launch import ServerHandle, start_server
+
+CAPACITY_CONNECTIONS = 32
+
+
+# ---------------------------------------------------------------------------- the server's side
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of ``pid`` and its descendants, MiB."""
+    total = 0
+    for p in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+@contextmanager
+def sampling_rss(pid: int, every_s: float = 1.0) -> Iterator[list[float]]:
+    """RSS samples (MiB) taken every ``every_s`` seconds while the block runs."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append(rss_mb(pid))
+            stop.wait(every_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        thread.join()
+        samples.append(rss_mb(pid))
+
+
+def duration_buckets(metrics_text: str, model: str) -> dict[float, float]:
+    """Cumulative counts of ``muxserve_request_duration_seconds`` (successful requests) by bucket."""
+    out: dict[float, float] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for s in family.samples:
+            if s.name == "muxserve_request_duration_seconds_bucket" and s.labels.get("model") == model:
+                le = float(s.labels["le"])
+                out[le] = out.get(le, 0.0) + s.value
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
+    """The upper bound (s) of the bucket holding quantile ``q`` of the requests between two scrapes."""
+    delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
+    total = delta[-1][1] if delta else 0.0
+    for le, count in delta:
+        if total and count >= q * total:
+            return le
+    return math.nan
+
+
+def scrape(server: ServerHandle) -> str:
+    return httpx.get(f"http://{server.http_url}/metrics", timeout=30).text
+
+
+def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60) -> None:
+    """Until the model's queue is empty (answers of requests wrk cut off at its stop are counted)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for family in text_string_to_metric_families(scrape(server)):
+            if family.name == "muxserve_queue_depth_texts" and all(s.value == 0 for s in family.samples if s.labels.get("model") == model):
+                return
+        time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------- load
+
+
+CAPACITY_SECONDS = 10.0
+
+
+def capacity(server: ServerHandle, load: HttpLoad, seconds: float = 0.0) -> LoadResult:
+    """Closed-loop requests/s after a short warm-up."""
+    run_wrk(server.http_url, load, CAPACITY_CONNECTIONS, 3.0, threads=2)
+    return run_wrk(server.http_url, load, CAPACITY_CONNECTIONS, seconds or CAPACITY_SECONDS, threads=2)
+
+
+def paced(server: ServerHandle, load: HttpLoad, rate: float, seconds: float, connections: int) -> LoadResult:
+    connections = max(2, connections - connections % 2)
+    return run_wrk(server.http_url, load, connections, seconds, threads=2, rate=rate, timeout_s=30.0)
+
+
+def lost(result: LoadResult, counts: dict) -> int:
+    """Requests that got neither their answer nor a refusal: socket errors, timeouts, and the
+    server's internal failures."""
+    return sum(v for k, v in result.errors.items() if k != "status") + int(counts.get("failure:internal", 0))
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def overload(a: argparse.Namespace, texts: list[str]) -> dict:
+    load = http_load("json", a.model, texts)
+    with serving(a, "capacity") as server:
+        c = capacity(server, load).requests_per_s
+    in_flight = max(1, math.ceil(c * a.queue_bound_s))
+    with serving(a, "overload", "--max-texts-in-flight", str(in_flight)) as server:
+        run_wrk(server.http_url, load, 8, 3.0, threads=2)  # warm-up
+        before, m0, s0 = server_counts(server.http_url, a.model), scrape(server), model_stats(server.http_url, a.model)
+        with sampling_rss(server.proc.pid) as rss:
+            result = paced(server, load, a.factor * c, a.seconds, 2 * in_flight + 64)
+            wait_idle(server, a.model)
+        after, m1, s1 = server_counts(server.http_url, a.model), scrape(server), model_stats(server.http_url, a.model)
+    counts = counts_delta(before, after)
+    fail = {k: s1["inference_stats"]["fail"].get(k, 0) - s0["inference_stats"]["fail"].get(k, 0) for k in ("count", "ns")}
+    b0, b1 = duration_buckets(m0, a.model), duration_buckets(m1, a.model)
+    return {
+        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(a.factor * c, 1), "seconds": a.seconds,
+        "max_texts_in_flight": in_flight, "queue_bound_s": a.queue_bound_s,
+        "answered": result.requests, "refused": int(counts.get("failure:overloaded", 0) + counts.get("failure:queue_full", 0)),
+        "served_requests_per_s": round(result.requests / result.seconds, 1), "wrk": result.summary(), "server": counts,
+        "accepted_p99_s_at_most": bucket_quantile(b0, b1, 0.99), "accepted_p50_s_at_most": bucket_quantile(b0, b1, 0.50),
+        "refusal_mean_ms": round(fail["ns"] / fail["count"] / 1e6, 3) if fail["count"] else None,
+        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1)},
+        "lost": lost(result, counts),
+    }
+
+
+def soak(a: argparse.Namespace, texts: list[str]) -> dict:
+    load = http_load("json", a.model, texts)
+    with serving(a, "soak") as server:
+        c = capacity(server, load).requests_per_s
+        rate = a.load * c
+        connections = max(16, math.ceil(rate * 0.2))
+        wait_idle(server, a.model)
+        warm = rss_mb(server.proc.pid)  # after the capacity run at full load: the warm-up
+        before, s0 = server_counts(server.http_url, a.model), model_stats(server.http_url, a.model)
+        minutes = []
+        for _ in range(a.minutes):
+            result = paced(server, load, rate, 60.0, connections)
+            minutes.append({"p99_ms": round(result.p99_ms, 2), "answered": result.requests, "sent": result.sent, "errors": result.errors, "rss_mb": round(rss_mb(server.proc.pid), 1)})
+        wait_idle(server, a.model)
+        after, s1 = server_counts(server.http_url, a.model), model_stats(server.http_url, a.model)
+    counts = counts_delta(before, after)
+    sent = sum(m["sent"] or 0 for m in minutes)
+    inference = int(s1.get("inference_count", 0)) - int(s0.get("inference_count", 0))
+    return {
+        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(rate, 1), "minutes": minutes,
+        "rss_mb_after_warmup": round(warm, 1), "rss_growth_after_warmup": round((minutes[-1]["rss_mb"] - warm) / warm, 4),
+        "p99_last_over_first_minute": round(minutes[-1]["p99_ms"] / minutes[0]["p99_ms"], 3),
+        "server": counts, "wrk_sent": sent, "wrk_answered": sum(m["answered"] for m in minutes),
+        "counters_exact": counts["success"] == sent and counts["texts"] == counts["success"] and inference == counts["texts"] and counts["failure"] == 0,
+        "lost": sum(v for m in minutes for k, v in m["errors"].items()) + int(counts.get("failure", 0)),
+    }
+
+
+def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
+    load = http_load("json", a.model, texts)
+    with serving(a, "abuse") as server:
+        c = capacity(server, load).requests_per_s
+        rate = a.load * c
+
+        def victim() -> LoadResult:
+            return paced(server, load, rate, a.seconds, max(16, math.ceil(rate * 0.2)))
+
+        alone = victim()
+        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "alone": alone.summary(), "abusers": {}}
+        for name, abuser in ABUSERS.items():
+            stop = threading.Event()
+            tally = {"sent": 0}
+            thread = threading.Thread(target=abuser, args=(server, a.model, stop, tally), daemon=True)
+            thread.start()
+            try:
+                beside = victim()
+            finally:
+                stop.set()
+                thread.join()
+            alive = httpx.get(f"http://{server.http_url}/v2/health/live", timeout=30).status_code == 200
+            out["abusers"][name] = {"victim": beside.summary(), "p99_over_alone": round(beside.p99_ms / alone.p99_ms, 3), "abuse": tally, "server_live_after": alive}
+    return out
+
+
+def hotpath(a: argparse.Namespace, texts: list[str]) -> dict:
+    """Served req/s of source trees under the same closed loop, alternating; each mean over
+    the first tree's."""
+    load = http_load("json", a.model, texts)
+    trees = dict(t.split("=", 1) for t in a.tree)
+    rates: dict[str, list[float]] = {k: [] for k in trees}
+    for _ in range(a.rounds):
+        for name, src in trees.items():
+            with serving(a, f"hotpath-{name}", pythonpath=src) as server:
+                rates[name].append(round(capacity(server, load, a.seconds).requests_per_s, 1))
+    mean = {k: sum(v) / len(v) for k, v in rates.items()}
+    first = next(iter(mean.values()))
+    return {"requests_per_s": rates, "mean_over_first": {k: round(v / first, 4) for k, v in mean.items()}, "trees": trees}
+
+
+# ---------------------------------------------------------------------------- abusers (threads beside the victim)
+
+
+def _huge_elements(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+    """10 MB binary requests carrying 2,000,000 one-byte texts under a shape of one, back to back."""
+    raw = b"\x01\x00\x00\x00x" * 2_000_000
+    header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    body = header + raw
+    with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
+        while not stop.is_set():
+            http.post(f"/v2/models/{model}/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))})
+            tally["sent"] += 1
+
+
+def _slowloris(server: ServerHandle, model: str, stop: threading.Event, tally: dict, connections: int = 200) -> None:
+    """200 connections sending a request head one byte every 0.5 s, reopened when closed."""
+    head = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Padding: ".encode() + b"a" * 4096
+    socks: list[list] = []
+    while not stop.is_set():
+        while len(socks) < connections:
+            socks.append([socket.create_connection(("127.0.0.1", server.http_port)), 0])
+            tally["sent"] += 1
+        for entry in list(socks):
+            sock, at = entry
+            try:
+                sock.send(head[at : at + 1])
+                entry[1] = (at + 1) % len(head)
+            except OSError:
+                sock.close()
+                socks.remove(entry)
+        stop.wait(0.5)
+    for sock, _ in socks:
+        sock.close()
+
+
+def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+    """Requests whose clients send them and reset the connection at once, from 8 threads."""
+    body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["gone before the answer"]}]}).encode()
+    request = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+
+    def storm() -> None:
+        while not stop.is_set():
+            sock = socket.create_connection(("127.0.0.1", server.http_port))
+            sock.sendall(request)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            tally["sent"] += 1
+
+    threads = [threading.Thread(target=storm, daemon=True) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+    """h2load sending gRPC ModelInfer frames that are not protobuf, 4 connections x 8 streams."""
+    garbage = b"\xff\xff\xff\xff not a protobuf message" * 8
+    frame = b"\x00" + struct.pack(">I", len(garbage)) + garbage
+    while not stop.is_set():
+        result = run_h2load(server.grpc_url, frame, 4, 5.0, path=GRPC_INFER_PATH, streams_per_connection=8)
+        tally["sent"] += result.requests + result.error_count
+
+
+ABUSERS: dict[str, Callable[[ServerHandle, str, threading.Event, dict], None]] = {
+    "huge_element_counts": _huge_elements, "slowloris": _slowloris, "disconnect_storm": _disconnect_storm, "invalid_protobuf_flood": _invalid_protobuf,
+}
+
+
+# ---------------------------------------------------------------------------- main
+
+
+@contextmanager
+def serving(a: argparse.Namespace, name: str, *extra: str, pythonpath: str = "") -> Iterator[ServerHandle]:
+    env_path = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        os.environ["PYTHONPATH"] = pythonpath
+    try:
+        server = start_server(a.model_repository, [a.model], Path(a.log_dir) / f"{name}.server.log", extra=[*extra, *a.server_arg])
+    finally:
+        if pythonpath:
+            os.environ.pop("PYTHONPATH") if env_path is None else os.environ.__setitem__("PYTHONPATH", env_path)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+RUNS = {"overload": overload, "soak": soak, "abuse": abuse, "hotpath": hotpath}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", choices=list(RUNS))
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--model", default="sst2-mux5")
+    p.add_argument("--texts", default="", help="text source (default: SST-2 dev)")
+    p.add_argument("--seconds", type=float, default=60.0, help="overload: paced seconds; abuse: seconds per victim run; hotpath: seconds per measurement")
+    p.add_argument("--factor", type=float, default=2.0, help="overload: offered load over capacity")
+    p.add_argument("--queue-bound-s", type=float, default=0.5, help="overload: texts in flight admitted = capacity x this")
+    p.add_argument("--minutes", type=int, default=10, help="soak: one-minute paced runs")
+    p.add_argument("--load", type=float, default=0.7, help="soak and abuse: offered load over capacity")
+    p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
+    p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")
+    p.add_argument("--server-arg", action="append", default=[], help="extra argument for muxserve serve (repeatable)")
+    p.add_argument("--log-dir", default="results/reliability")
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    if a.run == "hotpath" and len(a.tree) < 2:
+        p.error("hotpath needs two --tree NAME=DIR or more")
+    Path(a.log_dir).mkdir(parents=True, exist_ok=True)
+    report = {"run": a.run, "command": shlex.join(["python", "benchmarks/reliability.py", *(argv if argv is not None else sys.argv[1:])]), "machine": machine_info(), **RUNS[a.run](a, load_texts(a.texts or None))}
+    text = json.dumps(report, indent=2)
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
+    print(text)
+    return report
+
+
+if __name__ == "__main__":
+    main()
