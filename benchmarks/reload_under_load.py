@@ -8,7 +8,7 @@ that capacity for ``--duration`` seconds. ``--swap-at`` seconds in, version 2 (a
 Reported: wrk's answered requests and errors, the server's successes and failures per version
 (``muxserve_requests_total``), latency over the run, and how long the load request took.
 
-    flock /tmp/muxserve-bench.lock python benchmarks/reload_under_load.py --model sst2-mux5 \
+    python benchmarks/reload_under_load.py --model sst2-mux5 \
         --out results/reload_under_load.json
 """
 

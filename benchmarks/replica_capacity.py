@@ -11,14 +11,15 @@ over KServe v2 binary HTTP (one text per request, SST-2 dev sentences):
 A mux model pays on a replica once the offered load passes what the baseline can answer: below
 that the baseline answers everything, at higher accuracy. docs/deploy.md reads these figures.
 
-    flock /tmp/muxserve-bench.lock python benchmarks/replica_capacity.py \
-        --models sst2-bert,sst2-mux5 --rates 20,40,60,90,130,180 --out results/replica_capacity.json
+    python benchmarks/replica_capacity.py \
+        --models sst2-bert,sst2-mux5 --out results/replica_capacity.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import statistics
 import sys
@@ -29,7 +30,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxserve.bench.native import drive, measure
-from muxserve.bench.run import ROOT, counts_delta, load_texts, machine_info, server_counts
+from muxserve.bench.run import ROOT, counts_delta, failures_except_cancelled, load_texts, machine_info, server_counts
 from muxserve.launch import ServerHandle, start_server
 
 
@@ -60,6 +61,13 @@ class QueueSampler:
         self._thread.join()
 
 
+def paced_connections(rate: float, most: int) -> int:
+    """Connections for a paced point: about one per 2 texts/s, so that each sends well within the
+    server's 5 s keep-alive (an idle connection it closes would count as a wrk error) while enough
+    requests can be in flight; even, for wrk's 2 threads."""
+    return max(4, min(most, 2 * math.ceil(rate / 4)))
+
+
 def point(server: ServerHandle, model: str, texts: list[str], connections: int, rate: float, duration: float, warmup: float) -> dict:
     run = drive("binary", server.http_url, server.grpc_url, model, texts, 1, connections, threads=2, rate=rate)
     counters = lambda: server_counts(server.http_url, model)  # noqa: E731
@@ -73,10 +81,12 @@ def point(server: ServerHandle, model: str, texts: list[str], connections: int, 
     return {
         "model": model,
         "offered_texts_per_s": rate or None,
+        "connections": connections,
         "answered_texts_per_s": round(load.texts_per_s, 1),
         "p50_ms": round(load.p50_ms, 1),
         "p99_ms": round(load.p99_ms, 1),
-        "errors": load.error_count + int(delta.get("failure", 0) - delta.get("failure:cancelled", 0)),
+        "wrk_errors": load.errors,
+        "server_failures": int(failures_except_cancelled(delta)),
         "texts_per_forward": round(delta["texts"] / delta["executions"], 1) if delta.get("executions") else None,
         "mean_queue_depth": round(statistics.fmean(sampler.values), 1) if sampler.values else None,
         "server_cpu_s_per_s": round(m.cpu_seconds / load.seconds, 2),
@@ -87,8 +97,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     p.add_argument("--models", default="sst2-bert,sst2-mux5")
-    p.add_argument("--rates", default="20,40,60,90,130,180", help="offered texts/s, comma-separated")
-    p.add_argument("--connections", type=int, default=64, help="wrk connections (requests in flight at most)")
+    p.add_argument("--rates", default="30,60,100,130,160,240,320", help="offered texts/s, comma-separated")
+    p.add_argument("--connections", type=int, default=64, help="wrk connections for the capacity (closed loop)")
+    p.add_argument("--max-connections", type=int, default=128, help="most wrk connections at a paced point (about one per 2 texts/s offered)")
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=3.0)
     p.add_argument("--texts", default="", help="text source (default: SST-2 dev)")
@@ -108,7 +119,7 @@ def main() -> None:
             print(json.dumps(report["capacity"][-1]), flush=True)
         for rate in [float(r) for r in a.rates.split(",") if r]:
             for model in models:
-                report["paced"].append(point(server, model, texts, a.connections, rate, a.duration, a.warmup))
+                report["paced"].append(point(server, model, texts, paced_connections(rate, a.max_connections), rate, a.duration, a.warmup))
                 print(json.dumps(report["paced"][-1]), flush=True)
     finally:
         server.stop()
