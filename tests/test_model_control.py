@@ -94,8 +94,9 @@ def test_explicit_mode_loads_and_unloads_over_http_and_grpc(tmp_path: Path) -> N
 def test_reload_under_load_loses_no_request(tmp_path: Path) -> None:
     """Callers keep sending while version 2 replaces version 1: every request is answered, first
     by version 1, then by version 2 (those already queued on version 1 at the swap by version 1)."""
-    repo = make_tiny_repository(tmp_path / "repo", {"m": 2}, engine="echo", max_batch_size=8, max_queue_delay_us=20_000)
-    with serving(repo, tmp_path / "server.log", "--model-control-mode", "explicit", "--load-model", "m") as server:
+    repo = make_tiny_repository(tmp_path / "repo", {"m": 2, "other": 1}, engine="echo", max_batch_size=8, max_queue_delay_us=20_000)
+    with serving(repo, tmp_path / "server.log", "--model-control-mode", "explicit", "--load-model", "*") as server:
+        assert httpclient.InferenceServerClient(server.http_url).is_model_ready("other")  # '*': every model
         stop = threading.Event()
         versions: Counter[str] = Counter()
         failures: list[str] = []
