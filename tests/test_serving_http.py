@@ -186,7 +186,7 @@ def test_long_text_is_served_truncated(client, base):
     reply = httpx.post(f"{base}/v2/models/tiny-bert/infer", json={"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2, 1], "data": ["short", text]}]}, timeout=60)
     assert reply.status_code == 200, reply.text
     doc = reply.json()
-    assert doc["parameters"] == {"truncated_count": 1, "truncated_indices": "1"}
+    assert doc["parameters"] == {"num_instances": 1, "truncated_count": 1, "truncated_indices": "1"}
     assert doc["outputs"][0]["shape"] == [2, 2]
     result = infer_texts(client, "tiny-mux2", [text])
     assert result.get_response()["parameters"]["truncated_count"] == 1

@@ -300,6 +300,20 @@ class RetrievalHead(PreDecoder):
 # --------------------------------------------------------------------------- the model
 
 
+def ensemble_order(texts: int, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ensembled prediction's layout: every text ``n`` times, each copy placed by a fresh
+    random permutation, so that a text's copies sit in different slots beside different
+    partners. Row ``i`` of the pass is text ``order[i]``."""
+    return torch.cat([torch.randperm(texts, generator=generator) for _ in range(n)])
+
+
+def mean_of_copies(logits: torch.Tensor, order: torch.Tensor, texts: int, n: int) -> torch.Tensor:
+    """Logits of a pass laid out by ``ensemble_order`` -> each text's mean over its copies."""
+    summed = torch.zeros((texts, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
+    summed.index_add_(0, order.to(logits.device), logits)
+    return summed / n
+
+
 class MuxBertModel(nn.Module):
     """MUX-BERT classifier (sequence or token level); N=1 is the plain BERT baseline."""
 
@@ -417,11 +431,8 @@ class MuxBertModel(nn.Module):
         n, t = self.config.num_instances, input_ids.shape[0]
         if n == 1:
             return self.forward(input_ids, attention_mask)
-        order = torch.cat([torch.randperm(t, generator=generator) for _ in range(n)])
-        logits = self.forward(input_ids[order], attention_mask[order])
-        summed = torch.zeros((t, *logits.shape[1:]), dtype=logits.dtype, device=logits.device)
-        summed.index_add_(0, order.to(logits.device), logits)
-        return summed / n
+        order = ensemble_order(t, n, generator)
+        return mean_of_copies(self.forward(input_ids[order], attention_mask[order]), order, t, n)
 
     # ---------------------------------------------------------------- training losses
 

@@ -34,6 +34,25 @@ def default_config(name: str, num_instances: int, num_labels: int, baseline: str
     return cfg
 
 
+def family_config(name: str, members: list[str], num_labels: int, max_batch_size: int = 64, target_queue_delay_ms: float = 500, max_queue_size: int = 1024, accuracy_record: str = "") -> mc.ModelConfig:
+    """A model family over ``members`` (Triton's ensemble format, one step per member; see
+    ``muxserve.serving.family``)."""
+    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
+    cfg.input.add(name="TEXT", data_type=mc.TYPE_STRING, dims=[1])
+    cfg.output.add(name="LOGITS", data_type=mc.TYPE_FP32, dims=[num_labels])
+    cfg.output.add(name="LABEL", data_type=mc.TYPE_STRING, dims=[1])
+    for member in members:
+        step = cfg.ensemble_scheduling.step.add(model_name=member, model_version=-1)
+        step.input_map["TEXT"] = "TEXT"
+        for out in ("LOGITS", "LABEL"):
+            step.output_map[out] = out
+    params = {"family_policy": "load_adaptive", "target_queue_delay_ms": f"{target_queue_delay_ms:g}", "max_queue_size": str(max_queue_size), "accuracy_record": accuracy_record}
+    for key, value in params.items():
+        if value:
+            cfg.parameters[key].string_value = value
+    return cfg
+
+
 def write_config(path: str | Path, cfg: mc.ModelConfig) -> None:
     Path(path).write_text(text_format.MessageToString(cfg))
 

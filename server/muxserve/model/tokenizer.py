@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,10 @@ class TextTokenizer:
         self._tok.no_truncation()
         self.pad_id = self._tok.token_to_id("[PAD]") or 0
         self.sep_id = self._tok.token_to_id("[SEP]")
+
+    def digest(self) -> str:
+        """Identity of the tokenizer (its file's bytes): models that share it share token ids."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
     def encode(self, texts: list[str]) -> Encoded:
         ids, truncated = [], []

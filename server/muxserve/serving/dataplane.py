@@ -19,12 +19,15 @@ from muxserve import __version__
 from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
 from muxserve.serving.errors import BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
 from muxserve.serving.registry import ModelRegistry, ServedModel
+from muxserve.serving.scheduler import RequestOptions
 from muxserve.serving.settings import Settings
 from muxserve.serving.types import InferRequest, InferResponse, OutputTensor
 
 SERVER_NAME = "muxserve"
 EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "statistics", "binary_tensor_data"]
 TEXT, LOGITS, LABEL = "TEXT", "LOGITS", "LABEL"
+# request parameters (KServe v2 ``parameters``, and ``/v1/classify``'s) and the response's
+MAX_NUM_INSTANCES, ENSEMBLE, NUM_INSTANCES = "max_num_instances", "ensemble", "num_instances"
 # tokenizing a big request on the event loop would stall every other caller
 OFFLOOP_TOKENIZE_CHARS = 64 * 1024
 # what an input tensor declares before its data is decoded: (name, datatype, shape)
@@ -99,7 +102,8 @@ class DataPlane:
         await self.registry.load(name)
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
-        """Triton's RepositoryModelUnload (``unload_dependents`` is accepted: no model depends on another)."""
+        """Triton's RepositoryModelUnload (``unload_dependents`` is accepted: a model's families
+        are always unloaded with it, as they cannot serve without it)."""
         self.registry.control_allowed()
         unknown = set(parameters) - {"unload_dependents"}
         if unknown:
@@ -117,22 +121,23 @@ class DataPlane:
         with self.counting_failures(served, start):
             texts = self._texts(served, request)
             wanted = self._requested_outputs(served, request)
-            logits, truncated = await self._run(served, texts, start)
+            options = request_options(served, request.parameters)
+            logits, truncated = await self._run(served, texts, start, options)
         outputs = [self._output(served, name, params, logits) for name, params in wanted]
-        params: dict[str, Any] = {}
+        params: dict[str, Any] = {NUM_INSTANCES: max(options.num_instances)}
         if truncated:
             params["truncated_count"] = len(truncated)
             params["truncated_indices"] = ",".join(map(str, truncated))
         return InferResponse(served.name, served.version, outputs, request.id, params)
 
-    async def classify(self, model: str, texts: list[str]) -> list[dict[str, Any]]:
-        """The simple API: one {label, score} per text (score: softmax probability). Up to
-        ``max_client_batch_size`` texts; more than the model's ``max_batch_size`` are split
-        into several of its batches."""
+    async def classify(self, model: str, texts: list[str], parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The simple API: one {label, score, num_instances} per text (score: softmax
+        probability; num_instances: the N that served it). Up to ``max_client_batch_size``
+        texts; more than the model's ``max_batch_size`` are split into several of its batches."""
         with self.registry.use(model) as served:
-            return await self._classify(served, texts)
+            return await self._classify(served, texts, parameters or {})
 
-    async def _classify(self, served: ServedModel, texts: list[str]) -> list[dict[str, Any]]:
+    async def _classify(self, served: ServedModel, texts: list[str], parameters: dict[str, Any]) -> list[dict[str, Any]]:
         start = time.perf_counter()
         with self.counting_failures(served, start):
             limit = self.settings.max_client_batch_size
@@ -143,10 +148,11 @@ class DataPlane:
             for i, text in enumerate(texts):
                 if not text.strip():
                     raise BadRequest(f"inputs[{i}] is empty")
-            logits, _ = await self._run(served, texts, start)
+            options = request_options(served, parameters)
+            logits, _ = await self._run(served, texts, start, options)
         probs = _softmax(logits)
         best = probs.argmax(-1)
-        return [{"label": _label(served, i), "score": float(p[i])} for i, p in zip(best, probs, strict=True)]
+        return [{"label": _label(served, i), "score": float(p[i]), NUM_INSTANCES: n} for i, p, n in zip(best, probs, options.num_instances, strict=True)]
 
     @contextlib.contextmanager
     def counting_failures(self, served: ServedModel, start: float | None = None) -> Iterator[None]:
@@ -178,7 +184,7 @@ class DataPlane:
         finally:
             self.texts_in_flight -= texts
 
-    async def _run(self, served: ServedModel, texts: list[str], start: float) -> tuple[np.ndarray, list[int]]:
+    async def _run(self, served: ServedModel, texts: list[str], start: float, options: RequestOptions) -> tuple[np.ndarray, list[int]]:
         assert served.tokenizer is not None and served.scheduler is not None and served.monitor is not None
         limit = self.settings.max_text_chars
         with self._admitted(len(texts)):
@@ -191,12 +197,23 @@ class DataPlane:
                 encoded = served.tokenizer.encode(texts)
             served.monitor.tokenized(time.perf_counter() - t0)
             truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
-            logits = await _submit_in_batches(served, encoded.ids)
+            logits = await _submit_in_batches(served, encoded.ids, options)
         served.monitor.set_queue_depth(served.scheduler.queue_depth)
         served.monitor.request_succeeded(len(texts), time.perf_counter() - start)
         if self.shadow is not None:
-            self.shadow.offer(served, encoded.ids, logits)
+            self._offer_shadow(served, encoded.ids, logits, options)
         return logits, truncated
+
+    def _offer_shadow(self, served: ServedModel, rows: list[list[int]], logits: np.ndarray, options: RequestOptions) -> None:
+        """To the shadow sampler, as served by the model that computed them: a family's texts
+        go as those of the member that served each."""
+        if served.family is None:
+            self.shadow.offer(served, rows, logits)
+            return
+        for n, member in served.family.members.items():
+            picked = [i for i, used in enumerate(options.num_instances) if used == n]
+            if picked:
+                self.shadow.offer(member, [rows[i] for i in picked], logits[picked])
 
     # ------------------------------------------------------------------ validation & formatting
 
@@ -270,19 +287,36 @@ class DataPlane:
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
 
 
-async def _submit_in_batches(served: ServedModel, rows: list[list[int]]) -> np.ndarray:
+async def _submit_in_batches(served: ServedModel, rows: list[list[int]], options: RequestOptions) -> np.ndarray:
     """Rows -> logits, submitted to the scheduler in pieces of at most ``max_batch_size``; if
-    one piece fails the others are withdrawn (their texts are skipped, not computed)."""
+    one piece fails the others are withdrawn (their texts are skipped, not computed).
+    ``options.num_instances`` gets the N of every row."""
     assert served.scheduler is not None
     size = max(1, served.max_batch_size)
     if len(rows) <= size:
-        return await served.scheduler.submit(rows)
-    tasks = [asyncio.ensure_future(served.scheduler.submit(rows[i : i + size])) for i in range(0, len(rows), size)]
+        return await served.scheduler.submit(rows, options)
+    pieces = [RequestOptions(options.ensemble, options.max_num_instances) for _ in range(0, len(rows), size)]
+    tasks = [asyncio.ensure_future(served.scheduler.submit(rows[i : i + size], piece)) for i, piece in zip(range(0, len(rows), size), pieces, strict=True)]
     try:
-        return np.concatenate(await asyncio.gather(*tasks))
+        logits = np.concatenate(await asyncio.gather(*tasks))
     finally:
         for task in tasks:
             task.cancel()
+    options.num_instances = [n for piece in pieces for n in piece.num_instances]
+    return logits
+
+
+def request_options(served: ServedModel, parameters: dict[str, Any]) -> RequestOptions:
+    """The request's ``max_num_instances`` and ``ensemble`` parameters, checked against the model."""
+    limit = parameters.get(MAX_NUM_INSTANCES, 0)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise BadRequest(f"parameter '{MAX_NUM_INSTANCES}' must be a positive integer, got {limit!r}")
+    ensemble = parameters.get(ENSEMBLE, False)
+    if not isinstance(ensemble, bool):
+        raise BadRequest(f"parameter '{ENSEMBLE}' must be a boolean, got {ensemble!r}")
+    if limit and served.family is None and limit < served.model_config.num_instances:
+        raise BadRequest(f"model '{served.name}' serves at N={served.model_config.num_instances}, above max_num_instances {limit} (a model family can serve at a narrower N)")
+    return RequestOptions(ensemble=ensemble, max_num_instances=limit)
 
 
 def _label(served: ServedModel, index: int) -> str:

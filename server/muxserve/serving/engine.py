@@ -136,12 +136,16 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.infer, rows)
 
+    def sample_rows(self, count: int, length: int) -> list[list[int]]:
+        """``count`` token rows of ``length`` ids, [CLS] ... [SEP]: for warmup and timing."""
+        return [[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * count
+
     def warmup(self) -> None:
         """One pass per common length bucket, so the first requests do not pay for allocation."""
         n = self.config.num_instances
         for length in (8, 16, 32, 64):
             if length <= self.config.max_seq_length:
-                self.infer([[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * (2 * n))
+                self.infer(self.sample_rows(2 * n, length))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)

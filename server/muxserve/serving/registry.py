@@ -9,12 +9,17 @@ model's versions in one step: new requests go to the new version at once, while 
 replaces stops only after the requests that already hold it (``use``) are answered. Every change
 bumps ``generation`` and wakes ``wait_changed``, so whoever mirrors the registry (a frontend, the
 shadow sampler) can follow it.
+
+Model families (``platform: "ensemble"``, see ``serving.family``) load after the models they
+name and share their engines; a family holds its members (as a request does) for as long as it
+serves, and follows them: reloading a member reloads its families, unloading it unloads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -27,10 +32,13 @@ from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.precision import resolve_precision
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
+from muxserve.serving.controller import ControllerSettings, LoadController
 from muxserve.serving.engine import Engine, EngineOptions, default_threads
 from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound, NotReady
+from muxserve.serving.family import FamilyMember, FamilyScheduler
+from muxserve.serving.observability.family import FamilyMonitor
 from muxserve.serving.observability.metrics import Metrics, ModelMonitor
-from muxserve.serving.repository import CONFIG_PBTXT, ModelEntry, RepositoryError, scan
+from muxserve.serving.repository import CONFIG_PBTXT, FAMILY_POLICY, ModelEntry, RepositoryError, scan
 from muxserve.serving.scheduler import MuxScheduler, TokenBudget
 from muxserve.serving.settings import Settings
 
@@ -38,6 +46,19 @@ log = logging.getLogger("muxserve")
 
 READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 ALL_MODELS = "*"  # --load-model '*': every model in the repository
+MODELS_RECORD = "MODELS.json"  # the repository's record of each model's measured facts
+DEFAULT_TARGET_QUEUE_DELAY_MS = 500.0
+CALIBRATION_LENGTH = 32  # tokens per row of the passes that time a family's members at load
+FAMILY_VERSION = "1"
+
+
+@dataclass(eq=False)
+class Family:
+    """What a family endpoint has beyond a model: its members by N and its controller."""
+
+    members: dict[int, ServedModel]
+    controller: LoadController
+    monitor: FamilyMonitor
 
 # config.pbtxt ``parameters`` of the engine (each overridden by the matching `muxserve serve` flag)
 PRECISION = "precision"  # auto | fp32 | bf16 | fp16
@@ -60,6 +81,7 @@ class ServedModel:
     engine: Engine | None = None
     scheduler: MuxScheduler | None = None
     monitor: ModelMonitor | None = None
+    family: Family | None = None
     loaded_at: float = field(default_factory=time.time)
     signature: tuple = ()  # the files it was loaded from (config.pbtxt + version folder), to see changes
     users: int = 0  # requests holding this version (ModelRegistry.use); a retired version waits for 0
@@ -86,6 +108,14 @@ class ServedModel:
     @property
     def ready(self) -> bool:
         return self.state == READY
+
+    def hold(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if not self.users:
+            self._unused.set()
 
     async def unused(self) -> None:
         """Returns once no request holds this version."""
@@ -197,8 +227,11 @@ class ModelRegistry:
             if ALL_MODELS in names:
                 names = list(scan(self.repository))
         else:
-            names = [n for n in scan(self.repository) if not self.settings.models or n in self.settings.models]
-        for name in names:
+            names = [n for n in scan(self.repository) if self._wanted(n)]
+        entries = scan(self.repository)
+        families = [n for n in names if n in entries and entries[n].is_family]
+        members = [m for f in families for m in entries[f].member_names() if m not in names]
+        for name in [*members, *(n for n in names if n not in families), *families]:
             try:
                 await self.load(name)
             except (LoadFailed, ModelNotFound) as exc:  # one bad model must not stop the others
@@ -210,6 +243,18 @@ class ModelRegistry:
         if mode != "explicit":
             raise ControlDisabled(f"model control is disabled in model control mode '{mode}': start the server with --model-control-mode explicit")
 
+    def _wanted(self, name: str) -> bool:
+        """Whether ``--models`` (if given) asks for ``name``, itself or as a member of a family."""
+        wanted = self.settings.models
+        if not wanted or name in wanted:
+            return True
+        entries = scan(self.repository)
+        return any(f in entries and entries[f].is_family and name in entries[f].member_names() for f in wanted)
+
+    def dependents(self, name: str) -> list[str]:
+        """The loaded families that have ``name`` as a member."""
+        return [f for f, versions in self.models.items() if any(m.family is not None and any(x.name == name for x in m.family.members.values()) for m in versions.values())]
+
     async def load(self, name: str) -> None:
         """Load ``name``, or reload it from its folder: versions whose files changed (or that are
         new) are built and started first; then all of them replace the old set in one step, and the
@@ -220,6 +265,9 @@ class ModelRegistry:
                 raise ModelNotFound(f"failed to load '{name}': no such model in the model repository")
             self._polled[name] = model_signature(entry)
             current = self.models.get(name, {})
+            if entry.is_family:
+                await self._load_family(entry, current)
+                return
             versions = entry.served_versions()
             if not versions:
                 if not any(m.ready for m in current.values()):
@@ -248,11 +296,17 @@ class ModelRegistry:
             replaced = [m for m in current.values() if all(m is not n for n in new.values())]
             if built or replaced:
                 await self._commit(name, new)
+            if replaced:  # its families move to the new version (and release the old one)
+                for family in self.dependents(name):
+                    with contextlib.suppress(LoadFailed, ModelNotFound):
+                        await self.load(family)
             await asyncio.gather(*(self._retire(m, "unloaded", still_served=m.version in new) for m in replaced))
 
     async def unload(self, name: str) -> None:
         """Take ``name`` out of service: new requests get 503 at once, accepted ones are answered,
         then its engines are freed. It stays in the index as UNAVAILABLE, "unloaded"."""
+        for family in self.dependents(name):  # a family cannot serve without its members
+            await self.unload(family)
         async with self._lock(name):
             current = self.models.get(name)
             if not current:
@@ -268,7 +322,7 @@ class ModelRegistry:
         entries = scan(self.repository)
         changed = []
         for name, entry in entries.items():
-            if self.settings.models and name not in self.settings.models:
+            if not self._wanted(name):
                 continue
             if self._polled.get(name) != model_signature(entry):
                 changed.append(name)
@@ -325,6 +379,10 @@ class ModelRegistry:
             await served.scheduler.stop()
         if served.engine is not None:
             served.engine.close()
+        if served.family is not None:
+            for member in served.family.members.values():
+                member.release()
+            served.family = None
 
     async def _load(self, entry: ModelEntry, version: int) -> ServedModel:
         served = ServedModel(entry.name, str(version), entry)
@@ -373,6 +431,89 @@ class ModelRegistry:
             name=served.name,
         )
         served.model_config, served.engine, served.tokenizer, served.scheduler, served.monitor = cfg, engine, tokenizer, scheduler, monitor
+
+    async def _load_family(self, entry: ModelEntry, current: dict[str, ServedModel]) -> None:
+        """(Re)load a family over its members as they serve now; the family it replaces drains."""
+        served = ServedModel(entry.name, FAMILY_VERSION, entry, signature=files_signature(entry.path / CONFIG_PBTXT))
+        try:
+            self._build_family(served)
+            assert served.family is not None and served.scheduler is not None
+            await self._calibrate(served.family)
+            served.scheduler.start()
+            served.state = READY
+            served.monitor.set_ready(True)
+            widths = ", ".join(f"N={n} {m.name}" for n, m in served.family.members.items())
+            log.info("loaded family %s: %s; target queue delay %.0f ms", served.name, widths, 1000 * served.family.controller.settings.target_delay_s)
+        except Exception as exc:
+            served.state, served.reason = UNAVAILABLE, f"{type(exc).__name__}: {exc}"
+            await self._stop(served)
+            if not any(m.ready for m in current.values()):
+                await self._commit(entry.name, {FAMILY_VERSION: served})
+            raise LoadFailed(f"failed to load family '{entry.name}': {served.reason}") from None
+        await self._commit(entry.name, {FAMILY_VERSION: served})
+        await asyncio.gather(*(self._retire(m, "unloaded", still_served=True) for m in current.values() if m is not served))
+
+    def _build_family(self, served: ServedModel) -> None:
+        entry = served.entry
+        if entry.parameter("family_policy") != FAMILY_POLICY:
+            raise RepositoryError(f'platform "ensemble" is served as a model family only: set parameters {{ key: "family_policy" value {{ string_value: "{FAMILY_POLICY}" }} }} (ensemble pipelines are not supported)')
+        names = entry.member_names()
+        if not names:
+            raise RepositoryError("a family names its members in ensemble_scheduling steps")
+        members: dict[int, ServedModel] = {}
+        for name in names:
+            member = self.get_ready(name)
+            if member.family is not None:
+                raise RepositoryError(f"member {name} is itself a family")
+            n = member.model_config.num_instances
+            if n in members:
+                raise RepositoryError(f"members {members[n].name} and {name} both have N={n}: one member per width")
+            members[n] = member
+        members = dict(sorted(members.items()))
+        first = next(iter(members.values()))
+        for member in members.values():
+            if member.labels != first.labels or member.tokenizer.digest() != first.tokenizer.digest() or member.model_config.max_seq_length != first.model_config.max_seq_length:
+                raise RepositoryError(f"members {first.name} and {member.name} differ in labels, tokenizer or max_seq_length: a family's members must share them")
+        self._check_io(entry.config, first.model_config)
+        target_ms = float(entry.parameter("target_queue_delay_ms", "") or DEFAULT_TARGET_QUEUE_DELAY_MS)
+        controller = LoadController({n: m.scheduler.batch_texts for n, m in members.items()}, ControllerSettings(target_delay_s=target_ms / 1000))
+        family_monitor = FamilyMonitor(self.metrics, served.name, controller, self._recorded_accuracy(entry, members))
+        monitor = ModelMonitor(self.metrics, served.name, served.version, ",".join(map(str, members)))
+        # ensemble_scheduling excludes dynamic_batching: the narrowest member's batching delay,
+        # the queue bound from parameters
+        scheduler = FamilyScheduler(
+            [FamilyMember(n, m.name, m.engine.run, m.scheduler.batch_texts, m.scheduler.token_budget) for n, m in members.items()],
+            controller,
+            max_queue_delay_s=first.scheduler.max_queue_delay_s,
+            max_queue_size=int(entry.parameter("max_queue_size", "") or 0),
+            length_aware=self.settings.length_aware,
+            observer=lambda report: (monitor.batch_done(report), family_monitor.batch_done(report)),
+            name=served.name,
+        )
+        served.model_config, served.tokenizer, served.scheduler, served.monitor = first.model_config, first.tokenizer, scheduler, monitor
+        for member in members.values():
+            member.hold()  # a member stops only after its families (released in _stop)
+        served.family = Family(members, controller, family_monitor)
+
+    @staticmethod
+    async def _calibrate(family: Family) -> None:
+        """Time one group and one full batch on each member: its cost until it has served."""
+        for n, member in family.members.items():
+            engine = member.engine
+            for rows in (n, family.controller.batch_rows[n]):
+                t0 = time.perf_counter()
+                await engine.run(engine.sample_rows(rows, min(CALIBRATION_LENGTH, engine.config.max_seq_length)))
+                family.controller.calibrate(n, rows, time.perf_counter() - t0)
+
+    def _recorded_accuracy(self, entry: ModelEntry, members: dict[int, ServedModel]) -> dict[int, float | None]:
+        """Each member's ``accuracy_record`` field of the repository's MODELS.json (None where
+        the family names no field, or the record has no such entry)."""
+        field_name = entry.parameter("accuracy_record", "")
+        path = self.repository / MODELS_RECORD
+        if not field_name or not path.exists():
+            return dict.fromkeys(members)
+        record = json.loads(path.read_text())
+        return {n: record.get(m.name, {}).get(field_name) for n, m in members.items()}
 
     @staticmethod
     def _check_io(config: mc.ModelConfig, cfg: MuxBertConfig) -> None:
@@ -428,13 +569,11 @@ class ModelRegistry:
         """The ready version, held for one request: a reload or unload does not stop it until
         every holder is done."""
         served = self.get_ready(name, version)
-        served.users += 1
+        served.hold()
         try:
             yield served
         finally:
-            served.users -= 1
-            if not served.users:
-                served._unused.set()
+            served.release()
 
     def unloaded(self) -> list[str]:
         """Models in the repository that are not loaded (explicit mode, or ``--models``)."""

@@ -15,6 +15,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from muxserve.model.weights import CONFIG_FILE
 
 CONFIG_PBTXT = "config.pbtxt"
+# a model family: Triton's ensemble platform, its steps the members, this policy in parameters
+FAMILY_PLATFORM = "ensemble"
+FAMILY_POLICY = "load_adaptive"
 
 
 class RepositoryError(Exception):
@@ -34,6 +37,14 @@ class ModelEntry:
         if key in self.config.parameters:
             return self.config.parameters[key].string_value
         return default
+
+    @property
+    def is_family(self) -> bool:
+        return self.config.platform == FAMILY_PLATFORM
+
+    def member_names(self) -> list[str]:
+        """A family's members: the models its ``ensemble_scheduling`` steps name."""
+        return [step.model_name for step in self.config.ensemble_scheduling.step]
 
     def served_versions(self) -> list[int]:
         """Versions to load, per ``version_policy`` (default: latest 1, as Triton)."""

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
+import torch
 
+from muxserve.model.muxbert import ensemble_order, mean_of_copies
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
 from muxserve.serving.padding import PAD_MULTIPLE, padded_length
 
@@ -37,6 +39,20 @@ class BatchReport:
     queue_seconds: list[float]
     compute_seconds: float
     failed: bool
+    rows: int = 0  # rows computed (an ensembled text is N rows); 0: as many as texts
+
+
+@dataclass
+class RequestOptions:
+    """A request's knobs, and what the scheduler reports back on them.
+
+    ``ensemble``: each text runs N times, its copies scattered over slots and groups, logits
+    averaged (N times the compute). ``max_num_instances``: the widest N that may serve it (a
+    family's; 0: any). ``num_instances``: filled in per text, the N that served it."""
+
+    ensemble: bool = False
+    max_num_instances: int = 0
+    num_instances: list[int] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -45,6 +61,7 @@ class _Request:
     results: list[np.ndarray | None]
     remaining: int
     cancelled: bool = False
+    options: RequestOptions | None = None
 
 
 @dataclass(eq=False)
@@ -132,6 +149,31 @@ def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T
     return [window[i] for i in picked], [t for i, t in enumerate(window) if i not in taken] + queue[len(window) :]
 
 
+def _ensembled(text: _Text) -> bool:
+    return text.request.options is not None and text.request.options.ensemble
+
+
+def computed_rows(batch: Sequence[_Text], n: int) -> int:
+    """Rows a batch computes at width ``n``: an ensembled text is ``n`` rows."""
+    return len(batch) + (n - 1) * sum(map(_ensembled, batch))
+
+
+async def run_texts(run_batch: RunBatch, batch: Sequence[_Text], n: int) -> np.ndarray:
+    """Logits of a batch's texts at width ``n``: plain texts one row each, in order, then the
+    ensembled ones laid out by ``ensemble_order`` and averaged over their copies."""
+    ensembled = [i for i, t in enumerate(batch) if _ensembled(t)] if n > 1 else []
+    if not ensembled:
+        return await run_batch([t.ids for t in batch])
+    copied = set(ensembled)
+    plain = [i for i in range(len(batch)) if i not in copied]
+    order = ensemble_order(len(ensembled), n)
+    logits = await run_batch([batch[i].ids for i in plain] + [batch[ensembled[k]].ids for k in order.tolist()])
+    out = np.empty((len(batch), logits.shape[1]), dtype=logits.dtype)
+    out[plain] = logits[: len(plain)]
+    out[ensembled] = mean_of_copies(torch.from_numpy(logits[len(plain) :]), order, len(ensembled), n).numpy()
+    return out
+
+
 class MuxScheduler:
     def __init__(
         self,
@@ -199,15 +241,18 @@ class MuxScheduler:
 
     # ------------------------------------------------------------------ submit
 
-    async def submit(self, rows: list[list[int]]) -> np.ndarray:
-        """Queue a request's texts; returns their logits [len(rows), C] in order."""
+    async def submit(self, rows: list[list[int]], options: RequestOptions | None = None) -> np.ndarray:
+        """Queue a request's texts; returns their logits [len(rows), C] in order (and fills in
+        ``options.num_instances``)."""
         if not self._accepting:
             raise NotReady(f"model {self.name} is not accepting requests (shutting down)")
         if not rows:
             raise ValueError("empty request")
         if self.max_queue_size and self._queued_requests >= self.max_queue_size:
             raise QueueFull(f"model {self.name}: queue is full ({self.max_queue_size} requests waiting); retry later")
-        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows))
+        if options is not None:
+            options.num_instances = [0] * len(rows)
+        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows), options=options)
         now = time.monotonic()
         self._queue.extend(_Text(r, request, i, now) for i, r in enumerate(rows))
         self._queued_requests += 1
@@ -269,10 +314,9 @@ class MuxScheduler:
                 return
 
     def _take(self) -> list[_Text]:
-        """Take the next batch off the queue (``choose_batch``)."""
+        """Take the next batch off the queue (``_split``)."""
         queue = [t for t in self._queue if not t.request.cancelled]
-        deadline = time.monotonic() - self.max_queue_delay_s
-        batch, rest = split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware, self.token_budget)
+        batch, rest = self._split(queue)
         self._queue = rest
         self._queued_tokens = sum(len(t.ids) for t in rest)
         # a request leaves the queue when its last text is taken
@@ -280,14 +324,31 @@ class MuxScheduler:
         self._queued_requests = len(queued)
         return batch
 
+    def _batch_num_instances(self, batch: list[_Text]) -> int:
+        """The N a batch runs at (a family chooses it per batch)."""
+        return self.num_instances
+
+    async def _forward(self, batch: list[_Text], n: int) -> np.ndarray:
+        """One row of logits per text of the batch, from ``run_batch``."""
+        return await run_texts(self.run_batch, batch, n)
+
+    def _split(self, queue: list[_Text]) -> tuple[list[_Text], list[_Text]]:
+        """(next batch, what stays queued) by ``choose_batch``, both in arrival order."""
+        deadline = time.monotonic() - self.max_queue_delay_s
+        return split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware, self.token_budget)
+
     async def _execute(self, batch: list[_Text]) -> None:
         start = time.monotonic()
         queue_seconds = [start - t.enqueued for t in batch]
         failed = False
+        n = self._batch_num_instances(batch)
         try:
-            logits = await self.run_batch([t.ids for t in batch])
+            logits = await self._forward(batch, n)
             if len(logits) != len(batch):
                 raise RuntimeError(f"engine returned {len(logits)} rows for {len(batch)} texts")
+            for text in batch:
+                if text.request.options is not None:
+                    text.request.options.num_instances[text.index] = n
             for row, text in zip(logits, batch, strict=True):
                 self._deliver(text, row)
         except Exception:  # a failing pass fails only its own requests
@@ -308,9 +369,9 @@ class MuxScheduler:
                 self._idle.set()
             if self.observer is not None:
                 requests = len({id(t.request) for t in batch})
-                groups = -(-len(batch) // self.num_instances)
+                rows = computed_rows(batch, n)
                 padded = max(len(t.ids) for t in batch)
-                self.observer(BatchReport(len(batch), requests, groups, self.num_instances, padded, queue_seconds, compute, failed))
+                self.observer(BatchReport(len(batch), requests, -(-rows // n), n, padded, queue_seconds, compute, failed, rows))
 
     @staticmethod
     def _deliver(text: _Text, row: np.ndarray) -> None:

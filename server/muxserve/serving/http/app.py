@@ -51,11 +51,13 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
 class ClassifyRequest(BaseModel):
     model: str = Field(description="model name, e.g. sst2-mux5")
     inputs: list[str] | str = Field(description="one text or a list of texts")
+    parameters: dict[str, Any] | None = Field(None, description='as KServe v2 request parameters: {"max_num_instances": 1} (a family serves at N=1), {"ensemble": true} (ensembled prediction)')
 
 
 class ClassifyResult(BaseModel):
     label: str
     score: float
+    num_instances: int = Field(description="the mux width N that served this text")
 
 
 # ---------------------------------------------------------------------------- body codec
@@ -390,7 +392,7 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise BadRequest(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad input')}") from None
         texts = [parsed.inputs] if isinstance(parsed.inputs, str) else parsed.inputs
-        return await plane.classify(parsed.model, texts)
+        return await plane.classify(parsed.model, texts, parsed.parameters)
 
     # -- metrics
 

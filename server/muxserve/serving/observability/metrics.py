@@ -57,6 +57,11 @@ class Metrics:
         self.shadow_texts = Counter("muxserve_shadow_texts_total", "Texts of a mux model also run through its baseline (shadow sampling)", ["model", "baseline"], registry=r)
         self.shadow_agreements = Counter("muxserve_shadow_agreements_total", "Shadow-sampled texts whose mux label equals the baseline label", ["model", "baseline"], registry=r)
         self.shadow_dropped = Counter("muxserve_shadow_dropped_total", "Sampled texts not compared: shadow queue full or baseline pass failed", ["model", "baseline"], registry=r)
+        self.family_texts = Counter("muxserve_family_texts_total", "Texts a model family served, by the mux width N that served them", ["family", "num_instances"], registry=r)
+        self.family_expected_accuracy = Gauge("muxserve_family_expected_accuracy", "Members' recorded dev accuracy, weighted by their share of the family's texts in the last minute", ["family"], registry=r)
+        self.family_num_instances = Gauge("muxserve_family_num_instances", "The mux width N the family's controller chooses now", ["family"], registry=r)
+        self.family_arrival_rate = Gauge("muxserve_family_arrival_texts_per_second", "Arrival rate the family's controller sees (texts/s)", ["family"], registry=r)
+        self.family_capacity = Gauge("muxserve_family_member_capacity_texts_per_second", "A member's capacity at full batches as the controller has learned it", ["family", "num_instances"], registry=r)
         self.shadow_agreement = Gauge("muxserve_shadow_agreement_ratio", "Agreement rate of mux and baseline labels over all shadow-sampled texts", ["model", "baseline"], registry=r)
 
 
@@ -92,7 +97,7 @@ class ModelStatistics:
 class ModelMonitor:
     """Records one model version's events into Prometheus metrics and Triton statistics."""
 
-    def __init__(self, metrics: Metrics, model: str, version: str, num_instances: int, baseline: str = "") -> None:
+    def __init__(self, metrics: Metrics, model: str, version: str, num_instances: int | str, baseline: str = "") -> None:
         self.metrics = metrics
         self.model, self.version, self.baseline = model, version, baseline
         self.labels = {"model": model, "version": version}
@@ -142,7 +147,7 @@ class ModelMonitor:
         m.executions.labels(**self.labels).inc()
         m.compute_seconds.labels(**self.labels).observe(report.compute_seconds)
         m.batch_texts.labels(**self.labels).observe(report.texts)
-        m.group_fill.labels(**self.labels).observe(report.texts / (report.groups * report.num_instances))
+        m.group_fill.labels(**self.labels).observe((report.rows or report.texts) / (report.groups * report.num_instances))
         queue_hist = m.queue_seconds.labels(**self.labels)
         for q in report.queue_seconds:
             queue_hist.observe(q)
@@ -150,7 +155,7 @@ class ModelMonitor:
             self.stats.execution_count += 1
             self.stats.queue.add(sum(report.queue_seconds), len(report.queue_seconds))
             self.stats.compute_infer.add(report.compute_seconds)
-            self.stats.batch.setdefault(report.texts, Duration()).add(report.compute_seconds)
+            self.stats.batch.setdefault(report.rows or report.texts, Duration()).add(report.compute_seconds)
 
     def snapshot(self) -> ModelStatistics:
         """A consistent copy of the statistics (the engine thread's observer may be writing)."""

@@ -13,7 +13,6 @@ Texts that cannot be compared (shadow queue full, failed baseline pass) are coun
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -65,7 +64,7 @@ class ShadowSampler:
             if base.labels != served.labels:
                 log.warning("shadow sampling for %s disabled: labels differ from %s", served.name, base.name)
                 continue
-            if _digest(served) != _digest(base):
+            if served.tokenizer.digest() != base.tokenizer.digest():
                 log.warning("shadow sampling for %s disabled: its tokenizer differs from that of %s", served.name, base.name)
                 continue
             pairs.append(_Pair(served, base, min(1.0, rate)))
@@ -125,8 +124,3 @@ class ShadowSampler:
                 pair.task.cancel()
         await asyncio.gather(*(p.task for p in self.pairs.values() if p.task is not None), return_exceptions=True)
 
-
-def _digest(served: ServedModel) -> str:
-    """Identity of a model's tokenizer (the file's bytes)."""
-    assert served.tokenizer is not None
-    return hashlib.sha256(served.tokenizer.path.read_bytes()).hexdigest()
