@@ -34,6 +34,8 @@ from observability import (
     value,
 )
 
+from muxserve.model.packaging import family_config, write_config
+
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
 DOC = ROOT / "docs" / "observability.md"
@@ -45,10 +47,12 @@ def exposition(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     shadow sampling (so that every family has samples)."""
     root = tmp_path_factory.mktemp("queries")
     repo = make_repository(root / "repo", {"bert": 1, "mux2": 2}, configs={"mux2": {"baseline": "bert", "shadow_sample_rate": 1.0}})
+    (repo / "fam").mkdir()
+    write_config(repo / "fam" / "config.pbtxt", family_config("fam", ["bert", "mux2"], num_labels=2))
     srv = start_server(repo, root / "server.log", "--threads", "1", grpc=False)
     try:
         url = f"http://{srv.http_url}"
-        for model in ("bert", "mux2"):
+        for model in ("bert", "mux2", "fam"):
             r = httpx.post(f"{url}/v1/classify", json={"model": model, "inputs": ["a fine film", "a dull plot", "it is fun"]}, timeout=30)
             assert r.status_code == 200, r.text
         assert httpx.post(f"{url}/v1/classify", json={"model": "mux2", "inputs": []}, timeout=30).status_code == 400

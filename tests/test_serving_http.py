@@ -259,7 +259,7 @@ def test_classify(client, base, headers):
     reply = httpx.post(f"{base}/v1/classify", content=json.dumps({"model": "tiny-bert", "inputs": texts}).encode(), headers=headers)
     assert reply.status_code == 200, reply.text
     rows = reply.json()
-    assert len(rows) == 3 and all(set(r) == {"label", "score"} and 0.5 <= r["score"] <= 1.0 for r in rows)
+    assert len(rows) == 3 and all(set(r) == {"label", "score", "num_instances"} and 0.5 <= r["score"] <= 1.0 and r["num_instances"] == 1 for r in rows)
     labels = infer_texts(client, "tiny-bert", texts).as_numpy("LABEL")
     assert [r["label"] for r in rows] == [as_bytes(x).decode() for x in labels[:, 0]]
     one = httpx.post(f"{base}/v1/classify", content=json.dumps({"model": "tiny-mux5", "inputs": "one text"}).encode(), headers=headers)
