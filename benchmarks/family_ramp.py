@@ -76,10 +76,13 @@ class Sampler(threading.Thread):
         self.samples: list[Sample] = []
         self.stopped = threading.Event()
 
+    def start(self) -> None:
+        self.samples.append(scrape(self.url, self.t0))  # the state before anything is measured
+        super().start()
+
     def run(self) -> None:
-        while not self.stopped.is_set():
+        while not self.stopped.wait(1.0 - (time.monotonic() - self.t0) % 1.0):
             self.samples.append(scrape(self.url, self.t0))
-            self.stopped.wait(1.0 - (time.monotonic() - self.t0) % 1.0)
 
 
 def quantile(before: dict[float, float], after: dict[float, float], q: float) -> float:
@@ -206,9 +209,9 @@ def main() -> None:
         print(f"capacity (closed loop): {capacity}; high step {high:.1f} req/s", flush=True)
 
         time.sleep(10)  # let the family's rate estimate forget the probes (they went to the members)
-        t0 = time.monotonic()
-        sampler = Sampler(server.http_url, t0)
+        sampler = Sampler(server.http_url, time.monotonic())
         sampler.start()
+        t0 = sampler.t0
         phases, wrk = [], []
         for rate in (a.low, high, a.low):
             start = time.monotonic() - t0
