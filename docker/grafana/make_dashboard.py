@@ -16,6 +16,7 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "dashboards" / "muxserve.json"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/prometheus.yml
 M = 'model=~"$model"'  # the dashboard's model filter
+F = 'family=~"$family"'  # ... and its model-family filter
 RATE = "$__rate_interval"
 
 
@@ -153,6 +154,44 @@ def panels() -> list[dict[str, Any]]:
             ],
             "short", (12, 28, 12, 8),
         ),
+        # -- model families: N follows the load
+        timeseries(
+            "Family: N-share of texts",
+            "Share of a model family's texts served at each mux width N: the load controller's choice, batch by batch.",
+            [(f"sum by (family, num_instances) (rate(muxserve_family_texts_total{{{F}}}[{RATE}])) / on (family) group_left () (sum by (family) (rate(muxserve_family_texts_total{{{F}}}[{RATE}])) > 0)", "{{family}} N={{num_instances}}")],
+            "percentunit", (0, 36, 12, 8), max_value=1, stack=True,
+        ),
+        timeseries(
+            "Family: load and learned capacity",
+            "Arrival rate the family's controller sees, texts it served, and each member's capacity at full batches as the controller has learned it while serving.",
+            [
+                (f"muxserve_family_arrival_texts_per_second{{{F}}}", "{{family}} arrivals"),
+                (f"sum by (family) (rate(muxserve_family_texts_total{{{F}}}[{RATE}]))", "{{family}} served"),
+                (f"muxserve_family_member_capacity_texts_per_second{{{F}}}", "{{family}} capacity N={{num_instances}}"),
+            ],
+            "short", (12, 36, 12, 8),
+        ),
+        timeseries(
+            "Family: p99 queue wait and end to end",
+            "The controller keeps a family's queue wait under its target_queue_delay_ms.",
+            [
+                (f'histogram_quantile(0.99, sum by (model, le) (rate(muxserve_queue_duration_seconds_bucket{{model=~"$family"}}[{RATE}])))', "{{model}} queue wait"),
+                (f'histogram_quantile(0.99, sum by (model, le) (rate(muxserve_request_duration_seconds_bucket{{model=~"$family"}}[{RATE}])))', "{{model}} end to end"),
+            ],
+            "s", (0, 44, 8, 8),
+        ),
+        timeseries(
+            "Family: expected accuracy",
+            "Members' recorded dev accuracy (MODELS.json), weighted by their share of the family's texts over the last minute.",
+            [(f"muxserve_family_expected_accuracy{{{F}}}", "{{family}}")],
+            "percentunit", (8, 44, 8, 8), min_value=None,
+        ),
+        timeseries(
+            "Family: shadow agreement of the mux members",
+            "Share of shadow-sampled texts served at N > 1 (a family's, and the members' own) whose label the baseline confirms, over 5 minutes.",
+            [(f"model:muxserve_shadow_agreement:ratio_rate5m{{{M}}}", "{{model}} vs {{baseline}}")],
+            "percentunit", (16, 44, 8, 8), max_value=1,
+        ),
     ]
 
 
@@ -160,7 +199,7 @@ def build() -> dict[str, Any]:
     return {
         "uid": "muxserve",
         "title": "muxserve",
-        "description": "Data-multiplexed BERT serving: throughput against the plain baseline, latency, batching, live agreement, errors.",
+        "description": "Data-multiplexed BERT serving: throughput against the plain baseline, latency, batching, live agreement, errors, and model families choosing N by load.",
         "tags": ["muxserve"],
         "editable": True,
         "graphTooltip": 1,
@@ -186,7 +225,21 @@ def build() -> dict[str, Any]:
                     "allValue": ".*",
                     "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
                     "sort": 1,
-                }
+                },
+                {
+                    "type": "query",
+                    "name": "family",
+                    "label": "family",
+                    "datasource": DATASOURCE,
+                    "query": {"query": "label_values(muxserve_family_num_instances, family)", "refId": "family"},
+                    "definition": "label_values(muxserve_family_num_instances, family)",
+                    "refresh": 2,
+                    "multi": True,
+                    "includeAll": True,
+                    "allValue": ".*",
+                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                    "sort": 1,
+                },
             ]
         },
         "panels": [{"id": i + 1, **p} for i, p in enumerate(panels())],
