@@ -236,3 +236,27 @@ def test_family_metrics_count_texts_by_n_and_weigh_accuracy(server) -> None:
     assert math.isclose(value(metrics, "muxserve_family_expected_accuracy", family="fam-count"), expected, rel_tol=1e-9)
     assert value(metrics, "muxserve_family_num_instances", family="fam-count") == 5
     assert value(metrics, "muxserve_family_member_capacity_texts_per_second", family="fam-count", num_instances="5") > 0
+
+
+# ---------------------------------------------------------------------------- model control
+
+
+def test_a_family_follows_its_members_under_model_control(repository: Path, tmp_path: Path) -> None:
+    """Explicit mode: loading the family loads its members; unloading a member takes the
+    family out of service (503); loading the family again brings both back."""
+    with serving(repository, tmp_path / "control.log", "--model-control-mode", "explicit", "--load-model", "fam-calm") as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            assert all(client.is_model_ready(m) for m in ["fam-calm", *MEMBERS])
+            client.unload_model("fam-mux2")
+            index = {m["name"]: m for m in client.get_model_repository_index()}
+            assert index["fam-calm"]["state"] == "UNAVAILABLE" and index["fam-mux2"]["state"] == "UNAVAILABLE"
+            with pytest.raises(InferenceServerException, match="503|not ready"):
+                infer(server, "http", "fam-calm", TEXTS(1))
+            client.load_model("fam-calm")
+            assert client.is_model_ready("fam-mux2")
+            results = asyncio.run(load(server, "http", "fam-calm", [(TEXTS(2), {"max_num_instances": 2})] * 8))
+            assert {used for _, used in results} <= {1, 2}
+        finally:
+            client.close()
+

@@ -266,6 +266,9 @@ class ModelRegistry:
             self._polled[name] = model_signature(entry)
             current = self.models.get(name, {})
             if entry.is_family:
+                for member in entry.member_names():  # as Triton loads an ensemble's models
+                    if not any(m.ready for m in self.models.get(member, {}).values()):
+                        await self.load(member)
                 await self._load_family(entry, current)
                 return
             versions = entry.served_versions()
