@@ -17,6 +17,7 @@ OUT = Path(__file__).resolve().parent / "dashboards" / "muxserve.json"
 DATASOURCE = {"type": "prometheus", "uid": "prometheus"}  # provisioning/datasources/prometheus.yml
 M = 'model=~"$model"'  # the dashboard's model filter
 F = 'family=~"$family"'  # ... and its model-family filter
+FAMILY_AS_MODEL = 'model=~"$family"'  # a family's own request metrics carry its name as model
 RATE = "$__rate_interval"
 
 
@@ -65,8 +66,8 @@ def mean_of(histogram: str) -> str:
     return f"sum by (model) (rate({histogram}_sum{{{M}}}[{RATE}])) / (sum by (model) (rate({histogram}_count{{{M}}}[{RATE}])) > 0)"
 
 
-def quantile_of(q: float, histogram: str) -> str:
-    return f"histogram_quantile({q}, sum by (model, le) (rate({histogram}_bucket{{{M}}}[{RATE}])))"
+def quantile_of(q: float, histogram: str, selector: str = M) -> str:
+    return f"histogram_quantile({q}, sum by (model, le) (rate({histogram}_bucket{{{selector}}}[{RATE}])))"
 
 
 def panels() -> list[dict[str, Any]]:
@@ -175,8 +176,8 @@ def panels() -> list[dict[str, Any]]:
             "Family: p99 queue wait and end to end",
             "The controller keeps a family's queue wait under its target_queue_delay_ms.",
             [
-                (f'histogram_quantile(0.99, sum by (model, le) (rate(muxserve_queue_duration_seconds_bucket{{model=~"$family"}}[{RATE}])))', "{{model}} queue wait"),
-                (f'histogram_quantile(0.99, sum by (model, le) (rate(muxserve_request_duration_seconds_bucket{{model=~"$family"}}[{RATE}])))', "{{model}} end to end"),
+                (quantile_of(0.99, "muxserve_queue_duration_seconds", FAMILY_AS_MODEL), "{{model}} queue wait"),
+                (quantile_of(0.99, "muxserve_request_duration_seconds", FAMILY_AS_MODEL), "{{model}} end to end"),
             ],
             "s", (0, 44, 8, 8),
         ),
@@ -195,6 +196,25 @@ def panels() -> list[dict[str, Any]]:
     ]
 
 
+def query_variable(name: str, metric: str) -> dict[str, Any]:
+    """A dashboard filter over the values of label ``name`` of ``metric`` (all by default)."""
+    query = f"label_values({metric}, {name})"
+    return {
+        "type": "query",
+        "name": name,
+        "label": name,
+        "datasource": DATASOURCE,
+        "query": {"query": query, "refId": name},
+        "definition": query,
+        "refresh": 2,
+        "multi": True,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+    }
+
+
 def build() -> dict[str, Any]:
     return {
         "uid": "muxserve",
@@ -210,38 +230,7 @@ def build() -> dict[str, Any]:
         "timepicker": {},
         "annotations": {"list": []},
         "links": [],
-        "templating": {
-            "list": [
-                {
-                    "type": "query",
-                    "name": "model",
-                    "label": "model",
-                    "datasource": DATASOURCE,
-                    "query": {"query": "label_values(muxserve_model_info, model)", "refId": "model"},
-                    "definition": "label_values(muxserve_model_info, model)",
-                    "refresh": 2,
-                    "multi": True,
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                    "sort": 1,
-                },
-                {
-                    "type": "query",
-                    "name": "family",
-                    "label": "family",
-                    "datasource": DATASOURCE,
-                    "query": {"query": "label_values(muxserve_family_num_instances, family)", "refId": "family"},
-                    "definition": "label_values(muxserve_family_num_instances, family)",
-                    "refresh": 2,
-                    "multi": True,
-                    "includeAll": True,
-                    "allValue": ".*",
-                    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-                    "sort": 1,
-                },
-            ]
-        },
+        "templating": {"list": [query_variable("model", "muxserve_model_info"), query_variable("family", "muxserve_family_num_instances")]},
         "panels": [{"id": i + 1, **p} for i, p in enumerate(panels())],
     }
 
