@@ -231,6 +231,10 @@ def test_choose_batch_by_token_budget() -> None:
     # overdue texts first, oldest first, as far as the budget goes
     overdue = [True, False, True, True, False]
     assert choose_batch([32, 8, 32, 32, 8], overdue, 32, True, budget) == [0, 2]
+    # a queue whose callers all went away between the wait and the take: an empty batch, in
+    # every mode (the batching loop then waits again instead of dying)
+    for aware in (True, False):
+        assert choose_batch([], [], 32, aware, budget) == [] and choose_batch([], [], 32, aware) == []
 
 
 async def test_a_queue_that_fills_the_token_budget_runs_without_waiting_for_the_delay() -> None:

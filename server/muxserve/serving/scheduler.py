@@ -115,6 +115,8 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
     that does not fit is passed over for shorter ones). The first text in priority, the oldest,
     always runs, even alone past the budget: nothing starves."""
     count = len(lengths)
+    if count == 0:  # every waiting text was withdrawn by its caller
+        return []
     if not length_aware:
         order = list(range(min(count, cap)))
     elif count <= cap and budget is None:
