@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Served throughput against the forward pass and against a stock peer",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. Date: {report['date']}. Total time {report['seconds']:.0f} s.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. muxserve at commit {report['code']}. Date: {report['date']}. Total time {report['seconds']:.0f} s.",
         f"Load: wrk (a native client, {s['client_threads']} thread) in a closed loop at {max(s['concurrency'])} connections, {s['warmup']:g} s unmeasured then {s['duration']:g} s measured per point, real sentences (SST-2 dev, {report['texts']}), "
         f"muxserve on `{report['protocol_route']}`, infinity-emb {report['peer_version']} on `POST /classify` (`--engine torch`, the same all-MiniLM-L6-v2 backbone as a 2-label BertForSequenceClassification). "
         "Server CPU: user + system time of all the server's processes (from /proc) over the measured run, per request. "
@@ -185,6 +185,18 @@ def markdown(report: dict) -> str:
             lines.append(f"| {t['target']} | {cell(t['value'], fmt)} | {'≤' if 'CPU' in t['target'] else '≥'} {cell(t['goal'], fmt)} | {'yes' if t['met'] else 'no'} |")
     lines += ["", f"Every point, the physical limit and the time breakdown per request: [{report['name']}/results.md]({report['name']}/results.md).", ""]
     return "\n".join(lines)
+
+
+def code_version() -> str:
+    """The checkout's commit (with ``+changes`` when the tree differs from it)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=30).stdout.strip()
+    except OSError:
+        return "?"
+    return (head or "?") + ("+changes" if dirty else "")
 
 
 def peer_version(infinity: str) -> str:
@@ -224,6 +236,7 @@ def main() -> None:
     start = time.perf_counter()
     out = Path(a.out)
     command = "python " + " ".join(shlex.quote(x) for x in sys.argv)
+    code = code_version()  # before anything runs
     texts = load_texts(a.texts or None)
 
     opts = SweepOptions(
@@ -239,7 +252,7 @@ def main() -> None:
             peer += measure_peer(a.infinity, model_dir, dtype, texts, a, out / a.name)
     route = {"classify": "POST /v1/classify", "json": "POST /v2/models/M/infer (JSON)", "binary": "POST /v2/models/M/infer (binary tensors)"}[a.protocol]
     report = {
-        "name": a.name, "command": command, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(), "texts": f"{len(texts)} sentences",
+        "name": a.name, "command": command, "code": code, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "machine": machine_info(), "texts": f"{len(texts)} sentences",
         "settings": {k: v for k, v in vars(a).items() if k not in ("infinity", "out")}, "protocol_route": route, "peer_version": peer_version(a.infinity),
         **combine(sweep, peer, a), "peer": peer, "muxserve": {"echo": sweep.get("echo", []), "summary": sweep["summary"]}, "seconds": time.perf_counter() - start,
     }
