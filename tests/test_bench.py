@@ -49,6 +49,18 @@ def test_bench_model_cli_json(repo, capsys) -> None:
     assert results[0]["ratio_to_first"] == 1.0
 
 
+def test_bench_model_cli_at_several_precisions(repo, capsys) -> None:
+    argv = ["bench", "model", "--model-repository", str(repo), "--models", "tiny-bert,tiny-mux2", "--seq-len", "8", "--batch-texts", "4", "--seconds", "0.01", "--rounds", "1", "--threads", "1", "--precision", "fp32,bf16", "--json"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [(r["model"], r["precision"], r["dtype"]) for r in results] == [("tiny-bert", "fp32", "float32"), ("tiny-mux2", "fp32", "float32"), ("tiny-bert", "bf16", "bfloat16"), ("tiny-mux2", "bf16", "bfloat16")]
+    for r in results:  # ratios within each precision; to fp32 per model
+        assert r["ratio_to_fp32"] == pytest.approx(r["texts_per_s"] / results[[x["model"] for x in results].index(r["model"])]["texts_per_s"])
+    assert results[2]["ratio_to_first"] == results[2]["ratio_to_baseline"] == 1.0
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        bench_models(str(repo), ["tiny-bert"], seq_len=8, batch_texts=4, seconds=0.01, rounds=1, precision="fp16")
+
+
 def test_forward_throughput_counts_texts() -> None:
     model = tiny_model(num_instances=2)  # vocabulary of 200: the random ids are clamped to it
     result = forward_throughput(model, batch_texts=6, seq_len=8, min_seconds=0.0, warmup=0, min_runs=4)

@@ -142,7 +142,7 @@ def test_model_card_accuracy_is_what_eval_measures(model: str) -> None:
     """`muxserve eval` on SST-2 dev reproduces the accuracy the model card (and README) states, in
     file order and as the mean of 5 groupings (`--repeats 5`; its first is file order)."""
     card = json.loads(CARD.read_text())[model]
-    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--repeats", "5"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--repeats", "5", "--precision", card.get("precision", "fp32")], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["n"] == 872
     assert result["accuracy_per_repeat"][0] == pytest.approx(card["sst2_dev_accuracy"], abs=0.002)
@@ -156,6 +156,14 @@ def test_card_lists_every_bundled_model() -> None:
     assert Path(REPOSITORY / "sst2-bert").exists()
 
 
+def test_card_accuracy_at_the_served_precision_is_within_a_fifth_of_a_point_of_fp32() -> None:
+    if not CARD.exists():
+        pytest.skip("no model card")
+    for model, card in json.loads(CARD.read_text()).items():
+        assert card["precision"] in ("fp32", "bf16"), model
+        assert abs(card["sst2_dev_accuracy_mean5"] - card["sst2_dev_accuracy_mean5_fp32"]) <= 0.002, model
+
+
 MUX_MODELS = [m for m in WEIGHTED if m != "sst2-bert"]
 
 
@@ -166,7 +174,7 @@ def test_ensembling_is_no_worse_on_the_fine_tuned_mux_models(model: str) -> None
     no lower on SST-2 dev than the plain pass, each the mean of 5 draws (scatter seeds; groupings),
     since one draw moves by about half a point; and it reproduces the card's ensembled accuracy."""
     card = json.loads(CARD.read_text())[model]
-    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--ensemble", "--repeats", "5"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--ensemble", "--repeats", "5", "--precision", card.get("precision", "fp32")], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ensemble"] is True and result["n"] == 872 and result["repeats"] == 5
     assert result["accuracy_per_repeat"][0] == pytest.approx(card["sst2_dev_accuracy_ensemble"], abs=0.002)

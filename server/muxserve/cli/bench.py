@@ -41,16 +41,18 @@ def bench_models(
     rounds: int = 3,
     threads: int = 0,
     device: str = "cpu",
-    precision: str = "fp32",
+    precision: str | Sequence[str] = "fp32",
     stat: str = "best",
     log: Callable[[str], None] | None = None,
 ) -> list[dict]:
     """Texts/s of each model's forward pass (``forward_throughput``) on ``batch_texts`` random texts
     of ``seq_len`` tokens. Every round measures every model for at least ``seconds`` (the model
     order rotates from round to round); a model's ``texts_per_s`` is its ``best`` (default) or
-    ``median`` round. ``precision`` is the serving precision (``auto`` resolves as the server
-    does: bf16 on CPUs with bf16 units, fp16 on CUDA). ``ratio_to_first`` is relative to the first model, ``ratio_to_baseline`` to
-    the first N=1 model (null without one)."""
+    ``median`` round. ``precision`` is the serving precision, or several (a list or ``"fp32,bf16"``:
+    every model in each, all in the same interleaved rounds); ``auto`` resolves as the server
+    does (bf16 on CPUs with bf16 units, fp16 on CUDA). ``ratio_to_first`` is relative to the first
+    model, ``ratio_to_baseline`` to the first N=1 model (null without one), both at the same
+    precision; ``ratio_to_fp32`` to the same model in fp32 where that was measured too."""
     import torch
 
     from muxserve.model.precision import DTYPES, resolve_precision
@@ -64,43 +66,47 @@ def bench_models(
         raise ValueError(f"stat must be 'best' or 'median', not {stat!r}")
     if threads:
         torch.set_num_threads(threads)
-    precision = resolve_precision(precision, device)
-    torch_dtype = DTYPES[precision]
+    requested = precision.split(",") if isinstance(precision, str) else list(precision)
+    precisions = list(dict.fromkeys(resolve_precision(p.strip(), device) for p in requested if p.strip()))
     loaded = []
-    for name in models:
-        directory = resolve_model_dir(repository, name)
-        model = load_model(directory, device=device, dtype=torch_dtype)
-        loaded.append((name, directory, model))
-    bad = [f"{name} (N={m.config.num_instances})" for name, _, m in loaded if batch_texts % m.config.num_instances]
+    for prec in precisions:
+        for name in models:
+            directory = resolve_model_dir(repository, name)
+            loaded.append((name, prec, directory, load_model(directory, device=device, dtype=DTYPES[prec])))
+    bad = sorted({f"{name} (N={m.config.num_instances})" for name, _, _, m in loaded if batch_texts % m.config.num_instances})
     if bad:
-        lcm = math.lcm(*(m.config.num_instances for _, _, m in loaded))
+        lcm = math.lcm(*(m.config.num_instances for _, _, _, m in loaded))
         raise ValueError(f"--batch-texts {batch_texts} is not a multiple of N for {', '.join(bad)}: use a multiple of {lcm}")
 
     samples: list[list[float]] = [[] for _ in loaded]
     for r in range(max(1, rounds)):
         for k in range(len(loaded)):
             i = (k + r) % len(loaded)
-            name, _, model = loaded[i]
+            name, prec, _, model = loaded[i]
             result = forward_throughput(model, batch_texts, seq_len, min_seconds=seconds, warmup=2 if r == 0 else 1)
             samples[i].append(result.texts_per_s)
             if log is not None:
-                log(f"round {r + 1}/{rounds} {name}: {result.texts_per_s:.1f} texts/s ({result.seconds:.1f} s)")
+                log(f"round {r + 1}/{rounds} {name} {prec}: {result.texts_per_s:.1f} texts/s ({result.seconds:.1f} s)")
 
     out = []
-    for (name, directory, model), values in zip(loaded, samples, strict=True):
+    for (name, prec, directory, model), values in zip(loaded, samples, strict=True):
         best, median = max(values), statistics.median(values)
         cfg = model.config
         out.append({
             "model": name, "path": str(directory), "num_instances": cfg.num_instances, "muxing_variant": cfg.muxing_variant if cfg.is_mux else None,
             "parameters": model.num_parameters(), "texts_per_s": best if stat == "best" else median, "texts_per_s_best": best, "texts_per_s_median": median,
             "rounds": [round(v, 2) for v in values], "seq_len": seq_len, "batch_texts": batch_texts, "seconds_per_round": seconds,
-            "device": device, "precision": precision, "dtype": str(torch_dtype).removeprefix("torch."), "threads": torch.get_num_threads(), "stat": stat,
+            "device": device, "precision": prec, "dtype": str(DTYPES[prec]).removeprefix("torch."), "threads": torch.get_num_threads(), "stat": stat,
         })
-    first = out[0]["texts_per_s"]
-    baseline = next((o["texts_per_s"] for o in out if o["num_instances"] == 1), None)
-    for o in out:
-        o["ratio_to_first"] = o["texts_per_s"] / first if first > 0 else None
-        o["ratio_to_baseline"] = o["texts_per_s"] / baseline if baseline else None
+    fp32 = {o["model"]: o["texts_per_s"] for o in out if o["precision"] == "fp32"}
+    for prec in precisions:
+        rows = [o for o in out if o["precision"] == prec]
+        first = rows[0]["texts_per_s"]
+        baseline = next((o["texts_per_s"] for o in rows if o["num_instances"] == 1), None)
+        for o in rows:
+            o["ratio_to_first"] = o["texts_per_s"] / first if first > 0 else None
+            o["ratio_to_baseline"] = o["texts_per_s"] / baseline if baseline else None
+            o["ratio_to_fp32"] = o["texts_per_s"] / fp32[o["model"]] if fp32.get(o["model"]) else None
     return out
 
 
@@ -115,7 +121,7 @@ def _add_model(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--stat", choices=["best", "median"], default="best")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="auto: as `muxserve serve` picks it (bf16 on CPUs with bf16 units, fp16 on CUDA)")
+    p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16, or several comma-separated (measured in the same rounds); auto: as `muxserve serve` picks it (bf16 on CPUs with bf16 units, fp16 on CUDA)")
     p.add_argument("--json", action="store_true", help="print only the JSON list")
 
 
@@ -128,11 +134,11 @@ def _run_model(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(results))
         return 0
-    print(f"seq_len {a.seq_len}, {a.batch_texts} texts per batch, {results[0]['threads']} threads, {a.device} {results[0]['precision']}, {a.stat} of {a.rounds} rounds")
-    print(f"{'model':<24} {'N':>3} {'texts/s':>10} {'x first':>8} {'x N=1':>7}")
+    print(f"seq_len {a.seq_len}, {a.batch_texts} texts per batch, {results[0]['threads']} threads, {a.device}, {a.stat} of {a.rounds} rounds")
+    print(f"{'model':<24} {'N':>3} {'precision':>9} {'texts/s':>10} {'x first':>8} {'x N=1':>7} {'x fp32':>7}")
     for r in results:
-        base = f"{r['ratio_to_baseline']:.2f}" if r["ratio_to_baseline"] is not None else "-"
-        print(f"{r['model']:<24} {r['num_instances']:>3} {r['texts_per_s']:>10.1f} {r['ratio_to_first']:>8.2f} {base:>7}")
+        base, fp32 = (f"{r[k]:.2f}" if r[k] is not None else "-" for k in ("ratio_to_baseline", "ratio_to_fp32"))
+        print(f"{r['model']:<24} {r['num_instances']:>3} {r['precision']:>9} {r['texts_per_s']:>10.1f} {r['ratio_to_first']:>8.2f} {base:>7} {fp32:>7}")
     return 0
 
 

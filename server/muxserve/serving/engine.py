@@ -141,11 +141,11 @@ class Engine:
         return [[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * count
 
     def warmup(self) -> None:
-        """One pass per common length bucket, so the first requests do not pay for allocation."""
-        n = self.config.num_instances
-        for length in (8, 16, 32, 64):
-            if length <= self.config.max_seq_length:
-                self.infer(self.sample_rows(2 * n, length))
+        """One pass per common padded length, so the first requests do not pay for allocation
+        (and, in bf16, for oneDNN building its kernels)."""
+        n, longest = self.config.num_instances, self.config.max_seq_length
+        for length in sorted({padded_length(k, longest, self.options.pad_multiple) for k in range(8, 65, 8)}):
+            self.infer(self.sample_rows(2 * n, length))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)
