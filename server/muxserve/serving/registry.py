@@ -64,7 +64,9 @@ class Family:
 PRECISION = "precision"  # auto | fp32 | bf16 | fp16
 THREADS = "INTRA_OP_THREAD_COUNT"  # as Triton's PyTorch backend names it; 0: every core
 MAX_BATCH_TOKENS = "max_batch_tokens"  # as TEI names it; 0: fixed batches of batch_texts; auto
-AUTO_TOKENS_PER_GROUP = 64  # the automatic budget: batch_texts / N groups of 64 tokens
+# the automatic budget: batch_texts / N groups of 48 tokens (1,536 positions for the bundled
+# models), where the CPU forward pass reaches its full rate (benchmarks/token_budget.py, docs/bench)
+AUTO_TOKENS_PER_GROUP = 48
 
 
 @dataclass(eq=False)
