@@ -231,6 +231,8 @@ def test_choose_batch_by_token_budget() -> None:
     # overdue texts first, oldest first, as far as the budget goes
     overdue = [True, False, True, True, False]
     assert choose_batch([32, 8, 32, 32, 8], overdue, 32, True, budget) == [0, 2]
+    # an overdue text that does not fit is not passed over for a newer, shorter one
+    assert choose_batch([8, 40, 8, 8], [True, True, False, False], 32, True, budget) == [0]
     # a queue whose callers all went away between the wait and the take: an empty batch, in
     # every mode (the batching loop then waits again instead of dying)
     for aware in (True, False):

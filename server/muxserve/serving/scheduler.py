@@ -2,10 +2,11 @@
 
 One asyncio task owns the queue. A batch runs when an engine instance is free and either a
 full batch (``batch_texts`` = B groups x N slots, or a ``TokenBudget`` worth of tokens) is
-waiting or the oldest waiting text has waited ``max_queue_delay``. Texts, not requests, fill slots; every text's result comes from
-its own row of the output. The queue is bounded in requests (Triton's ``max_queue_size``):
-past it ``submit`` fails at once with QueueFull. A failing forward pass fails only the
-requests that had texts in it. A caller that goes away leaves its texts to be skipped.
+waiting or the oldest waiting text has waited ``max_queue_delay``. Texts, not requests, fill
+slots; every text's result comes from its own row of the output. The queue is bounded in
+requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with QueueFull. A
+failing forward pass fails only the requests that had texts in it. A caller that goes away
+leaves its texts to be skipped.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
     the batch runs as one pass at its longest text's length either way.
 
     With a ``budget``, texts join in that order of priority while the pass's cost stays within
-    it (in arrival order the first that does not fit ends the batch; length-aware, a longer one
-    that does not fit is passed over for shorter ones). The first text in priority, the oldest,
-    always runs, even alone past the budget: nothing starves."""
+    it (in arrival order, or while overdue texts are being placed, the first that does not fit
+    ends the batch; length-aware, a longer text that does not fit is passed over for shorter
+    ones). The first text in priority, the oldest, always runs, even alone past the budget:
+    nothing starves."""
     count = len(lengths)
     if count == 0:  # every waiting text was withdrawn by its caller
         return []
@@ -134,8 +136,8 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
         if len(chosen) == cap:
             break
         if chosen and budget.cost(len(chosen) + 1, max(longest, lengths[i])) > budget.max_tokens:
-            if not length_aware:
-                break
+            if not length_aware or overdue[i]:
+                break  # no text passes an older one in arrival order, or an overdue one
             continue
         chosen.append(i)
         longest = max(longest, lengths[i])
