@@ -89,7 +89,7 @@ def main() -> None:
         print(f"{name}: {card[name]}", file=sys.stderr)
     bench = bench_models(str(repo), models, seq_len=64, batch_texts=320, seconds=a.seconds, rounds=a.rounds, precision=precision, log=lambda line: print(line, file=sys.stderr))
     for row in bench:
-        card[row["model"]].update(forward_texts_per_s=round(row["texts_per_s"], 1), forward_ratio_to_baseline=round(row["ratio_to_baseline"], 2), forward_threads=row["threads"])
+        card[row["model"]].update(forward_texts_per_s=round(row["texts_per_s"], 1), forward_ratio_to_baseline=round(row["ratio_to_baseline"], 2), forward_threads=row["threads"], forward_precision=row["precision"])
     machine = machine_info()
     meta = {"machine": f"{machine['cpu']}, {machine['cores']} cores", "torch": torch.__version__, "seq_len": 64, "batch_texts": 320, "precision": precision, "threads": bench[0]["threads"]}
     (repo / "MODELS.json").write_text(json.dumps(card, indent=2) + "\n")
