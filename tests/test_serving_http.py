@@ -311,7 +311,7 @@ async def test_sigterm_drains_accepted_requests(tmp_path):
     """Requests waiting in the queue when SIGTERM arrives are all answered (HTTP and gRPC);
     requests after it get 503 / UNAVAILABLE; the process exits 0."""
     model = "tiny-slow"  # a batch runs only after 3 s: every request is still queued at SIGTERM
-    repository = make_tiny_repository(tmp_path / "repo", {model: 2}, engine="echo", max_batch_size=8, batch_texts=4096, max_queue_delay_us=3_000_000, max_queue_size=4096)
+    repository = make_tiny_repository(tmp_path / "repo", {model: 2}, engine="echo", max_batch_size=256, batch_texts=4096, max_queue_delay_us=3_000_000, max_queue_size=4096)
     echo = Echo(repository, model)
     source = TextSource(seed=5)
     with serving(repository, tmp_path / "drain.log") as server:

@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="default: 0.0.0.0")
     p.add_argument("--http-port", type=int, default=None, help="default: 8000")
     p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
+    p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, at least 1)")
     p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
     p.add_argument("--model-control-mode", default=None, choices=["none", "explicit", "poll"], help="none (default): load at start; explicit: POST /v2/repository/models/NAME/load|unload; poll: follow the repository's folders")
     p.add_argument("--load-model", action="append", default=None, metavar="NAME", help="explicit mode: load NAME at start (repeatable; '*': all)")
@@ -57,7 +58,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
             flags[name] = [v for v in flags[name].split(",") if v]
 
     return Settings.from_env(
-        model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port,
+        model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, workers=a.workers,
         models=[m for m in a.models.split(",") if m] if a.models else None, model_control_mode=a.model_control_mode,
         load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
         engine=a.engine, threads=a.threads, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,
@@ -69,5 +70,4 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
 def run(a: argparse.Namespace) -> int:
     from muxserve.serving.server import serve
 
-    serve(settings_from_args(a))
-    return 0
+    return serve(settings_from_args(a))

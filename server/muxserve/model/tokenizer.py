@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:  # the server's frontends tokenize without loading torch
+    import torch
 
 
 @dataclass
@@ -45,6 +48,8 @@ class TextTokenizer:
 
     def pad(self, rows: list[list[int]], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-pad rows to ``length`` (default: the longest) -> (ids, mask) int64 [T, L]."""
+        import torch
+
         length = length or max(len(r) for r in rows)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -1,7 +1,9 @@
 """The protocol-agnostic data plane: validate, tokenize, submit, format.
 
 HTTP (KServe v2 + ``/v1/classify``) and gRPC are thin adapters over this class; every rule
-about what a valid request is and what an answer looks like lives here, once.
+about what a valid request is and what an answer looks like lives here, once. It runs in each
+frontend process and reaches the models through an ``EngineClient`` (the engine process);
+``registry`` is the frontend's copy of the engine's model index.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -17,11 +19,11 @@ from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve import __version__
 from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
-from muxserve.serving.errors import BadRequest, ModelNotFound, Overloaded, PayloadTooLarge, ServingError
-from muxserve.serving.registry import ModelRegistry, ServedModel
-from muxserve.serving.scheduler import RequestOptions
+from muxserve.serving.engine_client import EngineClient
+from muxserve.serving.engine_client import ModelView as ServedModel
+from muxserve.serving.errors import BadRequest, ModelNotFound, NotReady, Overloaded, PayloadTooLarge, ServingError
 from muxserve.serving.settings import Settings
-from muxserve.serving.types import InferRequest, InferResponse, OutputTensor
+from muxserve.serving.types import InferRequest, InferResponse, OutputTensor, RequestOptions
 
 SERVER_NAME = "muxserve"
 EXTENSIONS = ["classification", "model_repository", "schedule_policy", "model_configuration", "statistics", "binary_tensor_data"]
@@ -35,12 +37,15 @@ Declared = tuple[str, str, Sequence[int]]
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, settings: Settings, shadow: Any = None) -> None:
-        self.registry = registry
+    def __init__(self, engine: EngineClient, settings: Settings) -> None:
+        self.engine = engine
+        self.registry = engine.models
         self.settings = settings
-        self.shadow = shadow
         self.draining = False
         self.texts_in_flight = 0  # accepted by this frontend and not yet answered
+        self._requests = 0  # inference requests in this frontend (drain waits for none)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # ------------------------------------------------------------------ health & metadata
 
@@ -49,7 +54,7 @@ class DataPlane:
 
     def ready(self) -> bool:
         """Ready when a model serves; in explicit mode with nothing asked for at start, at once (as Triton)."""
-        if self.draining:
+        if self.draining or not self.engine.connected:
             return False
         nothing_asked = self.settings.model_control_mode == "explicit" and not self.settings.load_models
         return any(m.ready for m in self.registry.all()) or (nothing_asked and not self.registry.models)
@@ -58,7 +63,7 @@ class DataPlane:
         return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
 
     def model_ready(self, name: str, version: str = "") -> bool:
-        return self.registry.find(name, version).ready and not self.draining
+        return self.registry.find(name, version).ready and self.engine.connected and not self.draining
 
     def model_metadata(self, name: str, version: str = "") -> dict[str, Any]:
         served = self.registry.find(name, version)
@@ -74,10 +79,16 @@ class DataPlane:
     def model_config(self, name: str, version: str = "") -> mc.ModelConfig:
         return self.registry.find(name, version).config
 
-    def statistics(self, name: str = "", version: str = "") -> list[ServedModel]:
+    async def statistics(self, name: str = "", version: str = "") -> list[dict[str, Any]]:
+        """Triton statistics entries (``observability.stats.model_statistics``), from the engine."""
         if name:
-            return [self.registry.find(name, version)]
-        return [m for m in self.registry.all() if m.monitor is not None]
+            served = self.registry.find(name, version)
+            return await self.engine.query("stats", served.name, served.version)
+        return await self.engine.query("stats")
+
+    async def metrics(self) -> bytes:
+        """The Prometheus exposition of the whole server (every count is made in the engine)."""
+        return await self.engine.query("metrics")
 
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """Every loaded version with its state, then (unless ``ready_only``) the repository's models
@@ -96,29 +107,34 @@ class DataPlane:
 
     async def load_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Triton's RepositoryModelLoad: (re)load ``name`` from the repository."""
-        self.registry.control_allowed()
         if parameters:
             raise BadRequest(f"load parameters {sorted(parameters)} are not supported: put the model's config and files in the repository")
-        await self.registry.load(name)
+        await self.engine.control("load", name)
 
     async def unload_model(self, name: str, parameters: dict[str, Any]) -> None:
         """Triton's RepositoryModelUnload (``unload_dependents`` is accepted: a model's families
         are always unloaded with it, as they cannot serve without it)."""
-        self.registry.control_allowed()
         unknown = set(parameters) - {"unload_dependents"}
         if unknown:
             raise BadRequest(f"unload parameters {sorted(unknown)} are not supported")
-        await self.registry.unload(name)
+        await self.engine.control("unload", name)
+
+    async def drain(self) -> None:
+        """Stop accepting inference requests (503) and wait for those accepted to be answered."""
+        self.draining = True
+        await self._idle.wait()
 
     # ------------------------------------------------------------------ inference
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        with self.registry.use(request.model_name, request.model_version) as served:
+        served = self.registry.get_ready(request.model_name, request.model_version)
+        with self._request():
             return await self._infer(served, request)
 
     async def _infer(self, served: ServedModel, request: InferRequest) -> InferResponse:
-        start = time.perf_counter()
-        with self.counting_failures(served, start):
+        start = time.monotonic()
+        async with self.counting_failures(served, start):
+            self._accepting(served)
             texts = self._texts(served, request)
             wanted = self._requested_outputs(served, request)
             options = request_options(served, request.parameters)
@@ -134,12 +150,14 @@ class DataPlane:
         """The simple API: one {label, score, num_instances} per text (score: softmax
         probability; num_instances: the N that served it). Up to ``max_client_batch_size``
         texts; more than the model's ``max_batch_size`` are split into several of its batches."""
-        with self.registry.use(model) as served:
+        served = self.registry.get_ready(model)
+        with self._request():
             return await self._classify(served, texts, parameters or {})
 
     async def _classify(self, served: ServedModel, texts: list[str], parameters: dict[str, Any]) -> list[dict[str, Any]]:
-        start = time.perf_counter()
-        with self.counting_failures(served, start):
+        start = time.monotonic()
+        async with self.counting_failures(served, start):
+            self._accepting(served)
             limit = self.settings.max_client_batch_size
             if not texts:
                 raise BadRequest("'inputs' must be a non-empty list of strings")
@@ -154,21 +172,39 @@ class DataPlane:
         best = probs.argmax(-1)
         return [{"label": _label(served, i), "score": float(p[i]), NUM_INSTANCES: n} for i, p, n in zip(best, probs, options.num_instances, strict=True)]
 
-    @contextlib.contextmanager
-    def counting_failures(self, served: ServedModel, start: float | None = None) -> Iterator[None]:
+    @contextlib.asynccontextmanager
+    async def counting_failures(self, served: ServedModel, start: float | None = None) -> AsyncIterator[None]:
         """Count a request that fails inside the block in its model's failure counters (also
-        one the adapter refuses before the data plane sees it, e.g. malformed JSON)."""
-        start = time.perf_counter() if start is None else start
+        one the adapter refuses before the data plane sees it, e.g. malformed JSON). The counts
+        live in the engine: a failure found here is counted there before the caller hears of
+        it; one the engine found (queue full, a failed pass) it has counted itself."""
+        start = time.monotonic() if start is None else start
         try:
             yield
         except ServingError as exc:
-            if served.monitor is not None:
-                served.monitor.request_failed(exc.reason, time.perf_counter() - start)
+            if not getattr(exc, "counted", False):
+                await self.engine.report_failure(served, exc.reason, time.monotonic() - start)
             raise
-        except asyncio.CancelledError:
-            if served.monitor is not None:
-                served.monitor.request_failed("cancelled", time.perf_counter() - start)
+        except asyncio.CancelledError as exc:
+            if not getattr(exc, "counted", False):
+                asyncio.ensure_future(self.engine.report_failure(served, "cancelled", time.monotonic() - start))
             raise
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        """An inference request in this frontend, from lookup to answer (drain waits for all)."""
+        self._requests += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._requests -= 1
+            if not self._requests:
+                self._idle.set()
+
+    def _accepting(self, served: ServedModel) -> None:
+        if self.draining:
+            raise NotReady(f"model {served.name} is not accepting requests (shutting down)")
 
     @contextlib.contextmanager
     def _admitted(self, texts: int) -> Iterator[None]:
@@ -185,35 +221,22 @@ class DataPlane:
             self.texts_in_flight -= texts
 
     async def _run(self, served: ServedModel, texts: list[str], start: float, options: RequestOptions) -> tuple[np.ndarray, list[int]]:
-        assert served.tokenizer is not None and served.scheduler is not None and served.monitor is not None
+        """Tokenize here; queue, run, count (and shadow-sample) in the engine. More texts than
+        the model's ``max_batch_size`` run there as several of its batches; ``options.num_instances``
+        gets the N of every text."""
+        assert served.tokenizer is not None
         limit = self.settings.max_text_chars
         with self._admitted(len(texts)):
             cut = [i for i, t in enumerate(texts) if len(t) > limit]
             texts = [t[:limit] for t in texts]
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             if sum(map(len, texts)) > OFFLOOP_TOKENIZE_CHARS:
                 encoded = await asyncio.to_thread(served.tokenizer.encode, texts)
             else:
                 encoded = served.tokenizer.encode(texts)
-            served.monitor.tokenized(time.perf_counter() - t0)
             truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
-            logits = await _submit_in_batches(served, encoded.ids, options)
-        served.monitor.set_queue_depth(served.scheduler.queue_depth)
-        served.monitor.request_succeeded(len(texts), time.perf_counter() - start)
-        if self.shadow is not None:
-            self._offer_shadow(served, encoded.ids, logits, options)
+            logits, options.num_instances = await self.engine.infer(served, encoded.ids, start, time.monotonic() - t0, options)
         return logits, truncated
-
-    def _offer_shadow(self, served: ServedModel, rows: list[list[int]], logits: np.ndarray, options: RequestOptions) -> None:
-        """To the shadow sampler, as served by the model that computed them: a family's texts
-        go as those of the member that served each."""
-        if served.family is None:
-            self.shadow.offer(served, rows, logits)
-            return
-        for n, member in served.family.members.items():
-            picked = [i for i, used in enumerate(options.num_instances) if used == n]
-            if picked:
-                self.shadow.offer(member, [rows[i] for i in picked], logits[picked])
 
     # ------------------------------------------------------------------ validation & formatting
 
@@ -287,25 +310,6 @@ class DataPlane:
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
 
 
-async def _submit_in_batches(served: ServedModel, rows: list[list[int]], options: RequestOptions) -> np.ndarray:
-    """Rows -> logits, submitted to the scheduler in pieces of at most ``max_batch_size``; if
-    one piece fails the others are withdrawn (their texts are skipped, not computed).
-    ``options.num_instances`` gets the N of every row."""
-    assert served.scheduler is not None
-    size = max(1, served.max_batch_size)
-    if len(rows) <= size:
-        return await served.scheduler.submit(rows, options)
-    pieces = [RequestOptions(options.ensemble, options.max_num_instances) for _ in range(0, len(rows), size)]
-    tasks = [asyncio.ensure_future(served.scheduler.submit(rows[i : i + size], piece)) for i, piece in zip(range(0, len(rows), size), pieces, strict=True)]
-    try:
-        logits = np.concatenate(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-    options.num_instances = [n for piece in pieces for n in piece.num_instances]
-    return logits
-
-
 def request_options(served: ServedModel, parameters: dict[str, Any]) -> RequestOptions:
     """The request's ``max_num_instances`` and ``ensemble`` parameters, checked against the model."""
     limit = parameters.get(MAX_NUM_INSTANCES, 0)
@@ -314,8 +318,8 @@ def request_options(served: ServedModel, parameters: dict[str, Any]) -> RequestO
     ensemble = parameters.get(ENSEMBLE, False)
     if not isinstance(ensemble, bool):
         raise BadRequest(f"parameter '{ENSEMBLE}' must be a boolean, got {ensemble!r}")
-    if limit and served.family is None and limit < served.model_config.num_instances:
-        raise BadRequest(f"model '{served.name}' serves at N={served.model_config.num_instances}, above max_num_instances {limit} (a model family can serve at a narrower N)")
+    if limit and not served.is_family and limit < served.num_instances:
+        raise BadRequest(f"model '{served.name}' serves at N={served.num_instances}, above max_num_instances {limit} (a model family can serve at a narrower N)")
     return RequestOptions(ensemble=ensemble, max_num_instances=limit)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from muxserve.serving.controller import LoadController
 from muxserve.serving.errors import BadRequest
-from muxserve.serving.scheduler import BatchReport, MuxScheduler, RequestOptions, RunBatch, TokenBudget, _Text, run_texts
+from muxserve.serving.scheduler import BatchReport, MuxScheduler, QueuedRequest, RequestOptions, RunBatch, TokenBudget, _Text, run_texts
 
 
 @dataclass
@@ -62,11 +62,11 @@ class FamilyScheduler(MuxScheduler):
             raise BadRequest(f"max_num_instances {limit} is below the narrowest member of family '{self.name}' (N={min(self.members)})")
         return fitting[-1]
 
-    async def submit(self, rows: list[list[int]], options: RequestOptions | None = None) -> np.ndarray:
+    def enqueue(self, rows: list[list[int]], options: RequestOptions | None = None) -> QueuedRequest:
         if options is not None and options.max_num_instances:
             self.width(options.max_num_instances)  # refuse an impossible limit before queueing
         self.controller.arrived(time.monotonic(), len(rows))
-        return await super().submit(rows, options)
+        return super().enqueue(rows, options)
 
     def _split(self, queue: list[_Text]) -> tuple[list[_Text], list[_Text]]:
         if not queue:

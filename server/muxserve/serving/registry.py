@@ -32,9 +32,10 @@ from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.precision import resolve_precision
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
+from muxserve.serving.catalog import ModelCatalog
 from muxserve.serving.controller import ControllerSettings, LoadController
 from muxserve.serving.engine import Engine, EngineOptions, default_threads
-from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound, NotReady
+from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound
 from muxserve.serving.family import FamilyMember, FamilyScheduler
 from muxserve.serving.observability.family import FamilyMonitor
 from muxserve.serving.observability.metrics import Metrics, ModelMonitor
@@ -207,12 +208,12 @@ def model_signature(entry: ModelEntry) -> tuple:
 Listener = Callable[[], Awaitable[None]]
 
 
-class ModelRegistry:
+class ModelRegistry(ModelCatalog[ServedModel]):
     def __init__(self, repository: str | Path, settings: Settings, metrics: Metrics) -> None:
+        super().__init__()
         self.repository = Path(repository)
         self.settings = settings
         self.metrics = metrics
-        self.models: dict[str, dict[str, ServedModel]] = {}  # name -> version -> model
         self.generation = 0  # bumped by every change of what is served
         self.listeners: list[Listener] = []  # awaited after a change, before replaced versions stop
         self._changed = asyncio.Condition()
@@ -546,28 +547,6 @@ class ModelRegistry:
         await asyncio.gather(*(s.scheduler.drain() for s in self.all() if s.scheduler is not None))
 
     # ------------------------------------------------------------------ lookup
-
-    def all(self) -> list[ServedModel]:
-        return [m for versions in self.models.values() for m in versions.values()]
-
-    def find(self, name: str, version: str = "") -> ServedModel:
-        """The requested version (default: the highest loaded); 404 when unknown."""
-        versions = self.models.get(name)
-        if not versions:
-            raise ModelNotFound(f"unknown model: '{name}'")
-        if version:
-            if version not in versions:
-                raise ModelNotFound(f"unknown version {version} of model '{name}' (have: {', '.join(sorted(v for v in versions if v))})")
-            return versions[version]
-        ready = [m for m in versions.values() if m.ready]
-        pool = ready or list(versions.values())
-        return max(pool, key=lambda m: int(m.version) if m.version.isdigit() else -1)
-
-    def get_ready(self, name: str, version: str = "") -> ServedModel:
-        served = self.find(name, version)
-        if not served.ready:
-            raise NotReady(f"model '{name}' version {served.version or '?'} is not ready: {served.reason or served.state}")
-        return served
 
     @contextlib.contextmanager
     def use(self, name: str, version: str = "") -> Iterator[ServedModel]:

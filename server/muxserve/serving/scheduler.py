@@ -24,6 +24,7 @@ import torch
 from muxserve.model.muxbert import ensemble_order, mean_of_copies
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
 from muxserve.serving.padding import PAD_MULTIPLE, padded_length
+from muxserve.serving.types import RequestOptions  # noqa: F401  (the scheduler's API)
 
 log = logging.getLogger("muxserve")
 
@@ -43,21 +44,8 @@ class BatchReport:
     rows: int = 0  # rows computed (an ensembled text is N rows); 0: as many as texts
 
 
-@dataclass
-class RequestOptions:
-    """A request's knobs, and what the scheduler reports back on them.
-
-    ``ensemble``: each text runs N times, its copies scattered over slots and groups, logits
-    averaged (N times the compute). ``max_num_instances``: the widest N that may serve it (a
-    family's; 0: any). ``num_instances``: filled in per text, the N that served it."""
-
-    ensemble: bool = False
-    max_num_instances: int = 0
-    num_instances: list[int] = field(default_factory=list)
-
-
 @dataclass(eq=False)
-class _Request:
+class QueuedRequest:
     future: asyncio.Future
     results: list[np.ndarray | None]
     remaining: int
@@ -68,7 +56,7 @@ class _Request:
 @dataclass(eq=False)
 class _Text:
     ids: list[int]
-    request: _Request
+    request: QueuedRequest
     index: int
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -248,6 +236,17 @@ class MuxScheduler:
     async def submit(self, rows: list[list[int]], options: RequestOptions | None = None) -> np.ndarray:
         """Queue a request's texts; returns their logits [len(rows), C] in order (and fills in
         ``options.num_instances``)."""
+        request = self.enqueue(rows, options)
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            self.cancel(request)
+            raise
+
+    def enqueue(self, rows: list[list[int]], options: RequestOptions | None = None) -> QueuedRequest:
+        """Queue a request's texts; its ``future`` gets their logits [len(rows), C] in order
+        (and ``options.num_instances`` the N of each). Raises NotReady (draining) or QueueFull
+        at once."""
         if not self._accepting:
             raise NotReady(f"model {self.name} is not accepting requests (shutting down)")
         if not rows:
@@ -256,19 +255,20 @@ class MuxScheduler:
             raise QueueFull(f"model {self.name}: queue is full ({self.max_queue_size} requests waiting); retry later")
         if options is not None:
             options.num_instances = [0] * len(rows)
-        request = _Request(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows), options=options)
+        request = QueuedRequest(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows), options=options)
         now = time.monotonic()
         self._queue.extend(_Text(r, request, i, now) for i, r in enumerate(rows))
         self._queued_requests += 1
         self._queued_tokens += sum(len(r) for r in rows)
         self._idle.clear()
         self._arrived.set()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            request.cancelled = True  # its queued texts are skipped, not computed
-            self._forget_cancelled()
-            raise
+        return request
+
+    def cancel(self, request: QueuedRequest) -> None:
+        """The caller went away: its queued texts are skipped, not computed."""
+        request.cancelled = True
+        request.future.cancel()
+        self._forget_cancelled()
 
     # ------------------------------------------------------------------ batching
 

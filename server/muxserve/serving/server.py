@@ -1,113 +1,114 @@
-"""Assembles and runs the server: registry -> data plane -> HTTP and gRPC, one event loop.
+"""``muxserve serve``: the supervisor of the server's processes.
 
-SIGTERM/SIGINT drain: the server stops accepting (ready turns false, new requests get 503),
-answers every accepted request, then closes both listeners.
+```
+frontend × K (HTTP + gRPC on shared ports: parse, validate, tokenize, format) ─┐ ZMQ (ipc)
+                                                                               └> engine process
+                                                                                  (models, schedulers,
+                                                                                   forward passes, metrics)
+```
+The supervisor starts the engine process and K frontends and watches them: an engine that
+dies is started again (frontends answer 503 and are not ready meanwhile), so is a frontend.
+SIGTERM/SIGINT drain: the frontends stop accepting and wait for every accepted request to be
+answered, then the engine stops; the supervisor exits 0 when all of them did.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
+import secrets
 import signal
-from collections.abc import Iterator
+import subprocess
 
-import uvicorn
-
-from muxserve.serving.dataplane import DataPlane
-from muxserve.serving.observability.metrics import Metrics
-from muxserve.serving.registry import ModelRegistry
+from muxserve.serving.processes import READY_FD_ENV, configure_logging, run_loop, spawn
 from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
+ENGINE_MODULE = "muxserve.serving.engine_service"
+FRONTEND_MODULE = "muxserve.serving.frontend"
+RESTART_DELAY_S = 0.5
+MAX_RESTART_DELAY_S = 10.0
 
 
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the drain below owns SIGTERM/SIGINT."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
+def default_workers() -> int:
+    """Frontend processes: one per 4 cores (the engine needs the rest), at least 1, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // 4))
 
 
-class MuxServer:
+class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.registry = ModelRegistry(settings.model_repository, settings, self.metrics)
-        self.shadow = None
-        self.plane = DataPlane(self.registry, settings)
-        self._stop = asyncio.Event()
-        self.http: _UvicornServer | None = None
-        self.grpc = None
-        self.poller: asyncio.Task | None = None
+        self.workers = settings.workers or default_workers()
+        # Linux abstract socket: no file to clean up, private to this server
+        self.address = f"ipc://@muxserve-{os.getpid()}-{secrets.token_hex(4)}"
+        self.stopping = False
+        self.engine: subprocess.Popen | None = None
+        self.frontends: list[subprocess.Popen | None] = [None] * self.workers
 
-    async def start(self) -> None:
-        await self.registry.start()
-        if self.settings.shadow:
-            await self._restart_shadow()
-            self.registry.listeners.append(self._restart_shadow)
-        if self.settings.model_control_mode == "poll":
-            self.poller = asyncio.create_task(self.registry.poll_forever(self.settings.repository_poll_secs), name="repository-poll")
-        from muxserve.serving.http.app import create_app
-        from muxserve.serving.http.protocol import GuardedHttpProtocol
-
-        s = self.settings
-        app = create_app(self.plane, self.metrics)
-        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s)
-        config = uvicorn.Config(app, host=s.host, port=s.http_port, http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
-        self.http = _UvicornServer(config)
-        if self.settings.grpc_port > 0:
-            from muxserve.serving.grpc.server import create_grpc_server
-
-            self.grpc = create_grpc_server(self.plane, f"{self.settings.host}:{self.settings.grpc_port}")
-            await self.grpc.start()
-            log.info("gRPC listening on %s:%d", self.settings.host, self.settings.grpc_port)
-        scheme = "https" if self.settings.tls_certfile else "http"
-        log.info("HTTP listening on %s://%s:%d%s", scheme, self.settings.host, self.settings.http_port, " (API key required)" if self.settings.api_key else "")
-
-    async def _restart_shadow(self) -> None:
-        """Shadow sampling pairs loaded versions: after a model change, pair the new ones (the old
-        sampler stops before the versions it holds do)."""
-        from muxserve.serving.observability.shadow import ShadowSampler
-
-        if self.shadow is not None:
-            await self.shadow.stop()
-        self.shadow = ShadowSampler.from_registry(self.registry, self.metrics)
-        self.plane.shadow = self.shadow
-
-    async def drain_and_stop(self) -> None:
-        log.info("draining: no new requests; answering those accepted")
-        self.plane.draining = True
-        if self.poller is not None:
-            self.poller.cancel()
-        await self.registry.drain()
-        if self.shadow is not None:
-            await self.shadow.stop()
-        if self.grpc is not None:
-            await self.grpc.stop(grace=5)
-        if self.http is not None:
-            self.http.should_exit = True
-        self._stop.set()
-
-    async def run(self) -> None:
-        await self.start()
+    async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.drain_and_stop()))
-        assert self.http is not None
-        http_task = asyncio.create_task(self.http.serve())
-        await self._stop.wait()
-        await http_task
-        await self.registry.unload_all()
+            loop.add_signal_handler(sig, stop.set)
+        engine = asyncio.create_task(self._keep_engine())
+        frontends = [asyncio.create_task(self._keep_frontend(i)) for i in range(self.workers)]
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait([engine, stopped, *frontends], return_when=asyncio.FIRST_COMPLETED)
+        failed = engine.done()  # the engine never came up: nothing to serve
+        log.info("stopping: frontends drain, then the engine")
+        self.stopping = True
+        for proc in self.frontends:
+            _terminate(proc)
+        codes = await asyncio.gather(*frontends)
+        _terminate(self.engine)
+        codes.append(await engine)
+        stopped.cancel()
         log.info("stopped")
+        return 1 if failed or any(codes) else 0
+
+    async def _keep_engine(self) -> int:
+        failures = 0
+        ever_ready = False
+        while True:
+            read_end, write_end = os.pipe()
+            proc = self.engine = spawn(ENGINE_MODULE, [self.address], self.settings, pass_fds=[write_end], env={READY_FD_ENV: str(write_end)})
+            os.close(write_end)
+            ready = await asyncio.to_thread(os.read, read_end, 1)  # b"" when it died first
+            os.close(read_end)
+            if ready:
+                log.info("engine process %d ready", proc.pid)
+                ever_ready, failures = True, 0
+            code = await asyncio.to_thread(proc.wait)
+            if self.stopping:
+                return code
+            if not ever_ready:
+                log.error("engine process exited with %s before serving", code)
+                return code or 1
+            failures += 0 if ready else 1
+            log.error("engine process %d exited with %s: starting it again", proc.pid, code)
+            await asyncio.sleep(min(MAX_RESTART_DELAY_S, RESTART_DELAY_S * 2**failures) if failures else 0)
+            if self.stopping:
+                return code
+
+    async def _keep_frontend(self, index: int) -> int:
+        while True:
+            proc = self.frontends[index] = spawn(FRONTEND_MODULE, [self.address], self.settings)
+            code = await asyncio.to_thread(proc.wait)
+            if self.stopping:
+                return code
+            log.error("frontend process %d exited with %s: starting it again", proc.pid, code)
+            await asyncio.sleep(RESTART_DELAY_S)
+            if self.stopping:
+                return code
 
 
-def serve(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(MuxServer(settings).run())
-    else:
-        uvloop.run(MuxServer(settings).run())
+def _terminate(proc: subprocess.Popen | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+
+
+def serve(settings: Settings) -> int:
+    configure_logging(settings)
+    return run_loop(Supervisor(settings).run())

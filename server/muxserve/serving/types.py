@@ -52,3 +52,16 @@ class InferResponse:
     outputs: list[OutputTensor]
     id: str = ""
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOptions:
+    """A request's knobs, and what the scheduler reports back on them.
+
+    ``ensemble``: each text runs N times, its copies scattered over slots and groups, logits
+    averaged (N times the compute). ``max_num_instances``: the widest N that may serve it (a
+    family's; 0: any). ``num_instances``: filled in per text, the N that served it."""
+
+    ensemble: bool = False
+    max_num_instances: int = 0
+    num_instances: list[int] = field(default_factory=list)

@@ -167,7 +167,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_unary
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext) -> pb.ModelStatisticsResponse:
-        return statistics_proto(self.plane.statistics(request.name, request.version))
+        return statistics_proto(await self.plane.statistics(request.name, request.version))
 
     @_unary
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext) -> pb.RepositoryIndexResponse:
@@ -195,7 +195,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
         served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
-        with self.plane.counting_failures(served):
+        async with self.plane.counting_failures(served):
             request = decode_infer_request(req, functools.partial(self.plane.check_inputs, served))
         return encode_infer_response(await self.plane.infer(request))
 
@@ -325,7 +325,7 @@ def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
             ("grpc.max_send_message_length", MAX_SEND_BYTES),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1),  # every frontend process listens on the same port
             ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
             ("grpc.max_connection_idle_ms", int(settings.idle_timeout_s * 1000)),
             ("grpc.server_handshake_timeout_ms", int(settings.header_timeout_s * 1000)),

@@ -20,14 +20,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from google.protobuf import json_format
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated
-from muxserve.serving.observability.metrics import Metrics, refresh_throughput
 from muxserve.serving.observability.stats import statistics_json
 from muxserve.serving.security import AccessPolicy
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -255,7 +254,7 @@ def control_parameters(body: bytes) -> dict[str, Any]:
     return params
 
 
-def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
+def create_app(plane: DataPlane) -> FastAPI:
     settings = plane.settings
     max_request_bytes = settings.max_request_bytes
 
@@ -313,7 +312,7 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
 
     @app.get("/v2/models/stats", tags=["statistics"])
     async def all_stats() -> dict:
-        return statistics_json(plane.statistics())
+        return statistics_json(await plane.statistics())
 
     @app.get("/v2/models/{model}", tags=["metadata"])
     @app.get("/v2/models/{model}/versions/{version}", tags=["metadata"])
@@ -334,7 +333,7 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     @app.get("/v2/models/{model}/stats", tags=["statistics"])
     @app.get("/v2/models/{model}/versions/{version}/stats", tags=["statistics"])
     async def model_stats(model: str, version: str = "") -> dict:
-        return statistics_json(plane.statistics(model, version))
+        return statistics_json(await plane.statistics(model, version))
 
     @app.post("/v2/repository/index", tags=["repository"])
     async def repository_index(request: Request) -> list:
@@ -363,7 +362,7 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
     @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"])
     async def infer(model: str, request: Request, version: str = "") -> Response:
         served = plane.registry.find(model, version)  # 404 before reading a body for nothing
-        with plane.counting_failures(served):
+        async with plane.counting_failures(served):
             body = await body_of(request)
             check = functools.partial(plane.check_inputs, served)
             infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH), check)
@@ -398,10 +397,6 @@ def create_app(plane: DataPlane, metrics: Metrics) -> FastAPI:
 
     @app.get("/metrics", tags=["metrics"])
     async def prometheus_metrics() -> Response:
-        refresh_throughput(metrics, plane.registry.monitors())
-        for served in plane.registry.all():
-            if served.monitor is not None and served.scheduler is not None:
-                served.monitor.set_queue_depth(served.scheduler.queue_depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(await plane.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -42,9 +42,10 @@ def model_statistics(served: ServedModel) -> dict[str, Any]:
     }
 
 
-def statistics_json(models: list[ServedModel]) -> dict[str, Any]:
-    return {"model_stats": [model_statistics(m) for m in models]}
+def statistics_json(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """``model_statistics`` entries (as the engine process sends them) -> the HTTP document."""
+    return {"model_stats": entries}
 
 
-def statistics_proto(models: list[ServedModel]) -> service_pb2.ModelStatisticsResponse:
-    return json_format.ParseDict(statistics_json(models), service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)
+def statistics_proto(entries: list[dict[str, Any]]) -> service_pb2.ModelStatisticsResponse:
+    return json_format.ParseDict(statistics_json(entries), service_pb2.ModelStatisticsResponse(), ignore_unknown_fields=True)

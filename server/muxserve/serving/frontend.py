@@ -1,0 +1,88 @@
+"""A frontend process: HTTP and gRPC on ports it shares with the other frontends
+(``SO_REUSEPORT``: the kernel spreads connections over them), the data plane (validate,
+tokenize, format) and an ``EngineClient`` to the engine process.
+
+Run by the supervisor as ``python -m muxserve.serving.frontend <engine address>``. SIGTERM:
+refuse new requests (503), wait until every accepted one is answered, then close both
+listeners and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+
+from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.engine_client import EngineClient
+from muxserve.serving.processes import child_settings, run_loop
+from muxserve.serving.settings import Settings
+
+log = logging.getLogger("muxserve")
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the drain below owns SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def shared_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048, reuse_port=True)
+
+
+class Frontend:
+    def __init__(self, settings: Settings, address: str) -> None:
+        self.settings = settings
+        self.engine = EngineClient(address)
+        self.plane = DataPlane(self.engine, settings)
+        self.http: _UvicornServer | None = None
+        self.grpc = None
+
+    async def run(self) -> None:
+        from muxserve.serving.http.app import create_app
+        from muxserve.serving.http.protocol import GuardedHttpProtocol
+
+        s = self.settings
+        await self.engine.start()
+        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s)
+        config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
+        self.http = _UvicornServer(config)
+        listener = shared_listener(s.host, s.http_port)
+        if s.grpc_port > 0:
+            from muxserve.serving.grpc.server import create_grpc_server
+
+            self.grpc = create_grpc_server(self.plane, f"{s.host}:{s.grpc_port}")
+            await self.grpc.start()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
+        scheme = "https" if s.tls_certfile else "http"
+        log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")
+        await self.http.serve(sockets=[listener])
+        self.engine.close()
+
+    async def drain_and_stop(self) -> None:
+        await self.plane.drain()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=5)
+        if self.http is not None:
+            self.http.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> int:
+    (address,) = argv if argv is not None else sys.argv[1:]
+    run_loop(Frontend(child_settings(), address).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
