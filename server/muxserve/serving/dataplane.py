@@ -138,13 +138,13 @@ class DataPlane:
             texts = self._texts(served, request)
             wanted = self._requested_outputs(served, request)
             options = request_options(served, request.parameters)
-            logits, truncated = await self._run(served, texts, start, options)
+            logits, truncated, version = await self._run(served, texts, start, options, request.model_version)
         outputs = [self._output(served, name, params, logits) for name, params in wanted]
         params: dict[str, Any] = {NUM_INSTANCES: max(options.num_instances)}
         if truncated:
             params["truncated_count"] = len(truncated)
             params["truncated_indices"] = ",".join(map(str, truncated))
-        return InferResponse(served.name, served.version, outputs, request.id, params)
+        return InferResponse(served.name, version, outputs, request.id, params)
 
     async def classify(self, model: str, texts: list[str], parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
         """The simple API: one {label, score, num_instances} per text (score: softmax
@@ -167,7 +167,7 @@ class DataPlane:
                 if not text.strip():
                     raise BadRequest(f"inputs[{i}] is empty")
             options = request_options(served, parameters)
-            logits, _ = await self._run(served, texts, start, options)
+            logits, _, _ = await self._run(served, texts, start, options)
         probs = _softmax(logits)
         best = probs.argmax(-1)
         return [{"label": _label(served, i), "score": float(p[i]), NUM_INSTANCES: n} for i, p, n in zip(best, probs, options.num_instances, strict=True)]
@@ -220,10 +220,12 @@ class DataPlane:
         finally:
             self.texts_in_flight -= texts
 
-    async def _run(self, served: ServedModel, texts: list[str], start: float, options: RequestOptions) -> tuple[np.ndarray, list[int]]:
+    async def _run(self, served: ServedModel, texts: list[str], start: float, options: RequestOptions, version: str = "") -> tuple[np.ndarray, list[int], str]:
         """Tokenize here; queue, run, count (and shadow-sample) in the engine. More texts than
         the model's ``max_batch_size`` run there as several of its batches; ``options.num_instances``
-        gets the N of every text."""
+        gets the N of every text. Returns (logits, truncated texts, the version that served them):
+        without a ``version`` asked for, the engine's current one, which a reload may have
+        changed since this frontend looked."""
         assert served.tokenizer is not None
         limit = self.settings.max_text_chars
         with self._admitted(len(texts)):
@@ -235,8 +237,8 @@ class DataPlane:
             else:
                 encoded = served.tokenizer.encode(texts)
             truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
-            logits, options.num_instances = await self.engine.infer(served, encoded.ids, start, time.monotonic() - t0, options)
-        return logits, truncated
+            logits, options.num_instances, version = await self.engine.infer(served, version, encoded.ids, start, time.monotonic() - t0, options)
+        return logits, truncated, version
 
     # ------------------------------------------------------------------ validation & formatting
 

@@ -121,8 +121,9 @@ class EngineClient:
 
     # ------------------------------------------------------------------ requests
 
-    async def infer(self, model: ModelView, rows: list[list[int]], start: float, tokenize_s: float, options: RequestOptions) -> tuple[np.ndarray, list[int]]:
-        """Logits [len(rows), C] of these texts from the engine, and the N that served each;
+    async def infer(self, model: ModelView, version: str, rows: list[list[int]], start: float, tokenize_s: float, options: RequestOptions) -> tuple[np.ndarray, list[int], str]:
+        """Logits [len(rows), C] of these texts from the engine, the N that served each and the
+        version that served them (``version``: the one asked for, "" for the current);
         cancels there if the caller goes away; NotReady at once if the engine is not (or no
         longer) there."""
         if not self.connected:
@@ -130,7 +131,7 @@ class EngineClient:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self._channel.send(b"", ipc.Infer(request_id, model.name, model.version, rows, start, tokenize_s, options.ensemble, options.max_num_instances))
+        self._channel.send(b"", ipc.Infer(request_id, model.name, version, rows, start, tokenize_s, options.ensemble, options.max_num_instances))
         try:
             return await future
         except asyncio.CancelledError as exc:
@@ -176,7 +177,7 @@ class EngineClient:
             if kind is ipc.Result:
                 future = pending.pop(m.id, None)
                 if future is not None and not future.done():
-                    future.set_result((np.frombuffer(m.logits, dtype=np.float32).reshape(-1, m.columns), m.num_instances))
+                    future.set_result((np.frombuffer(m.logits, dtype=np.float32).reshape(-1, m.columns), m.num_instances, m.version))
             elif kind is ipc.Error:
                 future = pending.pop(m.id, None)
                 if future is not None and not future.done():

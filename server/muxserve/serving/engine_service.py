@@ -163,7 +163,7 @@ class EngineService:
         monitor.request_succeeded(len(m.rows), time.monotonic() - m.start)
         out = np.ascontiguousarray(logits, dtype=np.float32)
         num_instances = [n for piece in pieces for n in piece.options.num_instances]
-        self.channel.send(peer, ipc.Result(m.id, out.tobytes(), out.shape[1], num_instances))
+        self.channel.send(peer, ipc.Result(m.id, out.tobytes(), out.shape[1], num_instances, served.version))
         if self.shadow is not None:
             self._offer_shadow(served, m.rows, logits, num_instances)
 

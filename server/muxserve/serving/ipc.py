@@ -24,7 +24,7 @@ class Infer(msgspec.Struct, array_like=True, tag=1):
 
     id: int
     model: str
-    version: str
+    version: str  # as asked for: "" is the version serving when the engine takes the request
     rows: list[list[int]]
     start: float
     tokenize_s: float
@@ -64,6 +64,7 @@ class Result(msgspec.Struct, array_like=True, tag=5):
     logits: bytes  # float32, row-major [texts, columns]
     columns: int
     num_instances: list[int]  # the mux width N that served each text
+    version: str  # the model version that served them
 
 
 class Error(msgspec.Struct, array_like=True, tag=6):
