@@ -71,6 +71,14 @@ class Overloaded(ServingError):
     retry_after = 1
 
 
+class ClientClosed(ServingError):
+    """The client went away before its answer (nginx's 499: nobody reads the response)."""
+
+    http_status = 499
+    grpc_code = "CANCELLED"
+    reason = "cancelled"
+
+
 class InferenceFailed(ServingError):
     http_status = 500
     grpc_code = "INTERNAL"

@@ -12,8 +12,8 @@ import functools
 import gzip
 import logging
 import zlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
@@ -26,12 +26,13 @@ from starlette.exceptions import HTTPException
 
 from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import DataPlane, Declared
-from muxserve.serving.errors import BadRequest, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated
+from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated
 from muxserve.serving.observability.stats import statistics_json
 from muxserve.serving.security import AccessPolicy
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+T = TypeVar("T")
 log = logging.getLogger("muxserve")
 
 
@@ -181,6 +182,28 @@ def encode_infer_response(resp: InferResponse, request: InferRequest, binary_def
     if not tail:
         return header, None
     return header + b"".join(tail), len(header)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """``work``, cancelled if the client goes away first (its queued texts are then skipped,
+    not computed). Call once the body has been read: the next ASGI message is the disconnect."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the client left (or this handler was cancelled)
+    if task.cancelled() or not task.done():
+        await asyncio.gather(task, return_exceptions=True)  # its texts leave the queue now
+        raise ClientClosed("the client closed the connection before its answer")
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
@@ -366,7 +389,7 @@ def create_app(plane: DataPlane) -> FastAPI:
             body = await body_of(request)
             check = functools.partial(plane.check_inputs, served)
             infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH), check)
-        response = await plane.infer(infer_request)
+        response = await unless_disconnected(request, plane.infer(infer_request))
         payload, header_length = encode_infer_response(response, infer_request, binary_default)
         headers = {}
         media_type = "application/json"
@@ -391,7 +414,7 @@ def create_app(plane: DataPlane) -> FastAPI:
             where = ".".join(str(p) for p in first.get("loc", ()))
             raise BadRequest(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad input')}") from None
         texts = [parsed.inputs] if isinstance(parsed.inputs, str) else parsed.inputs
-        return await plane.classify(parsed.model, texts, parsed.parameters)
+        return await unless_disconnected(request, plane.classify(parsed.model, texts, parsed.parameters))
 
     # -- metrics
 
