@@ -14,7 +14,7 @@ served rate of two source trees side by side; the figures behind docs/reliabilit
     hotpath   closed-loop served req/s of source trees (--tree NAME=DIR, each a checkout's
               server/ folder), alternating --rounds times in one run
 
-    flock /tmp/muxserve-bench.lock python benchmarks/reliability.py overload --out results/overload.json
+    python benchmarks/reliability.py overload --out results/overload.json
 
 Every server runs the bundled ``--model`` (default sst2-mux5) on loopback.
 """
