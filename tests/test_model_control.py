@@ -2,8 +2,8 @@
 
 explicit mode: ``--load-model`` at start, load/unload requests, a failed reload that leaves the
 serving version serving, a reload while requests keep coming (none fails; answers come from both
-versions). poll mode: a new version folder is picked
-up by itself, and load/unload requests are refused.
+versions), and every frontend process seeing a load and an unload. poll mode: a new version
+folder is picked up by itself, and load/unload requests are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -150,3 +151,20 @@ def test_poll_mode_picks_up_a_new_version_and_refuses_control_requests(tmp_path:
         # a folder that leaves the repository is unloaded
         shutil.rmtree(repo / "m")
         wait_until(lambda: not http.is_model_ready("m"), "the removed model to unload")
+
+
+def test_every_frontend_sees_a_load_and_an_unload(tmp_path: Path) -> None:
+    """With two frontend processes, a load or unload answered by one is seen by the other: each
+    check below opens a new connection, which either frontend may accept."""
+    repo = make_tiny_repository(tmp_path / "repo", {"m": 2, "other": 1}, engine="echo", max_batch_size=8)
+    with serving(repo, tmp_path / "server.log", "--workers", "2", "--model-control-mode", "explicit", "--load-model", "other") as server:
+        url = f"http://{server.http_url}/v2/models/m/ready"
+
+        def ready_everywhere() -> set[int]:
+            return {httpx.get(url, headers={"connection": "close"}).status_code for _ in range(40)}
+
+        assert ready_everywhere() == {404}  # in the repository, not loaded: unknown to the data plane
+        grpcclient.InferenceServerClient(server.grpc_url).load_model("m")
+        assert ready_everywhere() == {200}
+        httpclient.InferenceServerClient(server.http_url).unload_model("m")
+        assert ready_everywhere() == {503}  # unloaded: listed, not ready
