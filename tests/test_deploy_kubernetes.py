@@ -199,3 +199,18 @@ def test_inference_service_is_a_raw_deployment_scaled_by_the_hpa() -> None:
     assert annotations["serving.kserve.io/deploymentMode"] == "RawDeployment"
     # KServe's own HPA would scale on CPU; hpa.yaml scales on load instead
     assert annotations["serving.kserve.io/autoscalerClass"] == "external"
+
+
+def test_environment_names_settings_the_server_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every MUXSERVE_* variable of a container is a server setting, with a value it accepts."""
+    from muxserve.serving.settings import Settings
+
+    containers = one("Deployment")["spec"]["template"]["spec"]["containers"] + one("ServingRuntime")["spec"]["containers"]
+    for container in containers:
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env and all(name.startswith("MUXSERVE_") for name in env)
+        for name, value in env.items():
+            assert name.removeprefix("MUXSERVE_").lower() in Settings.model_fields, name
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_env()
+        assert settings.threads == int(env["MUXSERVE_THREADS"]) and settings.workers == int(env["MUXSERVE_WORKERS"])
