@@ -30,7 +30,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxserve.bench.native import http_load, run_wrk
-from muxserve.bench.run import ROOT, default_sst2_dev, load_texts, machine_info
+from muxserve.bench.run import ROOT, counts_delta, default_sst2_dev, load_texts, machine_info, server_counts
 from muxserve.launch import start_server
 
 FAMILY, MUX2, MUX5 = "sst2", "sst2-mux2", "sst2-mux5"
@@ -164,6 +164,12 @@ def plot(points: list[dict], phases: list[tuple[float, float, float]], target_s:
     fig.savefig(path, dpi=110)
 
 
+def paced_connections(rate: float, most: int) -> int:
+    """Connections for a paced phase: each sends about once a second, so that none sits idle
+    long enough for the server to close it (wrk counts that as errors), up to ``most``."""
+    return max(1, min(most, math.ceil(rate)))
+
+
 def finite(x: object) -> object:
     """NaN and infinities as null: the report stays valid JSON."""
     if isinstance(x, float):
@@ -183,7 +189,7 @@ def main() -> None:
     p.add_argument("--high", type=float, default=0.0, help="requests/s of the high step (0: from the capacity probes)")
     p.add_argument("--phase", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--probe", type=float, default=15.0, help="seconds per closed-loop probe")
-    p.add_argument("--connections", type=int, default=128)
+    p.add_argument("--connections", type=int, default=128, help="at most this many in a paced phase")
     p.add_argument("--out", default="family_ramp.json")
     a = p.parse_args()
 
@@ -215,10 +221,12 @@ def main() -> None:
         phases, wrk = [], []
         for rate in (a.low, high, a.low):
             start = time.monotonic() - t0
-            wrk.append(run_wrk(url, loads[FAMILY], a.connections, a.phase, rate=rate).summary())
+            before = server_counts(server.http_url, FAMILY)
+            result = run_wrk(url, loads[FAMILY], paced_connections(rate, a.connections), a.phase, rate=rate).summary()
+            wrk.append({**result, "server": counts_delta(before, server_counts(server.http_url, FAMILY))})
             phases.append((start, time.monotonic() - t0, rate))
         alone_start = time.monotonic() - t0
-        mux5_paced = run_wrk(url, loads[MUX5], a.connections, a.phase, rate=high).summary()
+        mux5_paced = run_wrk(url, loads[MUX5], paced_connections(high, a.connections), a.phase, rate=high).summary()
         alone_end = time.monotonic() - t0
         time.sleep(1.5)
         sampler.stopped.set()
