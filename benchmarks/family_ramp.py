@@ -13,7 +13,7 @@ A sampler reads the server's ``/metrics`` every second: texts by the N that serv
 family's queue-delay histogram, its expected accuracy. Prints and writes a JSON report, a
 markdown summary and a plot (load, N-share, p99 queue delay, expected accuracy over time):
 
-    flock /tmp/muxserve-bench.lock python benchmarks/family_ramp.py --out docs/bench/family_ramp.json
+    python benchmarks/family_ramp.py --out docs/bench/family_ramp.json
 """
 
 from __future__ import annotations
@@ -170,6 +170,18 @@ def paced_connections(rate: float, most: int) -> int:
     return max(1, min(most, math.ceil(rate)))
 
 
+def relative(value: object) -> object:
+    """A path setting as the report shows it: relative to the checkout where it lies inside it
+    (or beside it, as ../shared/data does)."""
+    if not isinstance(value, str) or not Path(value).is_absolute():
+        return value
+    path = Path(value)
+    for base, prefix in ((ROOT, ""), (ROOT.parent, "../")):
+        if path.is_relative_to(base):
+            return prefix + path.relative_to(base).as_posix()
+    return value
+
+
 def finite(x: object) -> object:
     """NaN and infinities as null: the report stays valid JSON."""
     if isinstance(x, float):
@@ -198,7 +210,7 @@ def main() -> None:
     texts = load_texts(a.data)
     server = start_server(a.model_repository, [FAMILY], out.with_suffix(".server.log"), grpc=False)
     url = f"http://{server.http_url}"
-    report: dict = {"machine": machine_info(), "settings": vars(a)}
+    report: dict = {"machine": machine_info(), "settings": {k: relative(v) for k, v in vars(a).items()}}
     try:
         config = httpx.get(f"{url}/v2/models/{FAMILY}/config").json()
         target_s = float(config["parameters"]["target_queue_delay_ms"]["string_value"]) / 1000
