@@ -32,6 +32,7 @@ TEXT, LOGITS, LABEL = "TEXT", "LOGITS", "LABEL"
 MAX_NUM_INSTANCES, ENSEMBLE, NUM_INSTANCES = "max_num_instances", "ensemble", "num_instances"
 # tokenizing a big request on the event loop would stall every other caller
 OFFLOOP_TOKENIZE_CHARS = 64 * 1024
+DRAIN_QUIET_S = 0.5  # a draining frontend closes its listeners once no request came for this long
 # what an input tensor declares before its data is decoded: (name, datatype, shape)
 Declared = tuple[str, str, Sequence[int]]
 
@@ -46,6 +47,7 @@ class DataPlane:
         self._requests = 0  # inference requests in this frontend (drain waits for none)
         self._idle = asyncio.Event()
         self._idle.set()
+        self._last_request = 0.0
 
     # ------------------------------------------------------------------ health & metadata
 
@@ -120,9 +122,16 @@ class DataPlane:
         await self.engine.control("unload", name)
 
     async def drain(self) -> None:
-        """Stop accepting inference requests (503) and wait for those accepted to be answered."""
+        """Stop accepting inference requests (503) and wait for those accepted to be answered,
+        then for callers to stop trying: refused ones until DRAIN_QUIET_S pass without a
+        request, so that none is cut off by the listeners closing while it is under way."""
         self.draining = True
-        await self._idle.wait()
+        while True:
+            await self._idle.wait()
+            quiet = self._last_request + DRAIN_QUIET_S - time.monotonic()
+            if quiet <= 0 and self._idle.is_set():
+                return
+            await asyncio.sleep(max(quiet, 0.0))
 
     # ------------------------------------------------------------------ inference
 
@@ -194,6 +203,7 @@ class DataPlane:
     def _request(self) -> Iterator[None]:
         """An inference request in this frontend, from lookup to answer (drain waits for all)."""
         self._requests += 1
+        self._last_request = time.monotonic()
         self._idle.clear()
         try:
             yield

@@ -108,9 +108,12 @@ class ModelMonitor:
         # create the label sets at zero so rate() works from the first scrape
         for name in (metrics.texts, metrics.executions, metrics.failed_executions):
             name.labels(**self.labels)
-        metrics.requests.labels(**self.labels, outcome="success", reason="")
-        for reason in FAILURE_REASONS:
-            metrics.requests.labels(**self.labels, outcome="failure", reason=reason)
+        # the per-request series, looked up once (a label lookup costs more than the update)
+        self._succeeded = metrics.requests.labels(**self.labels, outcome="success", reason="")
+        self._failed = {reason: metrics.requests.labels(**self.labels, outcome="failure", reason=reason) for reason in FAILURE_REASONS}
+        self._texts = metrics.texts.labels(**self.labels)
+        self._request_seconds = metrics.request_seconds.labels(**self.labels)
+        self._tokenize_seconds = metrics.tokenize_seconds.labels(**self.labels)
 
     def set_ready(self, ready: bool) -> None:
         self.metrics.ready.labels(**self.labels).set(1 if ready else 0)
@@ -119,15 +122,14 @@ class ModelMonitor:
         self.metrics.queue_depth.labels(**self.labels).set(texts)
 
     def tokenized(self, seconds: float) -> None:
-        self.metrics.tokenize_seconds.labels(**self.labels).observe(seconds)
+        self._tokenize_seconds.observe(seconds)
         with self._lock:
             self.stats.compute_input.add(seconds)
 
     def request_succeeded(self, texts: int, seconds: float) -> None:
-        m = self.metrics
-        m.requests.labels(**self.labels, outcome="success", reason="").inc()
-        m.texts.labels(**self.labels).inc(texts)
-        m.request_seconds.labels(**self.labels).observe(seconds)
+        self._succeeded.inc()
+        self._texts.inc(texts)
+        self._request_seconds.observe(seconds)
         now = time.time()
         with self._lock:
             self.stats.inference_count += texts
@@ -136,7 +138,8 @@ class ModelMonitor:
             self._count_recent(time.monotonic(), texts)
 
     def request_failed(self, reason: str, seconds: float) -> None:
-        self.metrics.requests.labels(**self.labels, outcome="failure", reason=reason).inc()
+        series = self._failed.get(reason)
+        (series or self.metrics.requests.labels(**self.labels, outcome="failure", reason=reason)).inc()
         with self._lock:
             self.stats.fail.add(seconds)
 
