@@ -88,7 +88,8 @@ def test_shadow_agreement_matches_offline(tmp_path, setup):
     texts = dev_sentences()
     repo = tiny_repository(tmp_path / "repo", texts) if setup == "tiny" else bundled_repository(tmp_path / "repo")
     baseline = text_format.Parse((repo / MUX / "config.pbtxt").read_text(), mc.ModelConfig()).parameters["baseline"].string_value
-    server = start_server(repo, tmp_path / "server.log", "--threads", "1", grpc=False)
+    # fp32, as the offline baseline below computes: the comparison is of the sampling, not of precisions
+    server = start_server(repo, tmp_path / "server.log", "--threads", "1", "--precision", "fp32", grpc=False)
     try:
         url = f"http://{server.http_url}"
         chunks = [texts[i : i + TEXTS_PER_REQUEST] for i in range(0, len(texts), TEXTS_PER_REQUEST)]
