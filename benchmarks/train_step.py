@@ -59,7 +59,7 @@ def main() -> None:
     ids, mask = tok(read_tsv_sentences(DATA / "dev.tsv")[: a.texts])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for round_ in range(a.rounds + 1):  # round 0 warms up
+    for round_ in range(a.rounds + 1):  # the first pass only warms up
         for mode in times:
             seconds = step_seconds(model, ids, mask, optimizer, mode == "bf16")
             if round_:

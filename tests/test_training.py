@@ -395,7 +395,7 @@ def test_timed_recipe_runs_every_stage_inside_its_budget(tmp_path, monkeypatch) 
     assert budget * 0.9 <= summary["wall_s"] <= budget - 3  # sized from the step times: ends near the budget less its margin, not past it
     assert not (out / "calibrate").exists()
     start_of_round_2 = next(r for r in read_log(out / "r2") if r.get("event") == "start")
-    assert start_of_round_2["config"]["init"] == str(out / "r1" / "best")  # a warm restart from round 1's best
+    assert start_of_round_2["config"]["init"] == str(out / "r1" / "best")  # a warm restart from the first fine-tuning's best
     # --init-mux: no priming, fine-tuning starts from the given mux model
     again = tmp_path / "again"
     argv = ["train_timed", "-N", "2", "--teacher", str(teacher), "--train", str(data), "--dev", str(data), "--out", str(again), "--budget-s", "12", "--margin-s", "2",
