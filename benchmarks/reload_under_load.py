@@ -5,7 +5,8 @@ Copies one model of the repository (config and version 1) into a temporary repos
 replica's capacity for that model (closed loop), then runs ``wrk`` paced at ``--fraction`` of
 that capacity for ``--duration`` seconds. ``--swap-at`` seconds in, version 2 (a copy of version
 1's files, moved in whole) appears and ``POST /v2/repository/models/MODEL/load`` swaps it in.
-Reported: wrk's answered requests and errors, the server's successes and failures per version
+Reported: wrk's answered requests and errors, the server's successes, failures and cancellations
+(requests whose client went away, as wrk's at its stop) per version
 (``muxserve_requests_total``), latency over the run, and how long the load request took.
 
     python benchmarks/reload_under_load.py --model sst2-mux5 \
@@ -27,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from muxserve.bench.native import LoadResult, drive
-from muxserve.bench.run import ROOT, load_texts, machine_info, server_counts
+from muxserve.bench.run import ROOT, counts_delta, failures_except_cancelled, load_texts, machine_info, server_counts
 from muxserve.launch import start_server
 from muxserve.serving.repository import CONFIG_PBTXT
 
@@ -77,7 +78,10 @@ def main() -> None:
         finally:
             server.stop()
     load = result["load"]
-    per_version = {v: {k: int(after[v].get(k, 0) - before[v].get(k, 0)) for k in ("success", "failure")} for v in ("1", "2")}
+    # a request wrk leaves unanswered when it stops is cancelled by the server (its client went
+    # away): counted apart, since no caller was refused or failed
+    delta = {v: counts_delta(before[v], after[v]) for v in ("1", "2")}
+    per_version = {v: {"success": int(d.get("success", 0)), "failure": int(failures_except_cancelled(d)), "cancelled": int(d.get("failure:cancelled", 0))} for v, d in delta.items()}
     report = {
         "machine": machine_info(),
         "command": shlex.join(["python", "benchmarks/reload_under_load.py", *sys.argv[1:]]),
