@@ -16,7 +16,7 @@
 
 ``write_report`` writes ``results.json``, ``results.md`` and the PNG plots.
 ``run_profile`` is the focused version for one or more models at one load, optionally with a
-py-spy sample of the server process.
+py-spy sample of the server's processes (the supervisor, its engine and its frontends).
 """
 
 from __future__ import annotations
@@ -466,7 +466,7 @@ def summarize_pyspy(raw: str, top: int = 15) -> dict:
 
 def run_profile(repository: str, models: list[str], concurrency: int, texts_per_request: int, protocol: str, duration: float, warmup: float, out: Path, texts_source: str = "", matmul_seconds: float = 2.0, py_spy: bool = False, server_args: Sequence[str] = (), log: Log = lambda s: print(s, file=sys.stderr, flush=True)) -> dict:
     """Per model at one load: the time breakdown per request, the physical limit and served
-    fraction of it, and (``py_spy``) where the server process spends its samples."""
+    fraction of it, and (``py_spy``) where the server's processes spend their samples."""
     out.mkdir(parents=True, exist_ok=True)
     texts = load_texts(texts_source or None)
     limits = {m: physical_limit(repository, m, texts, matmul_seconds) for m in models} if matmul_seconds > 0 else {}
@@ -478,7 +478,7 @@ def run_profile(repository: str, models: list[str], concurrency: int, texts_per_
             spy_path = out / f"{model}.pyspy.txt"
 
             def start_spy(path: Path = spy_path, spy: dict = spy) -> None:
-                cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--duration", str(max(1, round(duration))), "--rate", "100", "--nonblocking", "--format", "raw", "--output", str(path)]
+                cmd = ["py-spy", "record", "--pid", str(server.proc.pid), "--subprocesses", "--duration", str(max(1, round(duration))), "--rate", "100", "--nonblocking", "--format", "raw", "--output", str(path)]
                 try:
                     spy["proc"] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                 except FileNotFoundError:
