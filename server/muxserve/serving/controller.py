@@ -3,29 +3,34 @@
 A pure class: it sees time only through the ``now`` its callers pass, so that tests drive it
 with synthetic traces. Three inputs:
 
-- the arrival rate (texts/s), an exponentially weighted rate with time constant ``rate_tau_s``;
+- the arrival rate (texts/s), read from the arrivals of the last 4 s over the longest window
+  (0.25 to 4 s) that the shorter ones agree with, with Poisson bounds (``ArrivalRate``);
 - the queue depth (texts waiting) at the moment of the decision;
 - each member's capacity (texts/s at full batches), from a cost model of its forward pass
   (seconds = a + b * rows) fitted on the batches it serves, and on calibration passes timed
   at load until it has served any.
 
-The decision: the smallest N that *fits*, i.e. whose capacity covers the arrival rate with
-headroom and drains the present queue within the target delay. Hysteresis:
+An N *fits* while its capacity covers the arrival rate with headroom and its predicted queue
+delay (queue depth / its capacity) is within the target. The decision:
 
-- up at once: when the current N no longer fits, the next batch runs at the smallest N that
-  does (or the widest member when none does);
-- down only when a smaller N fits with the wider ``down_headroom`` margin and an empty-ish
-  queue, has done so for ``hold_s`` without a break, and ``hold_s`` has passed since the last
-  switch; the hold doubles (up to ``max_hold_s``) each time a step down is undone within
-  ``flap_window_s``, and returns to ``hold_s`` after a quiet ``flap_window_s``. This is what keeps a
-  steady load near a threshold from switching more than twice a minute.
+- up at once: when the current N no longer fits (the arrivals surely exceed its headroom, or
+  its predicted delay is over the target), the next batch runs at the smallest N that fits the
+  best estimate of the load: a step in the load goes straight to the member it needs, not one
+  member at a time (to the widest member when none fits);
+- down with hysteresis: only to an N that fits with the wider ``down_headroom`` margin (the
+  arrivals surely under it) and a near-empty queue, having done so for ``hold_s`` without a
+  break and ``hold_s`` after the last switch; the hold doubles (up to ``max_hold_s``) each time
+  a step down is undone within ``flap_window_s``, and returns to ``hold_s`` after a quiet
+  ``flap_window_s``. The bounds keep a steady load near a threshold from crossing it on noise;
+  the doubling hold keeps even a load that does to at most two switches a minute.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 # served batches weigh in the cost model with this factor of decay per batch (~30 batches' memory)
@@ -41,10 +46,71 @@ class ControllerSettings:
     down_headroom: float = 0.7  # ... and a smaller N is taken back only below this share
     drain_share: float = 1.0  # ... and while the queue drains within this share of the target
     down_drain_share: float = 0.2  # ... and within this share for a step down
-    rate_tau_s: float = 2.0
-    hold_s: float = 4.0
+    rate_windows_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    confidence: float = 2.0  # the rate bounds, in standard deviations of a Poisson count
+    hold_s: float = 1.0
     max_hold_s: float = 60.0
     flap_window_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RateEstimate:
+    """Arrival rate in texts/s: the best estimate, and Poisson bounds around it."""
+
+    rate: float
+    low: float  # the arrivals surely exceed this rate
+    high: float  # ... and surely stay under this one
+
+
+class ArrivalRate:
+    """Texts arrived over the last ``max(windows)`` seconds, read as a rate over the longest
+    window that the shorter ones agree with.
+
+    A long window gives a steady estimate while the load is steady; after a step, the recent
+    windows disagree with it (a count outside the Poisson bounds of the longer window's rate),
+    and the estimate comes from the longest window that holds only the new load: a step up or
+    down shows within the shortest window, while the noise of a steady load seldom moves it.
+    Thread-safe: the metrics read it from another thread."""
+
+    def __init__(self, windows: Sequence[float], z: float) -> None:
+        if not windows or min(windows) <= 0:
+            raise ValueError(f"rate windows must be > 0 s, got {windows}")
+        self.windows = sorted(windows)
+        self.z = z
+        self._arrivals: deque[tuple[float, int]] = deque()
+        self._lock = threading.Lock()
+
+    def add(self, now: float, texts: int) -> None:
+        with self._lock:
+            self._arrivals.append((now, texts))
+            horizon = now - self.windows[-1]
+            while self._arrivals[0][0] <= horizon:
+                self._arrivals.popleft()
+
+    def counts(self, now: float) -> list[int]:
+        """Texts arrived in each window ``(now - w, now]``, shortest window first."""
+        counts, total, i = [], 0, 0
+        with self._lock:
+            for at, texts in reversed(self._arrivals):
+                while i < len(self.windows) and at <= now - self.windows[i]:
+                    counts.append(total)
+                    i += 1
+                if i == len(self.windows):
+                    break
+                if at <= now:
+                    total += texts
+        return counts + [total] * (len(self.windows) - len(counts))
+
+    def _agrees(self, count: int, expected: float) -> bool:
+        return abs(count - expected) <= self.z * math.sqrt(expected) + self.z**2
+
+    def estimate(self, now: float) -> RateEstimate:
+        counts, z = self.counts(now), self.z
+        j = len(self.windows) - 1
+        while j > 0 and not all(self._agrees(counts[i], counts[j] / self.windows[j] * self.windows[i]) for i in range(j)):
+            j -= 1
+        k, w = counts[j], self.windows[j]
+        return RateEstimate(k / w, max(0.0, k - z * math.sqrt(k)) / w, (k + z * math.sqrt(k) + z * z) / w)
 
 
 class CostModel:
@@ -105,8 +171,7 @@ class LoadController:
         self.current = self.members[0]
         self.switches: deque[Switch] = deque(maxlen=MAX_SWITCHES_KEPT)
         self.costs = {n: CostModel() for n in self.members}
-        self._rate = 0.0
-        self._rate_at: float | None = None
+        self.arrivals = ArrivalRate(self.settings.rate_windows_s, self.settings.confidence)
         self._down_since: float | None = None
         self._hold = self.settings.hold_s
         self._last_switch = -math.inf
@@ -115,8 +180,7 @@ class LoadController:
 
     def arrived(self, now: float, texts: int) -> None:
         """``texts`` texts arrived at ``now``."""
-        self._rate = self.rate(now) + texts / self.settings.rate_tau_s
-        self._rate_at = now
+        self.arrivals.add(now, texts)
 
     def calibrate(self, n: int, rows: int, seconds: float) -> None:
         """A timed pass outside the traffic (at load): kept as a point of member ``n``'s cost."""
@@ -132,9 +196,7 @@ class LoadController:
 
     def rate(self, now: float) -> float:
         """Arrival rate (texts/s) at ``now``."""
-        if self._rate_at is None:
-            return 0.0
-        return self._rate * math.exp(-max(0.0, now - self._rate_at) / self.settings.rate_tau_s)
+        return self.arrivals.estimate(now).rate
 
     def capacity(self, n: int) -> float:
         """Texts/s member ``n`` serves at full batches, by its cost model; before it has one,
@@ -148,9 +210,14 @@ class LoadController:
             return base * n / first
         return math.inf
 
-    def fits(self, n: int, now: float, queued: int, headroom: float, drain_share: float) -> bool:
-        cap = self.capacity(n)
-        return self.rate(now) <= headroom * cap and queued / cap <= drain_share * self.settings.target_delay_s
+    def predicted_delay(self, n: int, queued: int) -> float:
+        """Seconds the texts waiting now would take to drain at member ``n``'s capacity."""
+        return queued / self.capacity(n)
+
+    def fits(self, n: int, rate: float, queued: int, headroom: float, drain_share: float) -> bool:
+        """Member ``n`` covers ``rate`` texts/s within ``headroom`` of its capacity and drains
+        ``queued`` texts within ``drain_share`` of the target."""
+        return rate <= headroom * self.capacity(n) and self.predicted_delay(n, queued) <= drain_share * self.settings.target_delay_s
 
     # ------------------------------------------------------------------ the decision
 
@@ -159,12 +226,13 @@ class LoadController:
         s = self.settings
         if now - self._last_switch > s.flap_window_s:
             self._hold = s.hold_s
-        if not self.fits(self.current, now, queued, s.headroom, s.drain_share):
+        load = self.arrivals.estimate(now)
+        if not self.fits(self.current, load.low, queued, s.headroom, s.drain_share):
             wider = [n for n in self.members if n > self.current]
-            if wider:
-                self._switch(now, next((n for n in wider if self.fits(n, now, queued, s.headroom, s.drain_share)), wider[-1]))
+            if wider:  # straight to the member the load needs, by the best estimate of it
+                self._switch(now, next((n for n in wider if self.fits(n, load.rate, queued, s.headroom, s.drain_share)), wider[-1]))
             return self.current
-        narrower = [n for n in self.members if n < self.current and self.fits(n, now, queued, s.down_headroom, s.down_drain_share)]
+        narrower = [n for n in self.members if n < self.current and self.fits(n, load.high, queued, s.down_headroom, s.down_drain_share)]
         if not narrower:
             self._down_since = None
             return self.current
