@@ -1,38 +1,33 @@
-"""HTTP adapter (FastAPI): KServe v2 as Triton speaks it, ``/v1/classify``, ``/metrics``.
+"""HTTP adapter: KServe v2 as Triton speaks it, ``/v1/classify``, ``/metrics``.
 
 A thin layer: decode the wire format into ``muxserve.serving.types``, call the data plane, encode the
-answer. Includes Triton's binary tensor data extension (``Inference-Header-Content-Length``)
-and gzip/deflate bodies, which tritonclient's HTTP client uses.
+answer. The inference routes are a bare ASGI app in front (``routes.InferenceRoutes``, the wire
+format in ``wire``); health, metadata, statistics, repository control, metrics and the OpenAPI
+document are FastAPI's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
-import gzip
 import logging
-import zlib
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
-from muxserve.serving.dataplane import DataPlane, Declared
-from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated
+from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.errors import BadRequest, PayloadTooLarge, ServingError, Unauthenticated
+from muxserve.serving.http.routes import CLASSIFY_PATH, InferenceRoutes
+from muxserve.serving.http.wire import ClassifyRequest, ClassifyResult, receive_body
 from muxserve.serving.observability.stats import statistics_json
 from muxserve.serving.security import AccessPolicy
-from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
-HEADER_LENGTH = "Inference-Header-Content-Length"
-T = TypeVar("T")
 log = logging.getLogger("muxserve")
 
 
@@ -48,174 +43,11 @@ def error_response(status: int, message: str, retry_after: int | None = None) ->
     return ORJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class ClassifyRequest(BaseModel):
-    model: str = Field(description="model name, e.g. sst2-mux5")
-    inputs: list[str] | str = Field(description="one text or a list of texts")
-    parameters: dict[str, Any] | None = Field(None, description='as KServe v2 request parameters: {"max_num_instances": 1} (a family serves at N=1), {"ensemble": true} (ensembled prediction)')
-
-
-class ClassifyResult(BaseModel):
-    label: str
-    score: float
-    num_instances: int = Field(description="the mux width N that served this text")
-
-
-# ---------------------------------------------------------------------------- body codec
-
-
 async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The request body, refused with 413 past ``limit`` (before and after decompression) and
     with 408 if it takes longer than ``timeout`` seconds to arrive."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit} bytes")
-
-    async def receive() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    try:
-        body = await asyncio.wait_for(receive(), timeout)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
-    encoding = request.headers.get("content-encoding", "").lower()
-    if encoding in ("gzip", "deflate"):
-        try:
-            d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-            body = d.decompress(body, limit + 1)
-        except zlib.error as exc:
-            raise BadRequest(f"cannot decompress {encoding} body: {exc}") from None
-        if len(body) > limit:
-            raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
-    elif encoding not in ("", "identity"):
-        raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
-    return body
-
-
-def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None, check: Callable[[Sequence[Declared]], None] | None = None) -> tuple[InferRequest, bool]:
-    """JSON (+ binary tail) -> InferRequest; also whether outputs default to binary.
-    ``check`` sees every input's declaration (name, datatype, shape) before any is decoded."""
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise BadRequest(f"invalid {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
-        json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
-    else:
-        json_part, binary = body, memoryview(b"")
-    try:
-        doc = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON in request body: {exc}") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("request body must be a JSON object")
-    raw_inputs = doc.get("inputs")
-    if not isinstance(raw_inputs, list) or not raw_inputs:
-        raise BadRequest("request must have a non-empty 'inputs' list")
-    declared: list[Declared] = []
-    for i, raw in enumerate(raw_inputs):
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            raise BadRequest(f"input {i} must be an object with a 'name'")
-        name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
-        if not isinstance(datatype, str):
-            raise BadRequest(f"input '{name}' lacks a 'datatype'")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-            raise BadRequest(f"input '{name}' needs 'shape' as a list of integers")
-        declared.append((name, datatype, shape))
-    if check is not None:
-        check(declared)
-    inputs, offset = [], 0
-    for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
-        params = raw.get("parameters") or {}
-        size = params.get("binary_data_size")
-        count = element_count(shape)
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
-                raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
-            data = decode_raw(datatype, binary[offset : offset + size], count)
-            offset += size
-        elif "data" in raw:
-            data = flatten_json_data(raw["data"], count)
-        else:
-            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-        inputs.append(InputTensor(name, datatype, shape, data, params))
-    if offset != len(binary):
-        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    outputs = None
-    if doc.get("outputs") is not None:
-        if not isinstance(doc["outputs"], list):
-            raise BadRequest("'outputs' must be a list")
-        outputs = []
-        for raw in doc["outputs"]:
-            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-                raise BadRequest("each requested output must be an object with a 'name'")
-            outputs.append(RequestedOutput(raw["name"], raw.get("parameters") or {}))
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
-    request_id = doc.get("id", "")
-    return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
-
-
-def encode_infer_response(resp: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
-    """-> (body, JSON header length when there is a binary tail)."""
-    binary_of = {o.name: o.parameters.get("binary_data", binary_default) for o in request.outputs or []}
-    outputs, tail = [], []
-    for out in resp.outputs:
-        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
-        if binary_of.get(out.name, binary_default):
-            raw = encode_raw(out.datatype, out.data)
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            tail.append(raw)
-        else:
-            entry["data"] = json_data(out.datatype, out.data)
-        outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs}
-    if resp.id:
-        doc["id"] = resp.id
-    if resp.parameters:
-        doc["parameters"] = resp.parameters
-    header = orjson.dumps(doc)
-    if not tail:
-        return header, None
-    return header + b"".join(tail), len(header)
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """``work``, cancelled if the client goes away first (its queued texts are then skipped,
-    not computed). Call once the body has been read: the next ASGI message is the disconnect."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # the client left (or this handler was cancelled)
-    if task.cancelled() or not task.done():
-        await asyncio.gather(task, return_exceptions=True)  # its texts leave the queue now
-        raise ClientClosed("the client closed the connection before its answer")
-    return task.result()
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
-    accept = accept_encoding.lower()
-    if "gzip" in accept:
-        return gzip.compress(body, compresslevel=1), "gzip"
-    if "deflate" in accept:
-        return zlib.compress(body, 1), "deflate"
-    return body, None
-
-
-# ---------------------------------------------------------------------------- the app
+    headers = request.headers
+    return await receive_body(request.receive, headers.get("content-length"), headers.get("content-encoding", ""), limit, timeout)
 
 
 class BodyLimit:
@@ -277,7 +109,32 @@ def control_parameters(body: bytes) -> dict[str, Any]:
     return params
 
 
-def create_app(plane: DataPlane) -> FastAPI:
+def inference_docs() -> list[APIRoute]:
+    """The inference routes as the OpenAPI document shows them (``InferenceRoutes`` serves them)."""
+
+    async def classify(body: ClassifyRequest) -> list[ClassifyResult]:
+        """`{"model": "sst2-mux5", "inputs": ["text", ...]}` -> one `{label, score, num_instances}`
+        per input (`score`: the label's softmax probability; `num_instances`: the N that served
+        it). The body is read as JSON whatever its Content-Type, so a bare `curl -d` works."""
+        raise NotImplementedError
+
+    async def infer(model: str, version: str = "") -> dict:
+        """KServe v2 inference: JSON, or JSON + binary tensors (`Inference-Header-Content-Length`)."""
+        raise NotImplementedError
+
+    return [
+        APIRoute(CLASSIFY_PATH, classify, methods=["POST"], tags=["simple"]),
+        APIRoute("/v2/models/{model}/infer", infer, methods=["POST"], tags=["inference"]),
+        APIRoute("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"], tags=["inference"]),
+    ]
+
+
+def create_app(plane: DataPlane) -> InferenceRoutes:
+    """The HTTP server's ASGI app: ``InferenceRoutes`` in front of the FastAPI app."""
+    return InferenceRoutes(create_fastapi_app(plane), plane)
+
+
+def create_fastapi_app(plane: DataPlane) -> FastAPI:
     settings = plane.settings
     max_request_bytes = settings.max_request_bytes
 
@@ -379,47 +236,18 @@ def create_app(plane: DataPlane) -> FastAPI:
         await plane.unload_model(model, control_parameters(await body_of(request)))
         return Response(status_code=200)
 
-    # -- inference
-
-    @app.post("/v2/models/{model}/infer", tags=["inference"])
-    @app.post("/v2/models/{model}/versions/{version}/infer", tags=["inference"])
-    async def infer(model: str, request: Request, version: str = "") -> Response:
-        served = plane.registry.find(model, version)  # 404 before reading a body for nothing
-        async with plane.counting_failures(served):
-            body = await body_of(request)
-            check = functools.partial(plane.check_inputs, served)
-            infer_request, binary_default = parse_infer_request(model, version, body, request.headers.get(HEADER_LENGTH), check)
-        response = await unless_disconnected(request, plane.infer(infer_request))
-        payload, header_length = encode_infer_response(response, infer_request, binary_default)
-        headers = {}
-        media_type = "application/json"
-        if header_length is not None:
-            headers[HEADER_LENGTH] = str(header_length)
-            media_type = "application/octet-stream"
-        payload, encoding = compress(payload, request.headers.get("accept-encoding", "")) if len(payload) > 1024 else (payload, None)
-        if encoding:
-            headers["Content-Encoding"] = encoding
-        return Response(payload, media_type=media_type, headers=headers)
-
-    @app.post("/v1/classify", tags=["simple"], response_model=list[ClassifyResult], openapi_extra={"requestBody": {"content": {"application/json": {"schema": ClassifyRequest.model_json_schema()}}, "required": True}})
-    async def classify(request: Request) -> list[dict]:
-        """`{"model": "sst2-mux5", "inputs": ["text", ...]}` -> one `{label, score}` per input
-        (`score`: the label's softmax probability). The body is read as JSON whatever its
-        Content-Type, so a bare `curl -d` works."""
-        body = await body_of(request)
-        try:
-            parsed = ClassifyRequest.model_validate_json(body)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise BadRequest(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad input')}") from None
-        texts = [parsed.inputs] if isinstance(parsed.inputs, str) else parsed.inputs
-        return await unless_disconnected(request, plane.classify(parsed.model, texts, parsed.parameters))
-
     # -- metrics
 
     @app.get("/metrics", tags=["metrics"])
     async def prometheus_metrics() -> Response:
         return Response(await plane.metrics(), media_type=CONTENT_TYPE_LATEST)
 
+    documented = inference_docs()
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=[*app.routes, *documented])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

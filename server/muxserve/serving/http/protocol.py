@@ -8,7 +8,10 @@ their own connection:
   server has more to send (the transport's buffer is over its high-water mark) is closed.
 
 The idle timeout between requests is uvicorn's keep-alive timeout; the body timeout is the
-HTTP adapter's (``read_body``).
+HTTP adapter's (``receive_body``).
+
+When a connection is lost, each of its unanswered requests' ``ON_DISCONNECT`` hooks is called
+(``routes.InferenceRoutes`` cancels the request there, without a watcher task per request).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import struct
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from muxserve.serving.http.routes import ON_DISCONNECT
 
 _TIMEOUT_BODY = b'{"error": "request head did not arrive in time"}'
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
@@ -39,6 +44,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s})
 
     # -- head timeout
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]  # this protocol calls the hook
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -93,6 +102,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        for cycle in {id(c): c for c in (self.cycle, *self._running) if c is not None}.values():
+            hook = cycle.scope.get(ON_DISCONNECT)
+            if hook is not None and not cycle.response_complete:
+                hook()
         self._cancel(self._head_timer)
         self._cancel(self._write_timer)
         self._head_timer = self._write_timer = None

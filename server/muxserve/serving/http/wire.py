@@ -1,0 +1,204 @@
+"""The HTTP wire format of the inference routes: bodies (limits, timeouts, gzip/deflate), KServe v2
+JSON with Triton's binary tensor data extension (``Inference-Header-Content-Length``), the
+``/v1/classify`` body, and error bodies."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, Field, ValidationError
+
+from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
+from muxserve.serving.dataplane import Declared
+from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
+from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+class ClassifyRequest(BaseModel):
+    model: str = Field(description="model name, e.g. sst2-mux5")
+    inputs: list[str] | str = Field(description="one text or a list of texts")
+    parameters: dict[str, Any] | None = Field(None, description='as KServe v2 request parameters: {"max_num_instances": 1} (a family serves at N=1), {"ensemble": true} (ensembled prediction)')
+
+
+class ClassifyResult(BaseModel):
+    label: str
+    score: float
+    num_instances: int = Field(description="the mux width N that served this text")
+
+
+async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None) -> bytes:
+    """``read_body`` on a bare ASGI ``receive``, with the request's Content-Length and
+    Content-Encoding headers; ClientClosed if the client goes away before its body is in."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLarge(f"request body of {int(content_length)} bytes exceeds the limit of {limit} bytes")
+    try:
+        async with asyncio.timeout(timeout):
+            message = await receive()
+            body = message.get("body", b"")
+            if message.get("more_body"):
+                chunks, size = [body], len(body)
+                while message.get("more_body"):
+                    message = await receive()
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+    except TimeoutError:
+        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
+    if message["type"] == "http.disconnect":
+        raise ClientClosed("the client closed the connection before its body was in")
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+    if content_encoding:
+        body = decompress(body, content_encoding.decode("latin-1") if isinstance(content_encoding, bytes) else content_encoding, limit)
+    return body
+
+
+def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """A gzip or deflate body, refused with 413 if it inflates past ``limit``."""
+    encoding = content_encoding.lower()
+    if encoding in ("gzip", "deflate"):
+        try:
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+            body = d.decompress(body, limit + 1)
+        except zlib.error as exc:
+            raise BadRequest(f"cannot decompress {encoding} body: {exc}") from None
+        if len(body) > limit:
+            raise PayloadTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+    elif encoding not in ("", "identity"):
+        raise BadRequest(f"unsupported Content-Encoding {encoding!r}")
+    return body
+
+
+def parse_infer_request(model: str, version: str, body: bytes, header_length: str | None, check: Callable[[Sequence[Declared]], None] | None = None) -> tuple[InferRequest, bool]:
+    """JSON (+ binary tail) -> InferRequest; also whether outputs default to binary.
+    ``check`` sees every input's declaration (name, datatype, shape) before any is decoded."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise BadRequest(f"invalid {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
+        json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
+    else:
+        json_part, binary = body, memoryview(b"")
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in request body: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("request body must be a JSON object")
+    raw_inputs = doc.get("inputs")
+    if not isinstance(raw_inputs, list) or not raw_inputs:
+        raise BadRequest("request must have a non-empty 'inputs' list")
+    declared: list[Declared] = []
+    for i, raw in enumerate(raw_inputs):
+        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+            raise BadRequest(f"input {i} must be an object with a 'name'")
+        name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
+        if not isinstance(datatype, str):
+            raise BadRequest(f"input '{name}' lacks a 'datatype'")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise BadRequest(f"input '{name}' needs 'shape' as a list of integers")
+        declared.append((name, datatype, shape))
+    if check is not None:
+        check(declared)
+    inputs, offset = [], 0
+    for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
+        params = raw.get("parameters") or {}
+        size = params.get("binary_data_size")
+        count = element_count(shape)
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
+            data = decode_raw(datatype, binary[offset : offset + size], count)
+            offset += size
+        elif "data" in raw:
+            data = flatten_json_data(raw["data"], count)
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(InputTensor(name, datatype, shape, data, params))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    outputs = None
+    if doc.get("outputs") is not None:
+        if not isinstance(doc["outputs"], list):
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for raw in doc["outputs"]:
+            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
+                raise BadRequest("each requested output must be an object with a 'name'")
+            outputs.append(RequestedOutput(raw["name"], raw.get("parameters") or {}))
+    params = doc.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be an object")
+    request_id = doc.get("id", "")
+    return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
+
+
+def encode_infer_response(resp: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
+    """-> (body, JSON header length when there is a binary tail)."""
+    binary_of = {o.name: o.parameters.get("binary_data", binary_default) for o in request.outputs or []}
+    outputs, tail = [], []
+    for out in resp.outputs:
+        entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
+        if binary_of.get(out.name, binary_default):
+            raw = encode_raw(out.datatype, out.data)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail.append(raw)
+        else:
+            entry["data"] = json_data(out.datatype, out.data)
+        outputs.append(entry)
+    doc: dict[str, Any] = {"model_name": resp.model_name, "model_version": resp.model_version, "outputs": outputs}
+    if resp.id:
+        doc["id"] = resp.id
+    if resp.parameters:
+        doc["parameters"] = resp.parameters
+    header = orjson.dumps(doc)
+    if not tail:
+        return header, None
+    return header + b"".join(tail), len(header)
+
+
+def compress(body: bytes, accept_encoding: str) -> tuple[bytes, str | None]:
+    accept = accept_encoding.lower()
+    if "gzip" in accept:
+        return gzip.compress(body, compresslevel=1), "gzip"
+    if "deflate" in accept:
+        return zlib.compress(body, 1), "deflate"
+    return body, None
+
+
+
+
+def parse_classify(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
+    """A ``/v1/classify`` body -> (model, texts, parameters). A well-formed body is taken as
+    parsed; any other gets ``ClassifyRequest``'s validation and its message (400)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    if type(doc) is dict:
+        model, inputs, parameters = doc.get("model"), doc.get("inputs"), doc.get("parameters")
+        if type(model) is str and (parameters is None or type(parameters) is dict):
+            if type(inputs) is str:
+                return model, [inputs], parameters or {}
+            if type(inputs) is list and all(type(t) is str for t in inputs):
+                return model, inputs, parameters or {}
+    try:
+        parsed = ClassifyRequest.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise BadRequest(f"invalid request: {where + ': ' if where else ''}{first.get('msg', 'bad input')}") from None
+    return parsed.model, [parsed.inputs] if isinstance(parsed.inputs, str) else parsed.inputs, parsed.parameters or {}
+
+
+def error_body(message: str) -> bytes:
+    return orjson.dumps({"error": message})
