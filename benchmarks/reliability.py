@@ -1,13 +1,14 @@
 """Overload, soak and abuse runs of the real server under native load (wrk, h2load), and the
 served rate of two source trees side by side; the figures behind docs/reliability.md.
 
-    overload  capacity C (closed loop), then a server admitting C x --queue-bound-s texts in
-              flight, paced at --factor x C for --seconds: accepted and refused requests,
-              accepted p99 (the server's own histogram), how long a refusal took, RSS over the
-              run, requests lost (socket errors, timeouts, internal failures)
-    soak      capacity C (at full load: the warm-up), then --minutes one-minute runs paced at
-              --load x C: p99 and RSS per minute, RSS growth since the warm-up, the server's
-              counters against wrk's at the end
+    overload  capacity C (closed loop), then a server bounding the wait at --queue-bound-s
+              (--max-queue-wait-s), paced at --factor x C for --seconds: accepted and refused
+              requests, accepted p99 (the server's own histogram, and a native probe's),
+              how long a refusal took, cores used and RSS by process, requests lost (socket
+              errors, timeouts, internal failures)
+    soak      capacity C (closed loop), --warmup-s paced at --load x C, then --minutes
+              one-minute runs at that load: p99 and RSS (by process) per minute, RSS growth
+              since the warm-up, the server's counters against wrk's at the end
     abuse     a well-behaved client paced at --victim-load x C, alone and then beside each abuser
               (huge element counts, slowloris, disconnect storm, invalid protobuf flood): its
               p99 each time over its p99 alone
@@ -28,6 +29,7 @@ import os
 import shlex
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -38,7 +40,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from muxserve.bench.native import GRPC_INFER_PATH, HttpLoad, LoadResult, http_load, process_tree, run_h2load, run_wrk
+from muxserve.bench.native import GRPC_INFER_PATH, HttpLoad, LoadResult, http_load, process_cpu_seconds, process_tree, run_h2load, run_wrk
 from muxserve.bench.run import ROOT, counts_delta, load_texts, machine_info, model_stats, server_counts
 from muxserve.launch import ServerHandle, start_server
 
@@ -50,10 +52,10 @@ CAPACITY_CONNECTIONS = 128
 # ---------------------------------------------------------------------------- the server's side
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of ``pid`` and its descendants, MiB."""
+def rss_mb(pid: int, tree: bool = True) -> float:
+    """Resident memory of ``pid`` and (``tree``) its descendants, MiB."""
     total = 0
-    for p in process_tree(pid):
+    for p in process_tree(pid) if tree else [pid]:
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -61,6 +63,40 @@ def rss_mb(pid: int) -> float:
         except OSError:
             continue
     return total / 1024
+
+
+def role_of(pid: int) -> str:
+    """``engine``, ``frontend`` or ``supervisor``: which of the server's processes ``pid`` is."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "gone"
+    return "engine" if b"engine_service" in cmdline else "frontend" if b"serving.frontend" in cmdline else "supervisor"
+
+
+def rss_by_role(pid: int) -> dict[str, float]:
+    """Resident memory (MiB) of the server's engine, frontends and supervisor."""
+    out: dict[str, float] = {}
+    for p in process_tree(pid):
+        role = role_of(p)
+        out[role] = round(out.get(role, 0.0) + rss_mb(p, tree=False), 1)
+    out.pop("gone", None)
+    return out
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) so far of the server's engine, frontends and supervisor."""
+    out: dict[str, float] = {}
+    for p in process_tree(pid):
+        role = role_of(p)
+        out[role] = out.get(role, 0.0) + process_cpu_seconds(p, waited_children=False)
+    out.pop("gone", None)
+    return out
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, float]:
+    """Cores used by each role between two ``cpu_by_role`` snapshots ``seconds`` apart."""
+    return {k: round((after[k] - before.get(k, 0.0)) / seconds, 3) for k in after}
 
 
 @contextmanager
@@ -123,31 +159,33 @@ def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60) -> None:
 
 
 CAPACITY_SECONDS = 10.0
+PROBE_RATE = 10.0  # probe requests a second beside the overload
+# wrk connections under overload: enough that the paced rate is offered while the server keeps
+# hundreds of requests waiting (a pacing thread sends only on a connection that is free)
+OVERLOAD_CONNECTIONS = 512
 
 
 @contextmanager
-def probing(server: ServerHandle, model: str, texts: Sequence[str], every_s: float = 0.2) -> Iterator[list[tuple[int, float]]]:
-    """A caller beside the load sending one text every ``every_s`` seconds: (status, seconds)
-    of each answer, so that accepted and refused requests' latencies can be told apart."""
+def probing(server: ServerHandle, model: str, text: str, rate: float, seconds: float) -> Iterator[list[tuple[int, float]]]:
+    """``curl`` beside the load sending one text ``rate`` times a second (one at a time, so a
+    slow answer delays the next) for about ``seconds``: (status, seconds) of each answer, timed
+    by curl from its first byte sent, so that accepted and refused requests' latencies, as a
+    client sees them, can be told apart."""
     seen: list[tuple[int, float]] = []
-    stop = threading.Event()
-
-    def probe() -> None:
-        with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
-            i = 0
-            while not stop.wait(every_s):
-                i += 1
-                t0 = time.perf_counter()
-                reply = http.post(f"/v2/models/{model}/infer", json={"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [texts[i % len(texts)]]}]})
-                seen.append((reply.status_code, time.perf_counter() - t0))
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
+    body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]})
+    count = max(1, int(rate * seconds))
+    url = f"http://{server.http_url}/v2/models/{model}/infer?probe=[1-{count}]"
+    # the timings go to stderr, which curl does not buffer: all of them are there when it is stopped
+    cmd = ["curl", "-s", "-o", "/dev/null", "--rate", f"{rate:g}/s", "-w", "%{stderr}%{http_code} %{time_total}\\n", "-H", "Content-Type: application/json", "--data-binary", body, url]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         yield seen
     finally:
-        stop.set()
-        thread.join()
+        proc.terminate()
+        _, out = proc.communicate()
+        for line in out.splitlines():
+            status, took = line.split()
+            seen.append((int(status), float(took)))
 
 
 def percentiles_ms(seconds: Sequence[float]) -> dict:
@@ -181,26 +219,27 @@ def overload(a: argparse.Namespace, texts: list[str]) -> dict:
     load = http_load("json", a.model, texts)
     with serving(a, "capacity") as server:
         c = capacity(server, load).requests_per_s
-    in_flight = max(1, math.ceil(c * a.queue_bound_s))
-    with serving(a, "overload", "--max-texts-in-flight", str(in_flight)) as server:
+    with serving(a, "overload", "--max-queue-wait-s", f"{a.queue_bound_s:g}") as server:
         run_wrk(server.http_url, load, 8, 3.0, threads=2)  # warm-up
-        before, m0 = server_counts(server.http_url, a.model), scrape(server)
-        with sampling_rss(server.proc.pid) as rss, probing(server, a.model, texts) as probe:
-            result = paced(server, load, a.factor * c, a.seconds, 2 * in_flight + 64)
+        before, m0, cpu0, t0 = server_counts(server.http_url, a.model), scrape(server), cpu_by_role(server.proc.pid), time.monotonic()
+        with sampling_rss(server.proc.pid) as rss, probing(server, a.model, texts[0], PROBE_RATE, a.seconds) as probe:
+            result = paced(server, load, a.factor * c, a.seconds, OVERLOAD_CONNECTIONS)
+        cpu = cpu_delta(cpu0, cpu_by_role(server.proc.pid), time.monotonic() - t0)
         wait_idle(server, a.model)
         after, m1 = server_counts(server.http_url, a.model), scrape(server)
+        rss_roles = rss_by_role(server.proc.pid)
     counts = counts_delta(before, after)
     b0, b1 = duration_buckets(m0, a.model), duration_buckets(m1, a.model)
     return {
-        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(a.factor * c, 1), "seconds": a.seconds,
-        "max_texts_in_flight": in_flight, "queue_bound_s": a.queue_bound_s,
+        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(a.factor * c, 1), "seconds": a.seconds, "queue_bound_s": a.queue_bound_s,
         "answered": result.requests, "refused": int(counts.get("failure:overloaded", 0) + counts.get("failure:queue_full", 0)),
         "served_requests_per_s": round(result.requests / result.seconds, 1), "wrk": result.summary(), "server": counts,
         "accepted_p99_s_at_most": bucket_quantile(b0, b1, 0.99), "accepted_p50_s_at_most": bucket_quantile(b0, b1, 0.50),
         "probe_accepted": percentiles_ms([t for status, t in probe if status == 200]),
         "probe_refused": percentiles_ms([t for status, t in probe if status in (429, 503)]),
         "probe_other": sorted({status for status, _ in probe} - {200, 429, 503}),
-        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1), "every_10_s": [round(x, 1) for x in rss[::10]]},
+        "cores_used": cpu,
+        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1), "every_10_s": [round(x, 1) for x in rss[::10]], "by_process_at_end": rss_roles},
         "lost": lost(result, counts),
     }
 
@@ -208,24 +247,29 @@ def overload(a: argparse.Namespace, texts: list[str]) -> dict:
 def soak(a: argparse.Namespace, texts: list[str]) -> dict:
     load = http_load("json", a.model, texts)
     with serving(a, "soak") as server:
+        pid = server.proc.pid
         c = capacity(server, load).requests_per_s
         rate = a.load * c
         connections = max(16, math.ceil(rate * 0.2))
+        warmup = paced(server, load, rate, a.warmup_s, connections)  # the allocators settle at this load
         wait_idle(server, a.model)
-        warm = rss_mb(server.proc.pid)  # after the capacity run at full load: the warm-up
+        warm = rss_by_role(pid)
         before, s0 = server_counts(server.http_url, a.model), model_stats(server.http_url, a.model)
         minutes = []
         for _ in range(a.minutes):
             result = paced(server, load, rate, 60.0, connections)
-            minutes.append({"p99_ms": round(result.p99_ms, 2), "answered": result.requests, "sent": result.sent, "errors": result.errors, "rss_mb": round(rss_mb(server.proc.pid), 1)})
+            minutes.append({"p99_ms": round(result.p99_ms, 2), "answered": result.requests, "sent": result.sent, "errors": result.errors, "rss_mb": rss_by_role(pid)})
         wait_idle(server, a.model)
         after, s1 = server_counts(server.http_url, a.model), model_stats(server.http_url, a.model)
     counts = counts_delta(before, after)
     sent = sum(m["sent"] or 0 for m in minutes)
     inference = int(s1.get("inference_count", 0)) - int(s0.get("inference_count", 0))
+    warm_total, last_total = sum(warm.values()), sum(minutes[-1]["rss_mb"].values())
     return {
-        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(rate, 1), "minutes": minutes,
-        "rss_mb_after_warmup": round(warm, 1), "rss_growth_after_warmup": round((minutes[-1]["rss_mb"] - warm) / warm, 4),
+        "capacity_requests_per_s": round(c, 1), "offered_requests_per_s": round(rate, 1), "warmup": {"seconds": a.warmup_s, "p99_ms": round(warmup.p99_ms, 2), "answered": warmup.requests},
+        "minutes": minutes, "rss_mb_after_warmup": warm,
+        "rss_growth_after_warmup": round((last_total - warm_total) / warm_total, 4),
+        "rss_growth_by_process": {k: round((minutes[-1]["rss_mb"].get(k, 0.0) - v) / v, 4) for k, v in warm.items() if v},
         "p99_last_over_first_minute": round(minutes[-1]["p99_ms"] / minutes[0]["p99_ms"], 3),
         "server": counts, "wrk_sent": sent, "wrk_answered": sum(m["answered"] for m in minutes),
         # every request wrk sent is counted once: answered, or cancelled when wrk cut it off at a
@@ -376,9 +420,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--texts", default="", help="text source (default: SST-2 dev)")
     p.add_argument("--seconds", type=float, default=60.0, help="overload: paced seconds; abuse: seconds per victim run; hotpath: seconds per measurement")
     p.add_argument("--factor", type=float, default=2.0, help="overload: offered load over capacity")
-    p.add_argument("--queue-bound-s", type=float, default=0.5, help="overload: texts in flight admitted = capacity x this")
+    p.add_argument("--queue-bound-s", type=float, default=0.5, help="overload: the server's --max-queue-wait-s")
     p.add_argument("--minutes", type=int, default=10, help="soak: one-minute paced runs")
     p.add_argument("--load", type=float, default=0.7, help="soak: offered load over capacity")
+    p.add_argument("--warmup-s", type=float, default=60.0, help="soak: seconds at the soak load before the RSS baseline")
     p.add_argument("--victim-load", type=float, default=0.2, help="abuse: the well-behaved client's load over capacity")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from muxserve.bench.run import parse_counts
+from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
 
 pytestmark = pytest.mark.slow
 
@@ -196,6 +197,29 @@ def test_malformed_protobuf_is_invalid_argument(server, base, echo):
     served_well(base, echo)
 
 
+def test_a_malformed_protobuf_flood_is_held_back_while_others_are_served(server, base, echo):
+    """A connection that keeps sending messages that are not protobuf gets its refusals late
+    (the tarpit): every one is still INVALID_ARGUMENT, and a well-behaved caller is served
+    while they wait."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for _ in range(FREE_MALFORMED):
+            with pytest.raises(grpc.RpcError) as info:
+                unary(b"\xff\xff\xff\xff not a protobuf")
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        held = [unary.future(b"\xff\xff\xff\xff not a protobuf") for _ in range(4)]
+        served_well(base, echo)
+        for call in held:
+            assert call.exception().code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_malformed_penalty_counts_per_peer():
+    penalty = MalformedPenalty()
+    assert [penalty.delay("ipv4:127.0.0.1:1") for _ in range(FREE_MALFORMED)] == [0.0] * FREE_MALFORMED
+    assert penalty.delay("ipv4:127.0.0.1:1") == PENALTY_S
+    assert penalty.delay("ipv4:127.0.0.1:2") == 0.0  # another connection
+
+
 # ---------------------------------------------------------------------------- limits with their status
 
 
@@ -221,6 +245,41 @@ async def test_texts_in_flight_limit_answers_429_and_resource_exhausted(server, 
     after = counts(base, HOLD)
     assert after["failure:overloaded"] - before["failure:overloaded"] == 2
     served_well(base, echo)
+
+
+async def test_queue_wait_bound_refuses_at_once_per_model_and_recovers(repository, tmp_path):
+    """With --max-queue-wait-s, a request that would wait past the bound is refused at once
+    (429 + Retry-After / RESOURCE_EXHAUSTED) and counted; the accepted ones get their own rows;
+    another model's requests are not held up by this one's queue; once the held texts are
+    answered, the model accepts again. HOLD answers nothing for 1 s, so once its first texts
+    are queued the wait it predicts is past a 1 ms bound."""
+    hold = Echo(repository, HOLD)
+    with serving(repository, tmp_path / "wait-bound.log", "--max-queue-wait-s", "0.001", "--max-batch-tokens", "0") as server:
+        base = f"http://{server.http_url}"
+        async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+            first = TEXTS(4)
+            held = asyncio.create_task(http.post(f"/v2/models/{HOLD}/infer", json=infer_body(first)))
+            await asyncio.to_thread(wait_for_queue, base, HOLD, 4)
+            late = await http.post(f"/v2/models/{HOLD}/infer", json=infer_body(["one too late"]))
+            assert late.status_code == 429 and late.headers["retry-after"] == "1"
+            assert "max_queue_wait_s" in late.json()["error"]
+            grpc_client = grpcaio.InferenceServerClient(server.grpc_url)
+            try:
+                with pytest.raises(InferenceServerException) as info:
+                    await grpc_client.infer(HOLD, [text_input(["one too late"], grpcaio)])
+                assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            finally:
+                await grpc_client.close()
+            await asyncio.to_thread(served_well, base, Echo(repository))  # its own queue
+            reply = await held
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_array_equal(np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(4, -1), hold.rows(first))
+            again = TEXTS(2)
+            reply = await http.post(f"/v2/models/{HOLD}/infer", json=infer_body(again))
+            assert reply.status_code == 200, reply.text
+            np.testing.assert_array_equal(np.array(reply.json()["outputs"][0]["data"], dtype=np.float32).reshape(2, -1), hold.rows(again))
+        after = counts(base, HOLD)
+    assert after["failure:overloaded"] == 2 and after["success"] == 2
 
 
 async def test_concurrent_rpc_limit(server, base):

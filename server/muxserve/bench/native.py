@@ -356,19 +356,22 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
+def process_cpu_seconds(pid: int, waited_children: bool = True) -> float:
+    """User + system CPU seconds of ``pid`` (and of its children that have exited and been
+    waited for: ``cutime``/``cstime``); 0 if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    columns = (11, 12, 13, 14) if waited_children else (11, 12)  # utime stime cutime cstime
+    return sum(int(fields[i]) for i in columns) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of ``pid`` and its descendants, including those of descendants
-    that have exited and been waited for (a process's ``cutime``/``cstime``)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for p in process_tree(pid):
-        try:
-            stat = Path(f"/proc/{p}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        total += sum(int(fields[i]) for i in (11, 12, 13, 14))  # utime stime cutime cstime
-    return total / tick
+    that have exited and been waited for."""
+    return sum(process_cpu_seconds(p) for p in process_tree(pid))
 
 
 # ---------------------------------------------------------------------------- one measurement

@@ -18,10 +18,11 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve import __version__
+from muxserve.serving.admission import Admission
 from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
 from muxserve.serving.engine_client import EngineClient
 from muxserve.serving.engine_client import ModelView as ServedModel
-from muxserve.serving.errors import BadRequest, ModelNotFound, NotReady, Overloaded, PayloadTooLarge, ServingError
+from muxserve.serving.errors import BadRequest, ClientClosed, ModelNotFound, NotReady, Overloaded, PayloadTooLarge, ServingError
 from muxserve.serving.settings import Settings
 from muxserve.serving.types import InferRequest, InferResponse, OutputTensor, RequestOptions
 
@@ -43,7 +44,7 @@ class DataPlane:
         self.registry = engine.models
         self.settings = settings
         self.draining = False
-        self.texts_in_flight = 0  # accepted by this frontend and not yet answered
+        self.admission = Admission(settings.max_texts_in_flight, settings.max_queue_wait_s)
         self._requests = 0  # inference requests in this frontend (drain waits for none)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -186,10 +187,16 @@ class DataPlane:
         """Count a request that fails inside the block in its model's failure counters (also
         one the adapter refuses before the data plane sees it, e.g. malformed JSON). The counts
         live in the engine: a failure found here is counted there before the caller hears of
-        it; one the engine found (queue full, a failed pass) it has counted itself."""
+        it (an overload refusal: sent before, counted before any later request of this
+        frontend reaches the engine); one the engine found (queue full, a failed pass) it has
+        counted itself."""
         start = time.monotonic() if start is None else start
         try:
             yield
+        except (Overloaded, ClientClosed) as exc:  # refused at once, or nobody waits: no wait for the count
+            if not getattr(exc, "counted", False):
+                self.engine.count_failure(served, exc.reason, time.monotonic() - start)
+            raise
         except ServingError as exc:
             if not getattr(exc, "counted", False):
                 await self.engine.report_failure(served, exc.reason, time.monotonic() - start)
@@ -216,20 +223,6 @@ class DataPlane:
         if self.draining:
             raise NotReady(f"model {served.name} is not accepting requests (shutting down)")
 
-    @contextlib.contextmanager
-    def _admitted(self, texts: int) -> Iterator[None]:
-        """Hold ``texts`` of the frontend's ``max_texts_in_flight`` for the block."""
-        limit = self.settings.max_texts_in_flight
-        if limit and texts > limit:
-            raise PayloadTooLarge(f"{texts} texts exceed the server's limit of {limit} texts in flight (max_texts_in_flight)")
-        if limit and self.texts_in_flight + texts > limit:
-            raise Overloaded(f"server busy: {self.texts_in_flight} texts in flight, limit {limit}; retry later")
-        self.texts_in_flight += texts
-        try:
-            yield
-        finally:
-            self.texts_in_flight -= texts
-
     async def _run(self, served: ServedModel, texts: list[str], start: float, options: RequestOptions, version: str = "") -> tuple[np.ndarray, list[int], str]:
         """Tokenize here; queue, run, count (and shadow-sample) in the engine. More texts than
         the model's ``max_batch_size`` run there as several of its batches; ``options.num_instances``
@@ -238,7 +231,7 @@ class DataPlane:
         changed since this frontend looked."""
         assert served.tokenizer is not None
         limit = self.settings.max_text_chars
-        with self._admitted(len(texts)):
+        with self.admission.admitted(served.name, len(texts)):
             cut = [i for i, t in enumerate(texts) if len(t) > limit]
             texts = [t[:limit] for t in texts]
             t0 = time.monotonic()

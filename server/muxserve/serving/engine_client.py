@@ -146,6 +146,12 @@ class EngineClient:
             request_id = next(self._ids)
             await self._call(request_id, ipc.Failed(request_id, model.name, model.version, reason, seconds))
 
+    def count_failure(self, model: ModelView, reason: str, seconds: float) -> None:
+        """``report_failure`` without waiting for the count: it is counted before anything this
+        frontend asks of the engine later (one ordered channel), a later scrape included."""
+        if self.connected:
+            self._channel.send(b"", ipc.Failed(next(self._ids), model.name, model.version, reason, seconds))
+
     async def control(self, what: str, model: str) -> None:
         """``load`` or ``unload`` a model; returns once every frontend has the new index."""
         await self.query(what, model)

@@ -8,7 +8,8 @@ of them; the stream is read no further until one is answered), so texts of one s
 groups together, and writes each response as it completes.
 
 A message that is not valid protobuf gets ``INVALID_ARGUMENT``: requests are parsed by this
-module (``_parse``), not by gRPC, which would answer ``UNKNOWN``.
+module (``_parse``), not by gRPC, which would answer ``UNKNOWN``; a connection that keeps
+sending them gets its refusals late (``tarpit``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from tritonclient.grpc import service_pb2_grpc
 from muxserve.serving.codecs import decode_contents, decode_raw, element_count, encode_raw, parameters_from_proto, parameters_to_proto
 from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError, Unauthenticated
+from muxserve.serving.grpc.tarpit import MalformedPenalty
 from muxserve.serving.observability.stats import statistics_proto
 from muxserve.serving.security import AccessPolicy
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -112,7 +114,7 @@ def _unary(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any
     @functools.wraps(method)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Malformed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            await self.refuse_malformed(request, context)
         try:
             return await method(self, request, context)
         except ServingError as exc:
@@ -135,6 +137,7 @@ def _unsupported(rpc: str, what: str) -> Callable[..., Awaitable[Any]]:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane) -> None:
         self.plane = plane
+        self.malformed = MalformedPenalty()
 
     # -- health and metadata
 
@@ -193,6 +196,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference
 
+    async def refuse_malformed(self, request: Malformed, context: grpc.aio.ServicerContext) -> None:
+        """INVALID_ARGUMENT, held back for a peer that keeps sending such messages (``tarpit``)."""
+        delay = self.malformed.delay(context.peer())
+        if delay:
+            await asyncio.sleep(delay)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
     async def _infer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
         served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
         async with self.plane.counting_failures(served):
@@ -227,6 +237,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 async for req in request_iterator:
                     if isinstance(req, Malformed):
+                        await asyncio.sleep(self.malformed.delay(context.peer()))
                         raise BadRequest(req.message)
                     await slots.acquire()
                     task = asyncio.create_task(one(req))

@@ -12,6 +12,10 @@ HTTP adapter's (``receive_body``).
 
 When a connection is lost, each of its unanswered requests' ``ON_DISCONNECT`` hooks is called
 (``routes.InferenceRoutes`` cancels the request there, without a watcher task per request).
+
+With a ``HeadAdmission`` (``shedding``), an inference request can be refused from its head alone,
+and one whose client is gone by the time it would start (it sent the request and reset the
+connection) never reaches the application.
 """
 
 from __future__ import annotations
@@ -19,11 +23,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from muxserve.serving.http.routes import ON_DISCONNECT
+
+if TYPE_CHECKING:
+    from muxserve.serving.http.shedding import HeadAdmission
 
 _TIMEOUT_BODY = b'{"error": "request head did not arrive in time"}'
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
@@ -32,6 +39,7 @@ TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/j
 class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     write_timeout_s: float = 30.0
+    admission: HeadAdmission | None = None  # decisions from a request's head (``shedding``)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -40,8 +48,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._running: list[Any] = []  # request cycles started on this connection and not yet answered
 
     @classmethod
-    def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float) -> type[GuardedHttpProtocol]:
-        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s})
+    def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float, admission: HeadAdmission | None = None) -> type[GuardedHttpProtocol]:
+        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s, "admission": admission})
 
     # -- head timeout
 
@@ -99,7 +107,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = [c for c in self._running if not c.response_complete]
         self._running.append(cycle)
+        if self.admission is not None:
+            app = self.admission.refusal(cycle.scope) or self._unless_gone(cycle, app)
         super()._start_asgi_task(cycle, app)
+
+    def _unless_gone(self, cycle: Any, app: Any) -> Any:
+        """``app``, one loop iteration later, unless the client has gone by then: a reset that
+        arrived with the request is handled in the iteration that read it."""
+        admission = self.admission
+
+        async def run(scope: dict, receive: Any, send: Any) -> None:
+            await asyncio.sleep(0)
+            if cycle.disconnected:
+                admission.gone(scope)
+                return
+            await app(scope, receive, send)
+
+        return run
 
     def connection_lost(self, exc: Exception | None) -> None:
         for cycle in {id(c): c for c in (self.cycle, *self._running) if c is not None}.values():

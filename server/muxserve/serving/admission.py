@@ -1,0 +1,114 @@
+"""Admission control of a frontend: which requests it takes on, decided at arrival.
+
+Two limits, each refusing at once with 429 + ``Retry-After`` (gRPC ``RESOURCE_EXHAUSTED``):
+
+- ``max_texts_in_flight``: texts accepted and not yet answered, a fixed bound on memory;
+- ``max_queue_wait_s``: the wait a new request can expect. By Little's law the texts in flight
+  (L) and the rate at which answers come back (X, texts/s) give it: a new text is answered
+  after those ahead of it, about (L + its texts) / X from now. X is measured live over the
+  last ``RATE_WINDOW_S`` during which the frontend had texts in flight, so the bound follows
+  the engine's real speed (a machine shared with other work, a model that got slower) rather
+  than a capacity measured once. A request is refused when its predicted wait passes the
+  bound: accepted requests are answered within it, and refusals cost nothing of the engine.
+
+Before the first answer of a busy period nothing is known of X: requests are admitted until
+the oldest in flight has waited the bound, which is then already passed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import deque
+from collections.abc import Iterator
+
+from muxserve.serving.errors import Overloaded, PayloadTooLarge
+
+RATE_WINDOW_S = 2.0  # answers counted for the rate (several forward passes, each answers many)
+MIN_SPAN_S = 0.1  # a rate over less time than this is a burst's, not the engine's pace
+
+
+class WaitEstimate:
+    """The predicted wait of one model's requests in this frontend (Little's law)."""
+
+    def __init__(self) -> None:
+        self.texts_in_flight = 0
+        self._busy_since = 0.0  # when texts_in_flight last rose from 0
+        self._answers: deque[tuple[float, int]] = deque()  # (time, texts) within the window
+        self._answered = 0  # texts in _answers
+
+    def answer_rate(self, now: float) -> float | None:
+        """Texts answered per second over the last window of this busy period; None before
+        its first answer."""
+        window_start = max(now - RATE_WINDOW_S, self._busy_since)
+        while self._answers and self._answers[0][0] < window_start:
+            self._answered -= self._answers.popleft()[1]
+        if not self._answered:
+            return None
+        return self._answered / max(now - window_start, MIN_SPAN_S)
+
+    def predicted_wait(self, texts: int, now: float) -> float:
+        """Seconds until ``texts`` more texts would be answered (0 when nothing is in flight)."""
+        if not self.texts_in_flight:
+            return 0.0
+        rate = self.answer_rate(now)
+        if rate is None:  # no answer yet: at least as long as the oldest has waited
+            return now - self._busy_since
+        return (self.texts_in_flight + texts) / rate
+
+    def started(self, texts: int, now: float) -> None:
+        if not self.texts_in_flight:
+            self._busy_since = now
+            self._answers.clear()
+            self._answered = 0
+        self.texts_in_flight += texts
+
+    def ended(self, texts: int, answered: bool, now: float) -> None:
+        self.texts_in_flight -= texts
+        if answered:
+            self._answers.append((now, texts))
+            self._answered += texts
+
+
+class Admission:
+    """The frontend's admission: ``max_texts_in_flight`` over all models, ``max_queue_wait_s``
+    per model (each has its own queue in the engine)."""
+
+    def __init__(self, max_texts_in_flight: int = 0, max_queue_wait_s: float = 0.0) -> None:
+        self.max_texts_in_flight = max_texts_in_flight  # 0: no limit
+        self.max_queue_wait_s = max_queue_wait_s  # 0: no limit
+        self.texts_in_flight = 0
+        self._models: dict[str, WaitEstimate] = {}
+
+    def check(self, model: str, texts: int) -> None:
+        """Refuse ``texts`` more for ``model`` now (PayloadTooLarge, Overloaded), or return."""
+        limit = self.max_texts_in_flight
+        if limit and texts > limit:
+            raise PayloadTooLarge(f"{texts} texts exceed the server's limit of {limit} texts in flight (max_texts_in_flight)")
+        if limit and self.texts_in_flight + texts > limit:
+            raise Overloaded(f"server busy: {self.texts_in_flight} texts in flight, limit {limit}; retry later")
+        bound = self.max_queue_wait_s
+        estimate = self._models.get(model)
+        if bound and estimate is not None:
+            wait = estimate.predicted_wait(texts, time.monotonic())
+            if wait > bound:
+                raise Overloaded(f"model {model} busy: {estimate.texts_in_flight} texts in flight would keep this request waiting about {wait:.2f} s, over the bound of {bound:g} s (max_queue_wait_s); retry later")
+
+    @contextlib.contextmanager
+    def admitted(self, model: str, texts: int) -> Iterator[None]:
+        """Hold ``texts`` of ``model`` in flight for the block (refused at once if they do not
+        fit); when the block ends other than by cancellation they count as answered."""
+        self.check(model, texts)
+        estimate = self._models.get(model) or self._models.setdefault(model, WaitEstimate())
+        estimate.started(texts, time.monotonic())
+        self.texts_in_flight += texts
+        answered = False
+        try:
+            yield
+            answered = True
+        except Exception:
+            answered = True  # the engine answered (with an error): it was served as fast
+            raise
+        finally:
+            self.texts_in_flight -= texts
+            estimate.ended(texts, answered, time.monotonic())

@@ -1,0 +1,43 @@
+"""The wait a frontend predicts for a new request (``muxserve.serving.admission``), from the texts
+in flight and the rate of answers, on explicit clocks; the server's refusals at the bound are in
+tests/test_limits.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from muxserve.serving.admission import RATE_WINDOW_S, Admission, WaitEstimate
+from muxserve.serving.errors import Overloaded, PayloadTooLarge
+
+
+def test_predicted_wait_follows_the_rate_of_answers():
+    w = WaitEstimate()
+    w.started(10, 0.0)
+    assert w.predicted_wait(1, 0.3) == pytest.approx(0.3)  # no answer yet: as long as the oldest waited
+    w.ended(5, True, 0.5)  # 5 texts answered in 0.5 s: 10 a second
+    assert w.predicted_wait(1, 0.5) == pytest.approx((5 + 1) / 10)
+    w.ended(5, False, 0.6)  # cancelled: in flight no more, not an answer
+    assert w.predicted_wait(1, 0.7) == 0.0
+
+
+def test_a_new_busy_period_and_the_window_forget_old_answers():
+    w = WaitEstimate()
+    w.started(100, 0.0)
+    w.ended(100, True, 0.1)  # fast, long ago
+    w.started(4, 50.0)  # a new busy period: nothing known of its rate yet
+    assert w.predicted_wait(1, 50.25) == pytest.approx(0.25)
+    w.ended(2, True, 51.0)
+    assert w.predicted_wait(1, 51.0) == pytest.approx((2 + 1) / (2 / 1.0))
+    # the answer leaves the window: as long as the oldest (from the busy period's start) waited
+    assert w.predicted_wait(1, 51.0 + RATE_WINDOW_S + 0.1) == pytest.approx(1.0 + RATE_WINDOW_S + 0.1)
+
+
+def test_admission_limits():
+    a = Admission(max_texts_in_flight=8, max_queue_wait_s=0.5)
+    with pytest.raises(PayloadTooLarge):
+        a.check("m", 9)
+    with a.admitted("m", 6):
+        with pytest.raises(Overloaded, match="texts in flight"):
+            a.check("other", 3)
+        a.check("other", 2)  # another model's queue: no wait of its own yet
+    assert a.texts_in_flight == 0
