@@ -45,6 +45,7 @@ class Sample:
     expected_accuracy: float
     num_instances: float
     model_queue_buckets: dict[float, float] = field(default_factory=dict)  # sst2-mux5's
+    queue_depth: float = 0.0  # family texts waiting
 
 
 def scrape(url: str, t0: float) -> Sample:
@@ -52,7 +53,7 @@ def scrape(url: str, t0: float) -> Sample:
     texts: dict[int, float] = {}
     buckets: dict[float, float] = {}
     mux5: dict[float, float] = {}
-    accuracy, width = math.nan, math.nan
+    accuracy, width, depth = math.nan, math.nan, 0.0
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if s.name == "muxserve_family_texts_total" and s.labels.get("family") == FAMILY:
@@ -64,7 +65,22 @@ def scrape(url: str, t0: float) -> Sample:
                 accuracy = s.value
             elif s.name == "muxserve_family_num_instances" and s.labels.get("family") == FAMILY:
                 width = s.value
-    return Sample(time.monotonic() - t0, texts, buckets, accuracy, width, mux5)
+            elif s.name == "muxserve_queue_depth_texts" and s.labels.get("model") == FAMILY:
+                depth += s.value
+    return Sample(time.monotonic() - t0, texts, buckets, accuracy, width, mux5, depth)
+
+
+def drained(url: str, t0: float, timeout_s: float = 60.0) -> Sample:
+    """Once the family has nothing waiting and served nothing more over 0.1 s: the sample then."""
+    last = scrape(url, t0)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = scrape(url, t0)
+        if now.queue_depth == 0 and now.texts == last.texts:
+            return now
+        last = now
+    raise RuntimeError(f"the family's queue did not drain within {timeout_s:.0f} s")
 
 
 class Sampler(threading.Thread):
@@ -106,8 +122,8 @@ def at(samples: list[Sample], t: float) -> Sample:
     return [s for s in samples if s.at <= t][-1]
 
 
-def phase_report(samples: list[Sample], start: float, end: float, target_s: float, settle_s: float = 0.0) -> dict:
-    a, b = at(samples, start + settle_s), at(samples, end)
+def phase_report(a: Sample, b: Sample, target_s: float) -> dict:
+    """The family between two samples: texts by N, texts/s, p99 queue delay."""
     texts = {n: b.texts.get(n, 0.0) - a.texts.get(n, 0.0) for n in WIDTHS}
     total = sum(texts.values())
     return {
@@ -165,8 +181,10 @@ def plot(points: list[dict], phases: list[tuple[float, float, float]], target_s:
 
 
 def paced_connections(rate: float, most: int) -> int:
-    """Connections for a paced phase: each sends about once a second, so that none sits idle
-    long enough for the server to close it (wrk counts that as errors), up to ``most``."""
+    """Connections for a paced phase: each sends about once a second, up to ``most``. wrk
+    opens them all at once and paces their first requests: on more connections than the rate,
+    some would wait over the server's 10 s head timeout for their first request and be closed
+    with 408 (the guard against slow clients, doing its job)."""
     return max(1, min(most, math.ceil(rate)))
 
 
@@ -201,7 +219,8 @@ def main() -> None:
     p.add_argument("--high", type=float, default=0.0, help="requests/s of the high step (0: from the capacity probes)")
     p.add_argument("--phase", type=float, default=60.0, help="seconds per phase")
     p.add_argument("--probe", type=float, default=15.0, help="seconds per closed-loop probe")
-    p.add_argument("--connections", type=int, default=128, help="at most this many in a paced phase")
+    p.add_argument("--connections", type=int, default=512, help="at most this many in a paced phase")
+    p.add_argument("--settle", type=float, default=5.0, help="seconds left out at a phase's start for its 'settled' figures")
     p.add_argument("--out", default="family_ramp.json")
     a = p.parse_args()
 
@@ -226,17 +245,22 @@ def main() -> None:
         report["high_rate"] = high
         print(f"capacity (closed loop): {capacity}; high step {high:.1f} req/s", flush=True)
 
-        time.sleep(10)  # let the family's rate estimate forget the probes (they went to the members)
+        time.sleep(5)  # the probes' last requests are answered: the ramp starts on an idle server
         sampler = Sampler(server.http_url, time.monotonic())
         sampler.start()
         t0 = sampler.t0
-        phases, wrk = [], []
+        # each phase runs until its last request is answered (wrk stops sending at its end; the
+        # requests still in flight are served then), so that a phase counts the texts it sent
+        phases, wrk, bounds = [], [], []
         for rate in (a.low, high, a.low):
-            start = time.monotonic() - t0
+            first = scrape(server.http_url, t0)
             before = server_counts(server.http_url, FAMILY)
             result = run_wrk(url, loads[FAMILY], paced_connections(rate, a.connections), a.phase, rate=rate).summary()
-            wrk.append({**result, "server": counts_delta(before, server_counts(server.http_url, FAMILY))})
-            phases.append((start, time.monotonic() - t0, rate))
+            sent_until = time.monotonic() - t0
+            last = drained(server.http_url, t0)
+            wrk.append({**result, "server": counts_delta(before, server_counts(server.http_url, FAMILY)), "drained_after_s": round(last.at - sent_until, 2)})
+            phases.append((first.at, sent_until, rate))
+            bounds.append((first, last))
         alone_start = time.monotonic() - t0
         mux5_paced = run_wrk(url, loads[MUX5], paced_connections(high, a.connections), a.phase, rate=high).summary()
         alone_end = time.monotonic() - t0
@@ -246,21 +270,25 @@ def main() -> None:
         samples = sampler.samples
 
         names = ["low", "high", "low_again"]
-        report["ramp"] = {name: {**phase_report(samples, s, e, target_s), "offered_req_per_s": r, "wrk": w} for name, (s, e, r), w in zip(names, phases, wrk, strict=True)}
-        report["ramp"]["high_settled"] = phase_report(samples, phases[1][0], phases[1][1], target_s, settle_s=10)
-        report["ramp"]["low_again_settled"] = phase_report(samples, phases[2][0], phases[2][1], target_s, settle_s=10)
+        report["ramp"] = {name: {**phase_report(first, last, target_s), "offered_req_per_s": r, "wrk": w} for name, (first, last), (_, _, r), w in zip(names, bounds, phases, wrk, strict=True)}
+        for name, (first, last) in zip(names, bounds, strict=True):
+            if name != "low":
+                report["ramp"][f"{name}_settled"] = {**phase_report(at(samples, first.at + a.settle), last, target_s), "settle_s": a.settle}
         a5, b5 = at(samples, alone_start), at(samples, alone_end)
         report["mux5_alone_paced"] = {**mux5_paced, "p99_queue_delay_s": quantile(a5.model_queue_buckets, b5.model_queue_buckets, 0.99)}
         report["closed_loop"] = {FAMILY: closed(FAMILY), MUX5: closed(MUX5)}
         high_phase = report["ramp"]["high"]
         report["checks"] = {
             "low_share_n1": report["ramp"]["low"]["share_by_n"]["1"],
+            "low_again_share_n1": report["ramp"]["low_again"]["share_by_n"]["1"],
             "low_again_settled_share_n1": report["ramp"]["low_again_settled"]["share_by_n"]["1"],
             "high_over_mux5_alone_paced": round(high_phase["wrk"]["texts_per_s"] / mux5_paced["texts_per_s"], 3),
             "closed_loop_family_over_mux5": round(report["closed_loop"][FAMILY] / report["closed_loop"][MUX5], 3),
             "high_p99_queue_delay_s": high_phase["p99_queue_delay_s"],
             "high_settled_p99_queue_delay_s": report["ramp"]["high_settled"]["p99_queue_delay_s"],
             "target_queue_delay_s": target_s,
+            "wrk_errors": sum(w["error_count"] for w in wrk) + mux5_paced["error_count"],
+            "server_failures": sum(w["server"].get("failure", 0.0) for w in wrk),
         }
         points = series(samples)
         report["series"] = points

@@ -4,7 +4,7 @@ A pure class: it sees time only through the ``now`` its callers pass, so that te
 with synthetic traces. Three inputs:
 
 - the arrival rate (texts/s), read from the arrivals of the last 4 s over the longest window
-  (0.25 to 4 s) that the shorter ones agree with, with Poisson bounds (``ArrivalRate``);
+  (0.1 to 4 s) that the shorter ones agree with, with Poisson bounds (``ArrivalRate``);
 - the queue depth (texts waiting) at the moment of the decision;
 - each member's capacity (texts/s at full batches), from a cost model of its forward pass
   (seconds = a + b * rows) fitted on the batches it serves, and on calibration passes timed
@@ -17,12 +17,13 @@ delay (queue depth / its capacity) is within the target. The decision:
   its predicted delay is over the target), the next batch runs at the smallest N that fits the
   best estimate of the load: a step in the load goes straight to the member it needs, not one
   member at a time (to the widest member when none fits);
-- down with hysteresis: only to an N that fits with the wider ``down_headroom`` margin (the
-  arrivals surely under it) and a near-empty queue, having done so for ``hold_s`` without a
-  break and ``hold_s`` after the last switch; the hold doubles (up to ``max_hold_s``) each time
-  a step down is undone within ``flap_window_s``, and returns to ``hold_s`` after a quiet
-  ``flap_window_s``. The bounds keep a steady load near a threshold from crossing it on noise;
-  the doubling hold keeps even a load that does to at most two switches a minute.
+- down with hysteresis: only to an N that fits with the wider ``down_headroom`` margin (by the
+  best estimate of the rate) and the shorter ``down_drain_share`` of the target, having done so
+  for the hold without a break and that long after the last switch. The hold is ``hold_s``, raised 4-fold (up to
+  ``max_hold_s``) each time a step down is undone within ``flap_window_s``, and halved for each
+  ``flap_window_s`` past the first without one. The bounds keep a steady load near a threshold
+  from crossing it on noise; the raised hold keeps even a load that does to at most two
+  switches a minute.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ class ControllerSettings:
     headroom: float = 0.85  # an N fits while the arrival rate is at most this share of its capacity
     down_headroom: float = 0.7  # ... and a smaller N is taken back only below this share
     drain_share: float = 1.0  # ... and while the queue drains within this share of the target
-    down_drain_share: float = 0.2  # ... and within this share for a step down
-    rate_windows_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    down_drain_share: float = 0.5  # ... and within this share for a step down
+    rate_windows_s: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
     confidence: float = 2.0  # the rate bounds, in standard deviations of a Poisson count
-    hold_s: float = 1.0
+    hold_s: float = 0.5
     max_hold_s: float = 60.0
     flap_window_s: float = 60.0
 
@@ -67,9 +68,12 @@ class ArrivalRate:
     window that the shorter ones agree with.
 
     A long window gives a steady estimate while the load is steady; after a step, the recent
-    windows disagree with it (a count outside the Poisson bounds of the longer window's rate),
-    and the estimate comes from the longest window that holds only the new load: a step up or
-    down shows within the shortest window, while the noise of a steady load seldom moves it.
+    windows disagree with it (a count outside the bounds of the longer window's rate), and the
+    estimate comes from the longest window that holds only the new load: a step up or down
+    shows within the shortest windows, while the noise of a steady load seldom moves it.
+    Requests arrive as Poisson events of several texts each (compound Poisson): the variance of
+    a count is the sum of the squared sizes of its requests, so that a client sending 64 texts
+    at a time reads as a steady 64 texts a second, not as a step every second.
     Thread-safe: the metrics read it from another thread."""
 
     def __init__(self, windows: Sequence[float], z: float) -> None:
@@ -87,30 +91,36 @@ class ArrivalRate:
             while self._arrivals[0][0] <= horizon:
                 self._arrivals.popleft()
 
-    def counts(self, now: float) -> list[int]:
-        """Texts arrived in each window ``(now - w, now]``, shortest window first."""
-        counts, total, i = [], 0, 0
+    def counts(self, now: float) -> list[tuple[int, int]]:
+        """(texts, sum of squared request sizes) arrived in each window ``(now - w, now]``,
+        shortest window first."""
+        counts: list[tuple[int, int]] = []
+        texts = squares = i = 0
         with self._lock:
-            for at, texts in reversed(self._arrivals):
+            for at, k in reversed(self._arrivals):
                 while i < len(self.windows) and at <= now - self.windows[i]:
-                    counts.append(total)
+                    counts.append((texts, squares))
                     i += 1
                 if i == len(self.windows):
                     break
                 if at <= now:
-                    total += texts
-        return counts + [total] * (len(self.windows) - len(counts))
-
-    def _agrees(self, count: int, expected: float) -> bool:
-        return abs(count - expected) <= self.z * math.sqrt(expected) + self.z**2
+                    texts, squares = texts + k, squares + k * k
+        return counts + [(texts, squares)] * (len(self.windows) - len(counts))
 
     def estimate(self, now: float) -> RateEstimate:
         counts, z = self.counts(now), self.z
         j = len(self.windows) - 1
-        while j > 0 and not all(self._agrees(counts[i], counts[j] / self.windows[j] * self.windows[i]) for i in range(j)):
+        while j > 0 and not self._agree(counts, j):
             j -= 1
-        k, w = counts[j], self.windows[j]
-        return RateEstimate(k / w, max(0.0, k - z * math.sqrt(k)) / w, (k + z * math.sqrt(k) + z * z) / w)
+        (k, q), w = counts[j], self.windows[j]
+        size = q / k if k else 1.0  # mean request size, weighted by texts
+        return RateEstimate(k / w, max(0.0, k - z * math.sqrt(q)) / w, (k + z * math.sqrt(q) + z * z * size) / w)
+
+    def _agree(self, counts: list[tuple[int, int]], j: int) -> bool:
+        """Every window shorter than window ``j`` holds a count within the bounds of j's rate."""
+        (k, q), w = counts[j], self.windows[j]
+        size = q / k if k else 1.0
+        return all(abs(counts[i][0] - k * self.windows[i] / w) <= self.z * math.sqrt(q * self.windows[i] / w) + self.z**2 * size for i in range(j))
 
 
 class CostModel:
@@ -173,7 +183,8 @@ class LoadController:
         self.costs = {n: CostModel() for n in self.members}
         self.arrivals = ArrivalRate(self.settings.rate_windows_s, self.settings.confidence)
         self._down_since: float | None = None
-        self._hold = self.settings.hold_s
+        self._raised_hold = self.settings.hold_s  # the hold as last raised by a step down undone
+        self._last_undone = -math.inf
         self._last_switch = -math.inf
 
     # ------------------------------------------------------------------ inputs
@@ -224,28 +235,36 @@ class LoadController:
     def choose(self, now: float, queued: int) -> int:
         """The width of the next batch, with ``queued`` texts waiting at ``now``."""
         s = self.settings
-        if now - self._last_switch > s.flap_window_s:
-            self._hold = s.hold_s
         load = self.arrivals.estimate(now)
         if not self.fits(self.current, load.low, queued, s.headroom, s.drain_share):
             wider = [n for n in self.members if n > self.current]
             if wider:  # straight to the member the load needs, by the best estimate of it
                 self._switch(now, next((n for n in wider if self.fits(n, load.rate, queued, s.headroom, s.drain_share)), wider[-1]))
             return self.current
-        narrower = [n for n in self.members if n < self.current and self.fits(n, load.high, queued, s.down_headroom, s.down_drain_share)]
+        narrower = [n for n in self.members if n < self.current and self.fits(n, load.rate, queued, s.down_headroom, s.down_drain_share)]
         if not narrower:
             self._down_since = None
             return self.current
         if self._down_since is None:
             self._down_since = now
-        if now - self._down_since >= self._hold and now - self._last_switch >= self._hold:
+        hold = self.hold(now)
+        if now - self._down_since >= hold and now - self._last_switch >= hold:
             self._switch(now, narrower[0])
         return self.current
+
+    def hold(self, now: float) -> float:
+        """Seconds a step down waits: ``hold_s``, raised 4-fold (up to ``max_hold_s``) by each
+        step down undone within ``flap_window_s``; halved for each ``flap_window_s`` past the
+        first without one, so that a load that stopped flapping gets its quick steps back."""
+        s = self.settings
+        halvings = max(0, math.floor((now - self._last_undone) / s.flap_window_s) - 1) if math.isfinite(self._last_undone) else 0
+        return max(s.hold_s, self._raised_hold / 2**min(halvings, 64))
 
     def _switch(self, now: float, new: int) -> None:
         last = self.switches[-1] if self.switches else None
         if last is not None and last.new < last.old and new > self.current and now - last.at <= self.settings.flap_window_s:
-            self._hold = min(self.settings.max_hold_s, 2 * self._hold)  # a step down undone: hold longer
+            self._raised_hold = self.settings.max_hold_s  # a step down undone
+            self._last_undone = now
         self.switches.append(Switch(now, self.current, new))
         self.current = new
         self._last_switch = now
