@@ -19,8 +19,8 @@ delay (queue depth / its capacity) is within the target. The decision:
   member at a time (to the widest member when none fits);
 - down with hysteresis: only to an N that fits with the wider ``down_headroom`` margin (by the
   best estimate of the rate) and the shorter ``down_drain_share`` of the target, having done so
-  for the hold without a break and that long after the last switch. The hold is ``hold_s``, raised 4-fold (up to
-  ``max_hold_s``) each time a step down is undone within ``flap_window_s``, and halved for each
+  for the hold without a break and that long after the last switch. The hold is ``hold_s``,
+  raised to ``max_hold_s`` by a step down undone within ``flap_window_s``, and halved for each
   ``flap_window_s`` past the first without one. The bounds keep a steady load near a threshold
   from crossing it on noise; the raised hold keeps even a load that does to at most two
   switches a minute.
@@ -253,9 +253,9 @@ class LoadController:
         return self.current
 
     def hold(self, now: float) -> float:
-        """Seconds a step down waits: ``hold_s``, raised 4-fold (up to ``max_hold_s``) by each
-        step down undone within ``flap_window_s``; halved for each ``flap_window_s`` past the
-        first without one, so that a load that stopped flapping gets its quick steps back."""
+        """Seconds a step down waits: ``hold_s``, raised to ``max_hold_s`` by a step down undone
+        within ``flap_window_s``, halved for each ``flap_window_s`` past the first without one
+        (so that a load that stopped flapping gets its quick steps back)."""
         s = self.settings
         halvings = max(0, math.floor((now - self._last_undone) / s.flap_window_s) - 1) if math.isfinite(self._last_undone) else 0
         return max(s.hold_s, self._raised_hold / 2**min(halvings, 64))
