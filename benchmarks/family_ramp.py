@@ -30,7 +30,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from muxserve.bench.native import http_load, run_wrk
-from muxserve.bench.run import ROOT, counts_delta, default_sst2_dev, load_texts, machine_info, server_counts
+from muxserve.bench.run import ROOT, counts_delta, default_sst2_dev, failures_except_cancelled, load_texts, machine_info, server_counts
 from muxserve.launch import start_server
 
 FAMILY, MUX2, MUX5 = "sst2", "sst2-mux2", "sst2-mux5"
@@ -288,7 +288,8 @@ def main() -> None:
             "high_settled_p99_queue_delay_s": report["ramp"]["high_settled"]["p99_queue_delay_s"],
             "target_queue_delay_s": target_s,
             "wrk_errors": sum(w["error_count"] for w in wrk) + mux5_paced["error_count"],
-            "server_failures": sum(w["server"].get("failure", 0.0) for w in wrk),
+            # requests in flight when wrk stops at a phase's end are cancelled by it, not failed
+            "server_failures": sum(failures_except_cancelled(w["server"]) for w in wrk),
         }
         points = series(samples)
         report["series"] = points

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 # served batches weigh in the cost model with this factor of decay per batch (~30 batches' memory)
 COST_DECAY = 0.97
 CALIBRATION_KEPT_WEIGHT = 0.01
+CALIBRATION_WEIGHT = 0.2  # a calibration point against a batch served: the first batches correct it at once
 MAX_SWITCHES_KEPT = 1000
 
 
@@ -125,9 +126,10 @@ class ArrivalRate:
 
 class CostModel:
     """Seconds of one forward pass as ``a + b * rows``, by weighted least squares over the
-    batches served and calibration points, all decaying with each batch served; a calibration
-    point also stays at a small weight for good, so that the slope is known even when every
-    batch served has the same size. A fixed per-pass cost is why
+    batches served and calibration points, all decaying with each batch served. A calibration
+    point (a pass timed outside the traffic, on sample rows) weighs a fifth of a batch served,
+    so that the first batches served at load correct it, and also stays at a small weight for
+    good, so that the slope is known even when every batch served has the same size. A fixed per-pass cost is why
     texts/s of the batches actually served says little: under light load they are small, and
     their rate is the arrival rate, not the capacity."""
 
@@ -142,7 +144,7 @@ class CostModel:
 
     def calibrate(self, rows: int, seconds: float) -> None:
         self._add(self._kept, rows, seconds, CALIBRATION_KEPT_WEIGHT)
-        self._add(self._served, rows, seconds)
+        self._add(self._served, rows, seconds, CALIBRATION_WEIGHT)
 
     def served(self, rows: int, seconds: float) -> None:
         self._served[:] = [v * COST_DECAY for v in self._served]

@@ -10,6 +10,7 @@ group is filled by the serving member's own policy, as when that member serves a
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import numpy as np
 from muxserve.serving.controller import LoadController
 from muxserve.serving.errors import BadRequest
 from muxserve.serving.scheduler import BatchReport, MuxScheduler, QueuedRequest, RequestOptions, RunBatch, TokenBudget, _Text, run_texts
+
+log = logging.getLogger("muxserve")
 
 
 @dataclass
@@ -71,7 +74,10 @@ class FamilyScheduler(MuxScheduler):
     def _split(self, queue: list[_Text]) -> tuple[list[_Text], list[_Text]]:
         if not queue:
             return [], []
-        chosen = self.controller.choose(time.monotonic(), len(queue))
+        now, before = time.monotonic(), self.controller.current
+        chosen = self.controller.choose(now, len(queue))
+        if chosen != before:
+            self._log_switch(now, before, chosen, len(queue))
         widths = [self.width(t.request.options.max_num_instances if t.request.options else 0, chosen) for t in queue]
         n = widths[0]
         self._batching_of(n)
@@ -80,6 +86,11 @@ class FamilyScheduler(MuxScheduler):
         self._plans[id(batch)] = n
         taken = {id(t) for t in batch}
         return batch, [t for t in queue if id(t) not in taken]
+
+    def _log_switch(self, now: float, old: int, new: int, queued: int) -> None:
+        load = self.controller.arrivals.estimate(now)
+        capacities = ", ".join(f"N={n} {self.controller.capacity(n):.0f}" for n in self.members)
+        log.info("family %s: N %d -> %d; arrivals %.0f texts/s (%.0f-%.0f), %d texts waiting; capacities %s texts/s", self.name, old, new, load.rate, load.low, load.high, queued, capacities)
 
     def _batching_of(self, n: int) -> None:
         self.batch_texts, self.token_budget = self.members[n].batch_texts, self.members[n].token_budget

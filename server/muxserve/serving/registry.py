@@ -49,7 +49,7 @@ READY, UNAVAILABLE, LOADING = "READY", "UNAVAILABLE", "LOADING"
 ALL_MODELS = "*"  # --load-model '*': every model in the repository
 MODELS_RECORD = "MODELS.json"  # the repository's record of each model's measured facts
 DEFAULT_TARGET_QUEUE_DELAY_MS = 500.0
-CALIBRATION_LENGTH = 32  # tokens per row of the passes that time a family's members at load
+CALIBRATION_LENGTH = 32  # tokens per row of the one-group pass that times a family's member at load
 FAMILY_VERSION = "1"
 
 
@@ -448,7 +448,7 @@ class ModelRegistry(ModelCatalog[ServedModel]):
             served.scheduler.start()
             served.state = READY
             served.monitor.set_ready(True)
-            widths = ", ".join(f"N={n} {m.name}" for n, m in served.family.members.items())
+            widths = ", ".join(f"N={n} {m.name} ({served.family.controller.capacity(n):.0f} texts/s)" for n, m in served.family.members.items())
             log.info("loaded family %s: %s; target queue delay %.0f ms", served.name, widths, 1000 * served.family.controller.settings.target_delay_s)
         except Exception as exc:
             served.state, served.reason = UNAVAILABLE, f"{type(exc).__name__}: {exc}"
@@ -503,12 +503,15 @@ class ModelRegistry(ModelCatalog[ServedModel]):
 
     @staticmethod
     async def _calibrate(family: Family) -> None:
-        """Time one group and one full batch on each member: its cost until it has served."""
+        """Time one group and one full batch on each member: its cost until it has served. A
+        full batch is timed at the longest rows: a batch of many texts is padded to its longest,
+        and a capacity that errs on the low side widens N early rather than late."""
         for n, member in family.members.items():
             engine = member.engine
-            for rows in (n, family.controller.batch_rows[n]):
+            longest = engine.config.max_seq_length
+            for rows, length in ((n, min(CALIBRATION_LENGTH, longest)), (family.controller.batch_rows[n], longest)):
                 t0 = time.perf_counter()
-                await engine.run(engine.sample_rows(rows, min(CALIBRATION_LENGTH, engine.config.max_seq_length)))
+                await engine.run(engine.sample_rows(rows, length))
                 family.controller.calibrate(n, rows, time.perf_counter() - t0)
 
     def _recorded_accuracy(self, entry: ModelEntry, members: dict[int, ServedModel]) -> dict[int, float | None]:
