@@ -28,6 +28,12 @@ log = logging.getLogger("muxserve")
 ENGINE_MODULE = "muxserve.serving.engine_service"
 FRONTEND_MODULE = "muxserve.serving.frontend"
 RESTART_DELAY_S = 0.5
+# oneDNN kernels PyTorch builds for each shape of a forward pass, kept in two caches of 1024
+# entries by default: a pass of each new (texts, padded length) adds some, so memory grew with
+# every shape traffic brought, for as long as new ones came. A few entries each keep the
+# engine's memory flat after its first passes, and cost no measurable speed (a kernel is built
+# in far less time than a pass takes). An operator's own setting of either variable wins.
+ENGINE_ENV = {"LRU_CACHE_CAPACITY": "16", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
 MAX_RESTART_DELAY_S = 10.0
 
 
@@ -73,7 +79,7 @@ class Supervisor:
         ever_ready = False
         while True:
             read_end, write_end = os.pipe()
-            proc = self.engine = spawn(ENGINE_MODULE, [self.address], self.settings, pass_fds=[write_end], env={READY_FD_ENV: str(write_end)})
+            proc = self.engine = spawn(ENGINE_MODULE, [self.address], self.settings, pass_fds=[write_end], env={**ENGINE_ENV, **os.environ, READY_FD_ENV: str(write_end)})
             os.close(write_end)
             ready = await asyncio.to_thread(os.read, read_end, 1)  # b"" when it died first
             os.close(read_end)
