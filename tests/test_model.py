@@ -373,3 +373,29 @@ def test_mlm_logits_reads_each_slot() -> None:
             expect = F.linear(model.retrieval_head(model.demux_module.mlp(keys[r % n], hidden[r // n, c])), w, model.retrieval_head.bias)
             torch.testing.assert_close(logits[p], expect, atol=1e-5, rtol=0)
     assert logits.shape == (3, TINY_VOCAB)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("masked", [True, False])
+def test_predict_equals_forward(n: int, variant: str, masked: bool) -> None:
+    """The serving path (real tokens only, the last layer at position 0 only) gives forward's
+    logits: texts of mixed lengths, a short last group, and a mux model that does not mask the
+    group padding (predict then runs the padded encoder)."""
+    for texts in (1, 3 * n - 1, 4 * n):
+        ids, mask = random_batch(texts, 24, gen(texts), min_len=3)
+        model = tiny_model(num_instances=n, muxing_variant=variant, mask_group_padding=masked)
+        with torch.no_grad():
+            expected = model(ids, mask)
+        got = model.predict(ids, mask)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_predict_token_task_is_forward() -> None:
+    """A token-level model reads every position: predict is forward."""
+    ids, mask = random_batch(6, 16, gen(3))
+    model = tiny_model(num_instances=2, task="token_classification")
+    with torch.no_grad():
+        expected = model(ids, mask)
+    torch.testing.assert_close(model.predict(ids, mask), expected, atol=0, rtol=0)

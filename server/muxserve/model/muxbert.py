@@ -199,6 +199,49 @@ class BertEncoder(nn.Module):
         return x
 
 
+def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Inference: the encoder's output at position 0 of each sequence, ``[B, 1, d]``, the same
+    as ``encoder(x, padding_bias(valid))[:, :1]`` for less work.
+
+    ``x [B, L, d]``, ``valid [B, L]`` (bool, position 0 valid in every row). Every projection
+    and feed-forward runs on the real tokens only, packed as ``[P, d]`` (a batch padded to its
+    longest text computes its padding in the padded form); attention runs padded, with the
+    padding masked as usual. The last layer computes keys and values for every token but the
+    query, attention output and feed-forward for position 0 alone: nothing else is read."""
+    b, length, d = x.shape
+    flat = valid.reshape(-1).nonzero().squeeze(1)  # real tokens' positions in [B*L]
+    lengths = valid.sum(1)
+    first = torch.cumsum(lengths, 0) - lengths  # each row's position 0 among the packed tokens
+    bias = padding_bias(valid, x.dtype)
+    h = x.reshape(b * length, d).index_select(0, flat)
+    layers = list(encoder.layer)
+    for i, layer in enumerate(layers):
+        h = _packed_layer(layer, h, flat, b, length, bias, first if i == len(layers) - 1 else None)
+    return h.view(b, 1, d)
+
+
+def _packed_layer(layer: BertLayer, h: torch.Tensor, flat: torch.Tensor, b: int, length: int, bias: torch.Tensor, query_rows: torch.Tensor | None) -> torch.Tensor:
+    """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows``, only those rows
+    are queried and come out (``[len(query_rows), d]``)."""
+    att = layer.attention.self
+    d = h.shape[1]
+
+    def padded_heads(t: torch.Tensor) -> torch.Tensor:  # [P, d] -> [B, heads, L, head_dim]
+        out = t.new_zeros(b * length, d).index_copy_(0, flat, t)
+        return out.view(b, length, att.num_heads, att.head_dim).transpose(1, 2)
+
+    k, v = padded_heads(att.key(h)), padded_heads(att.value(h))
+    if query_rows is None:
+        q, residual = padded_heads(att.query(h)), h
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * length, d).index_select(0, flat)
+    else:
+        residual = h.index_select(0, query_rows)
+        q = att.query(residual).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, d)
+    a = layer.attention.output(context, residual)
+    return layer.output(layer.intermediate(a), a)
+
+
 class BertModel(nn.Module):
     """Embeddings + encoder, no pooler (neither the mux heads nor ours use it)."""
 
@@ -368,11 +411,15 @@ class MuxBertModel(nn.Module):
         a2 = a2.view(b, length, n, d).permute(0, 2, 1, 3)
         return (a2 + keyed).mean(dim=1)
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Token ids [B*N, L] -> encoder output [B, L, d] (for N=1: [T, L, d])."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed_cls: bool = False) -> torch.Tensor:
+        """Token ids [B*N, L] -> encoder output [B, L, d] (for N=1: [T, L, d]). ``packed_cls``
+        (inference): position 0 alone, [B, 1, d], computed on real tokens only
+        (``packed_cls_states``) where the encoder masks padding."""
         emb = self.bert.embeddings
         if not self.config.is_mux:
             x = emb(input_ids=input_ids)
+            if packed_cls and bool(attention_mask[:, 0].all()):
+                return packed_cls_states(self.bert.encoder, x, attention_mask.bool())
             return self.bert.encoder(x, padding_bias(attention_mask, x.dtype))
         # index_pos reads every slot from the shared position 0: force [CLS] there
         input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.config.cls_token_id), input_ids[:, 1:]], dim=1)
@@ -384,6 +431,8 @@ class MuxBertModel(nn.Module):
         bias = None
         if self.config.mask_group_padding:
             group_mask = attention_mask.view(-1, self.config.num_instances, attention_mask.shape[1]).amax(dim=1)
+            if packed_cls and bool(group_mask[:, 0].all()):
+                return packed_cls_states(self.bert.encoder, x, group_mask.bool())
             bias = padding_bias(group_mask, x.dtype)
         return self.bert.encoder(x, bias)
 
@@ -402,6 +451,17 @@ class MuxBertModel(nn.Module):
         cls_only = self.config.task == "sequence_classification"
         logits = self.classify(self.slot_features(input_ids, attention_mask, cls_only))
         return logits[:t]
+
+    @torch.inference_mode()
+    def predict(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` for serving: the same logits, for less work where the task reads position
+        0 alone (sequence classification): the encoder computes the real tokens only and its
+        last layer position 0 only (``packed_cls_states``)."""
+        if self.training or self.config.task != "sequence_classification":
+            return self.forward(input_ids, attention_mask)
+        t = input_ids.shape[0]
+        input_ids, attention_mask = self.fill_short_group(input_ids, attention_mask)
+        return self.classify(self.slot_features_from(self.encode(input_ids, attention_mask, packed_cls=True), cls_only=True))[:t]
 
     def slot_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cls_only: bool) -> torch.Tensor:
         """Per-text final hidden states [T, L', d] (T a multiple of N): demultiplexed for N > 1,
