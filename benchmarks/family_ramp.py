@@ -137,14 +137,15 @@ def phase_report(a: Sample, b: Sample, target_s: float) -> dict:
     }
 
 
-def series(samples: list[Sample], window: int = 5) -> list[dict]:
-    """Per second: served texts/s and N-share (over ``window`` s), p99 queue delay, accuracy."""
+def series(samples: list[Sample], window: int = 1, p99_window: int = 5) -> list[dict]:
+    """Per second: served texts/s and N-share over ``window`` s, p99 queue delay over
+    ``p99_window`` s (enough texts for a percentile at low load), expected accuracy."""
     out = []
-    for i in range(window, len(samples)):
-        a, b = samples[i - window], samples[i]
+    for i in range(p99_window, len(samples)):
+        a, b, c = samples[i - window], samples[i], samples[i - p99_window]
         texts = {n: b.texts.get(n, 0.0) - a.texts.get(n, 0.0) for n in WIDTHS}
         total = sum(texts.values())
-        out.append({"t": round(b.at, 2), "served_texts_per_s": total / (b.at - a.at), "share": {n: (k / total if total else math.nan) for n, k in texts.items()}, "p99_queue_s": quantile(a.queue_buckets, b.queue_buckets, 0.99), "expected_accuracy": b.expected_accuracy, "num_instances": b.num_instances})
+        out.append({"t": round(b.at, 2), "served_texts_per_s": total / (b.at - a.at), "share": {n: (k / total if total else math.nan) for n, k in texts.items()}, "p99_queue_s": quantile(c.queue_buckets, b.queue_buckets, 0.99), "expected_accuracy": b.expected_accuracy, "num_instances": b.num_instances})
     return out
 
 
@@ -159,7 +160,7 @@ def plot(points: list[dict], phases: list[tuple[float, float, float]], target_s:
     offered_t = [x for s, e, _ in phases for x in (s, e)]
     offered = [r for _, _, r in phases for r in (r, r)]
     axes[0].plot(offered_t, offered, color="0.6", linestyle="--", label="offered (wrk, paced)")
-    axes[0].plot(t, [p["served_texts_per_s"] for p in points], color="C0", label="served (5 s window)")
+    axes[0].plot(t, [p["served_texts_per_s"] for p in points], color="C0", label="served (1 s window)")
     axes[0].set_ylabel("texts/s")
     axes[0].legend(loc="upper right")
     shares = [[p["share"][n] if not math.isnan(p["share"][n]) else 0.0 for p in points] for n in WIDTHS]

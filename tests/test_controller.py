@@ -241,6 +241,24 @@ def test_capacity_is_learned_from_served_batches() -> None:
     assert controller.capacity(1) == pytest.approx(BATCH[1] / pass_seconds(1, BATCH[1]), rel=0.1)
 
 
+def test_a_member_not_yet_served_is_as_much_slower_than_calibrated_as_the_served_ones() -> None:
+    """Calibrated on an idle machine, N=1 then serves at half its calibrated speed (the load
+    shares the cores): N=2 and N=5, not served yet, count at half their calibrated capacity,
+    until they serve."""
+    controller = LoadController(BATCH)
+    for n in CAPACITY:
+        for rows in (n, BATCH[n]):
+            controller.calibrate(n, rows, pass_seconds(n, rows))
+    calibrated = {n: controller.capacity(n) for n in CAPACITY}
+    for rows in [1, 4, 32] * 20:
+        controller.served(1, rows, 2 * pass_seconds(1, rows))
+    assert controller.capacity(1) == pytest.approx(calibrated[1] / 2, rel=0.05)
+    assert controller.capacity(5) == pytest.approx(calibrated[5] / 2, rel=0.05)
+    for _ in range(20):
+        controller.served(5, BATCH[5], pass_seconds(5, BATCH[5]))
+    assert controller.capacity(5) == pytest.approx(calibrated[5], rel=0.05)  # served: its own
+
+
 def test_members_must_be_positive() -> None:
     with pytest.raises(ValueError):
         LoadController({0: 4, 2: 8})

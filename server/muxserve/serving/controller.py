@@ -136,6 +136,7 @@ class CostModel:
     def __init__(self) -> None:
         self._kept = [0.0] * 5  # sums of w, w*x, w*x*x, w*y, w*x*y
         self._served = [0.0] * 5
+        self.batches_served = 0
 
     @staticmethod
     def _add(sums: list[float], rows: float, seconds: float, weight: float = 1.0) -> None:
@@ -149,6 +150,7 @@ class CostModel:
     def served(self, rows: int, seconds: float) -> None:
         self._served[:] = [v * COST_DECAY for v in self._served]
         self._add(self._served, rows, seconds)
+        self.batches_served += 1
 
     def seconds(self, rows: int) -> float | None:
         """Predicted seconds of a pass of ``rows`` rows; None before any observation."""
@@ -183,6 +185,7 @@ class LoadController:
         self.current = self.members[0]
         self.switches: deque[Switch] = deque(maxlen=MAX_SWITCHES_KEPT)
         self.costs = {n: CostModel() for n in self.members}
+        self.calibrated = {n: CostModel() for n in self.members}  # calibration points alone
         self.arrivals = ArrivalRate(self.settings.rate_windows_s, self.settings.confidence)
         self._down_since: float | None = None
         self._raised_hold = self.settings.hold_s  # the hold as last raised by a step down undone
@@ -199,6 +202,7 @@ class LoadController:
         """A timed pass outside the traffic (at load): kept as a point of member ``n``'s cost."""
         if n in self.costs and rows > 0 and seconds > 0:
             self.costs[n].calibrate(rows, seconds)
+            self.calibrated[n].calibrate(rows, seconds)
 
     def served(self, n: int, rows: int, seconds: float) -> None:
         """A batch of ``rows`` rows ran at width ``n`` in ``seconds`` of compute."""
@@ -212,8 +216,13 @@ class LoadController:
         return self.arrivals.estimate(now).rate
 
     def capacity(self, n: int) -> float:
-        """Texts/s member ``n`` serves at full batches, by its cost model; before it has one,
-        N/N1 times the narrowest member's (the mux models' ideal scaling), else unbounded."""
+        """Texts/s member ``n`` serves at full batches, by its cost model. A member that has
+        not served yet is assumed as much slower than its calibration as the served members
+        are than theirs (calibration runs on an idle machine; the load that makes a wider member
+        needed also loads the cores it runs on). Without calibration, N/N1 times the narrowest
+        member's (the mux models' ideal scaling), else unbounded."""
+        if self.costs[n].batches_served == 0 and self.calibrated[n].seconds(1) is not None:
+            return self._full_batch_rate(self.calibrated[n], n) * self.slowdown()
         seconds = self.costs[n].seconds(self.batch_rows[n])
         if seconds is not None:
             return self.batch_rows[n] / seconds
@@ -222,6 +231,15 @@ class LoadController:
             base = self.capacity(first)
             return base * n / first
         return math.inf
+
+    def slowdown(self) -> float:
+        """The served members' capacity over their calibrated one, the lowest, at most 1."""
+        ratios = [self._full_batch_rate(self.costs[m], m) / self._full_batch_rate(self.calibrated[m], m) for m in self.members if self.costs[m].batches_served and self.calibrated[m].seconds(1) is not None]
+        return min([1.0, *ratios])
+
+    def _full_batch_rate(self, model: CostModel, n: int) -> float:
+        seconds = model.seconds(self.batch_rows[n])
+        return self.batch_rows[n] / seconds if seconds else math.inf
 
     def predicted_delay(self, n: int, queued: int) -> float:
         """Seconds the texts waiting now would take to drain at member ``n``'s capacity."""
