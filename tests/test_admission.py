@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from muxserve.serving.admission import RATE_WINDOW_S, Admission, WaitEstimate
+from muxserve.serving.admission import RATE_WINDOW_S, TAIL_EVERY_S, Admission, WaitEstimate
 from muxserve.serving.errors import Overloaded, PayloadTooLarge
 
 
@@ -14,22 +14,36 @@ def test_predicted_wait_follows_the_rate_of_answers():
     w = WaitEstimate()
     w.started(10, 0.0)
     assert w.predicted_wait(1, 0.3) == pytest.approx(0.3)  # no answer yet: as long as the oldest waited
-    w.ended(5, True, 0.5)  # 5 texts answered in 0.5 s: 10 a second
+    w.ended(5, True, 0.5, 0.5)  # 5 texts answered in 0.5 s: 10 a second
     assert w.predicted_wait(1, 0.5) == pytest.approx((5 + 1) / 10)
-    w.ended(5, False, 0.6)  # cancelled: in flight no more, not an answer
+    w.ended(5, False, 0.6, 0.6)  # cancelled: in flight no more, not an answer
     assert w.predicted_wait(1, 0.7) == 0.0
 
 
 def test_a_new_busy_period_and_the_window_forget_old_answers():
     w = WaitEstimate()
     w.started(100, 0.0)
-    w.ended(100, True, 0.1)  # fast, long ago
+    w.ended(100, True, 0.1, 0.1)  # fast, long ago
     w.started(4, 50.0)  # a new busy period: nothing known of its rate yet
     assert w.predicted_wait(1, 50.25) == pytest.approx(0.25)
-    w.ended(2, True, 51.0)
+    w.ended(2, True, 51.0, 1.0)
     assert w.predicted_wait(1, 51.0) == pytest.approx((2 + 1) / (2 / 1.0))
     # the answer leaves the window: as long as the oldest (from the busy period's start) waited
     assert w.predicted_wait(1, 51.0 + RATE_WINDOW_S + 0.1) == pytest.approx(1.0 + RATE_WINDOW_S + 0.1)
+
+
+def test_the_tail_factor_scales_the_mean_wait_to_the_99th_percentile():
+    w = WaitEstimate()
+    w.started(200, 0.0)
+    for _ in range(99):  # 99 answers that waited 0.1 s and one that waited 0.3 s
+        w.ended(1, True, 1.0, 0.1)
+    w.ended(1, True, 1.0, 0.3)
+    assert w.tail_factor(1.0) == pytest.approx(1.0)  # the 99th percentile is still 0.1 s
+    w.ended(1, True, 1.0, 0.3)
+    assert w.tail_factor(1.0) == pytest.approx(1.0)  # computed at most every TAIL_EVERY_S
+    assert w.tail_factor(1.0 + TAIL_EVERY_S) == pytest.approx(0.3 / ((99 * 0.1 + 2 * 0.3) / 101))
+    # 99 in flight; 101 answered in the 1.25 s of this busy period
+    assert w.predicted_wait(1, 1.0 + TAIL_EVERY_S) == pytest.approx((99 + 1) / (101 / (1.0 + TAIL_EVERY_S)) * w.tail_factor(1.0 + TAIL_EVERY_S))
 
 
 def test_admission_limits():

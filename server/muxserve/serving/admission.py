@@ -3,9 +3,12 @@
 Two limits, each refusing at once with 429 + ``Retry-After`` (gRPC ``RESOURCE_EXHAUSTED``):
 
 - ``max_texts_in_flight``: texts accepted and not yet answered, a fixed bound on memory;
-- ``max_queue_wait_s``: the wait a new request can expect. By Little's law the texts in flight
-  (L) and the rate at which answers come back (X, texts/s) give it: a new text is answered
-  after those ahead of it, about (L + its texts) / X from now. X is measured live over the
+- ``max_queue_wait_s``: the wait a new request can expect, at its 99th percentile. By Little's
+  law the texts in flight (L) and the rate at which answers come back (X, texts/s) give the
+  mean: a new text is answered after those ahead of it, about (L + its texts) / X from now.
+  Answers come a forward pass at a time, so waits spread around that mean: the ratio of the
+  recent answers' 99th percentile wait to their mean (the tail factor, at least 1) scales it to
+  the wait that 99% of requests stay within. X and the tail factor are measured live over the
   last ``RATE_WINDOW_S`` during which the frontend had texts in flight, so the bound follows
   the engine's real speed (a machine shared with other work, a model that got slower) rather
   than a capacity measured once. A request is refused when its predicted wait passes the
@@ -18,6 +21,7 @@ the oldest in flight has waited the bound, which is then already passed.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,35 +30,56 @@ from muxserve.serving.errors import Overloaded, PayloadTooLarge
 
 RATE_WINDOW_S = 2.0  # answers counted for the rate (several forward passes, each answers many)
 MIN_SPAN_S = 0.1  # a rate over less time than this is a burst's, not the engine's pace
+TAIL_EVERY_S = 0.25  # the tail factor sorts the window's waits: not for every request
+MAX_TAIL = 4.0
 
 
 class WaitEstimate:
-    """The predicted wait of one model's requests in this frontend (Little's law)."""
+    """The predicted wait of one model's requests in this frontend (Little's law, scaled by the
+    recent answers' tail factor)."""
 
     def __init__(self) -> None:
         self.texts_in_flight = 0
         self._busy_since = 0.0  # when texts_in_flight last rose from 0
-        self._answers: deque[tuple[float, int]] = deque()  # (time, texts) within the window
+        self._answers: deque[tuple[float, int, float]] = deque()  # (time, texts, waited) within the window
         self._answered = 0  # texts in _answers
+        self._tail = 1.0  # the answers' p99 wait over their mean
+        self._tail_at = -math.inf  # when _tail was last computed
+
+    def _trim(self, now: float) -> float:
+        window_start = max(now - RATE_WINDOW_S, self._busy_since)
+        while self._answers and self._answers[0][0] < window_start:
+            self._answered -= self._answers.popleft()[1]
+        return window_start
 
     def answer_rate(self, now: float) -> float | None:
         """Texts answered per second over the last window of this busy period; None before
         its first answer."""
-        window_start = max(now - RATE_WINDOW_S, self._busy_since)
-        while self._answers and self._answers[0][0] < window_start:
-            self._answered -= self._answers.popleft()[1]
+        window_start = self._trim(now)
         if not self._answered:
             return None
         return self._answered / max(now - window_start, MIN_SPAN_S)
 
+    def tail_factor(self, now: float) -> float:
+        """The recent answers' 99th percentile wait over their mean (1 to ``MAX_TAIL``),
+        recomputed at most every ``TAIL_EVERY_S``."""
+        if now - self._tail_at >= TAIL_EVERY_S:
+            self._trim(now)
+            waits = sorted(w for _, _, w in self._answers)
+            mean = sum(waits) / len(waits) if waits else 0.0
+            self._tail = min(MAX_TAIL, max(1.0, waits[math.ceil(0.99 * len(waits)) - 1] / mean)) if mean > 0 else 1.0
+            self._tail_at = now
+        return self._tail
+
     def predicted_wait(self, texts: int, now: float) -> float:
-        """Seconds until ``texts`` more texts would be answered (0 when nothing is in flight)."""
+        """Seconds within which ``texts`` more texts would be answered, 99 times in 100 (0
+        when nothing is in flight)."""
         if not self.texts_in_flight:
             return 0.0
         rate = self.answer_rate(now)
         if rate is None:  # no answer yet: at least as long as the oldest has waited
             return now - self._busy_since
-        return (self.texts_in_flight + texts) / rate
+        return (self.texts_in_flight + texts) / rate * self.tail_factor(now)
 
     def started(self, texts: int, now: float) -> None:
         if not self.texts_in_flight:
@@ -63,10 +88,10 @@ class WaitEstimate:
             self._answered = 0
         self.texts_in_flight += texts
 
-    def ended(self, texts: int, answered: bool, now: float) -> None:
+    def ended(self, texts: int, answered: bool, now: float, waited: float) -> None:
         self.texts_in_flight -= texts
         if answered:
-            self._answers.append((now, texts))
+            self._answers.append((now, texts, waited))
             self._answered += texts
 
 
@@ -100,7 +125,8 @@ class Admission:
         fit); when the block ends other than by cancellation they count as answered."""
         self.check(model, texts)
         estimate = self._models.get(model) or self._models.setdefault(model, WaitEstimate())
-        estimate.started(texts, time.monotonic())
+        start = time.monotonic()
+        estimate.started(texts, start)
         self.texts_in_flight += texts
         answered = False
         try:
@@ -111,4 +137,5 @@ class Admission:
             raise
         finally:
             self.texts_in_flight -= texts
-            estimate.ended(texts, answered, time.monotonic())
+            now = time.monotonic()
+            estimate.ended(texts, answered, now, now - start)
