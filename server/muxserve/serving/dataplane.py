@@ -9,9 +9,8 @@ frontend process and reaches the models through an ``EngineClient`` (the engine 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +45,7 @@ class DataPlane:
         self.draining = False
         self.admission = Admission(settings.max_texts_in_flight, settings.max_queue_wait_s)
         self._requests = 0  # inference requests in this frontend (drain waits for none)
+        self._in_flight = InferenceInFlight(self)
         self._idle = asyncio.Event()
         self._idle.set()
         self._last_request = 0.0
@@ -182,42 +182,18 @@ class DataPlane:
         best = probs.argmax(-1)
         return [{"label": _label(served, i), "score": float(p[i]), NUM_INSTANCES: n} for i, p, n in zip(best, probs, options.num_instances, strict=True)]
 
-    @contextlib.asynccontextmanager
-    async def counting_failures(self, served: ServedModel, start: float | None = None) -> AsyncIterator[None]:
-        """Count a request that fails inside the block in its model's failure counters (also
-        one the adapter refuses before the data plane sees it, e.g. malformed JSON). The counts
-        live in the engine: a failure found here is counted there before the caller hears of
-        it (an overload refusal: sent before, counted before any later request of this
-        frontend reaches the engine); one the engine found (queue full, a failed pass) it has
-        counted itself."""
-        start = time.monotonic() if start is None else start
-        try:
-            yield
-        except (Overloaded, ClientClosed) as exc:  # refused at once, or nobody waits: no wait for the count
-            if not getattr(exc, "counted", False):
-                self.engine.count_failure(served, exc.reason, time.monotonic() - start)
-            raise
-        except ServingError as exc:
-            if not getattr(exc, "counted", False):
-                await self.engine.report_failure(served, exc.reason, time.monotonic() - start)
-            raise
-        except asyncio.CancelledError as exc:
-            if not getattr(exc, "counted", False):
-                asyncio.ensure_future(self.engine.report_failure(served, "cancelled", time.monotonic() - start))
-            raise
+    def counting_failures(self, served: ServedModel, start: float | None = None) -> FailureCount:
+        """Count a request that fails inside the ``async with`` block in its model's failure
+        counters (also one the adapter refuses before the data plane sees it, e.g. malformed
+        JSON). The counts live in the engine: a failure found here is counted there before the
+        caller hears of it (an overload refusal: sent before, counted before any later request
+        of this frontend reaches the engine); one the engine found (queue full, a failed pass)
+        it has counted itself."""
+        return FailureCount(self.engine, served, time.monotonic() if start is None else start)
 
-    @contextlib.contextmanager
-    def _request(self) -> Iterator[None]:
+    def _request(self) -> InferenceInFlight:
         """An inference request in this frontend, from lookup to answer (drain waits for all)."""
-        self._requests += 1
-        self._last_request = time.monotonic()
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._requests -= 1
-            if not self._requests:
-                self._idle.set()
+        return self._in_flight
 
     def _accepting(self, served: ServedModel) -> None:
         if self.draining:
@@ -313,6 +289,51 @@ class DataPlane:
             return OutputTensor(LOGITS, "FP32", [batch, logits.shape[1]], logits.astype(np.float32, copy=False))
         labels = np.array([_label(served, i).encode() for i in logits.argmax(-1)], dtype=object).reshape(batch, 1)
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
+
+
+class FailureCount:
+    """``DataPlane.counting_failures``: a class rather than a generator, as every request enters it."""
+
+    __slots__ = ("engine", "served", "start")
+
+    def __init__(self, engine: EngineClient, served: ServedModel, start: float) -> None:
+        self.engine, self.served, self.start = engine, served, start
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or getattr(exc, "counted", False):
+            return False
+        seconds = time.monotonic() - self.start
+        if isinstance(exc, Overloaded | ClientClosed):  # refused at once, or nobody waits: no wait for the count
+            self.engine.count_failure(self.served, exc.reason, seconds)
+        elif isinstance(exc, ServingError):
+            await self.engine.report_failure(self.served, exc.reason, seconds)
+        elif isinstance(exc, asyncio.CancelledError):
+            asyncio.ensure_future(self.engine.report_failure(self.served, "cancelled", seconds))
+        return False
+
+
+class InferenceInFlight:
+    """The data plane's count of inference requests under way (``DataPlane._request``)."""
+
+    __slots__ = ("plane",)
+
+    def __init__(self, plane: DataPlane) -> None:
+        self.plane = plane
+
+    def __enter__(self) -> None:
+        plane = self.plane
+        plane._requests += 1
+        plane._last_request = time.monotonic()
+        plane._idle.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        plane = self.plane
+        plane._requests -= 1
+        if not plane._requests:
+            plane._idle.set()
 
 
 def request_options(served: ServedModel, parameters: dict[str, Any]) -> RequestOptions:

@@ -59,7 +59,7 @@ class Frontend:
         await self.engine.start()
         admission = HeadAdmission(self.plane, AccessPolicy(s.api_key, s.open_endpoints))
         protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s, admission)
-        config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
+        config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         listener = shared_listener(s.host, s.http_port)
         if s.grpc_port > 0:

@@ -10,8 +10,11 @@ their own connection:
 The idle timeout between requests is uvicorn's keep-alive timeout; the body timeout is the
 HTTP adapter's (``receive_body``).
 
-When a connection is lost, each of its unanswered requests' ``ON_DISCONNECT`` hooks is called
-(``routes.InferenceRoutes`` cancels the request there, without a watcher task per request).
+Two shortcuts for the inference routes (``routes.InferenceRoutes``), offered in each request's
+scope: ``RESPOND`` writes a whole response (head and body) with one write, where ASGI's two
+messages take two; and when a connection is lost, each of its unanswered requests'
+``ON_DISCONNECT`` hooks is called (the request is cancelled there, without a watcher task per
+request).
 
 With a ``HeadAdmission`` (``shedding``), an inference request can be refused from its head alone,
 and one whose client is gone by the time it would start (it sent the request and reset the
@@ -25,9 +28,9 @@ import socket
 import struct
 from typing import TYPE_CHECKING, Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from muxserve.serving.http.routes import ON_DISCONNECT
+from muxserve.serving.http.routes import ON_DISCONNECT, RESPOND
 
 if TYPE_CHECKING:
     from muxserve.serving.http.shedding import HeadAdmission
@@ -56,6 +59,30 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]  # this protocol calls the hook
+        self.scope[RESPOND] = self.respond  # type: ignore[literal-required]
+
+    async def respond(self, scope: dict, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """The whole response to the request of ``scope`` (``headers`` with its Content-Length),
+        in one write; what ASGI's start and body messages do, for a complete response."""
+        cycle = self.cycle if self.cycle is not None and self.cycle.scope is scope else next(c for c in self._running if c.scope is scope)
+        if cycle.flow.write_paused and not cycle.disconnected:
+            await cycle.flow.drain()
+        if cycle.disconnected or cycle.response_started:
+            return
+        cycle.response_started = True
+        cycle.waiting_for_100_continue = False
+        content = [STATUS_LINE[status]]
+        for name, value in (*cycle.default_headers, *headers):
+            content += (name, b": ", value, b"\r\n")
+        if not cycle.keep_alive:
+            content.append(b"connection: close\r\n")
+        content += (b"\r\n", body)
+        self.transport.write(b"".join(content))
+        cycle.response_complete = True
+        cycle.message_event.set()
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

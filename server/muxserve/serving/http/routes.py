@@ -34,6 +34,8 @@ ASGIApp = Callable[[dict, Any, Any], Awaitable[None]]
 
 # scope key: None when the server's protocol calls it on a disconnect, then the request's hook
 ON_DISCONNECT = "muxserve.on_disconnect"
+# scope key: the server protocol's respond(scope, status, headers, body), one write for a response
+RESPOND = "muxserve.respond"
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 JSON = b"application/json"
@@ -108,6 +110,9 @@ class InferenceRoutes:
             log.error("HTTP POST %s failed", scope["path"], exc_info=True)
             status, body, extra = 500, error_body(INTERNAL_MESSAGE), [(b"content-type", JSON)]
         extra.append((b"content-length", b"%d" % len(body)))
+        respond = scope.get(RESPOND)
+        if respond is not None:
+            return await respond(scope, status, extra, body)
         await send({"type": "http.response.start", "status": status, "headers": extra})
         await send({"type": "http.response.body", "body": body})
 
