@@ -503,9 +503,10 @@ class ModelRegistry(ModelCatalog[ServedModel]):
 
     @staticmethod
     async def _calibrate(family: Family) -> None:
-        """Time one group and one full batch on each member: its cost until it has served. A
-        full batch is timed at the longest rows: a batch of many texts is padded to its longest,
-        and a capacity that errs on the low side widens N early rather than late."""
+        """Time one group and one full batch on each member: its cost until it has served. The
+        full batch is timed at the longest rows: the machine is idle now and will not be under
+        the load that needs a wide member, and a capacity that errs on the low side widens N
+        early rather than late."""
         for n, member in family.members.items():
             engine = member.engine
             longest = engine.config.max_seq_length
