@@ -286,23 +286,26 @@ def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
         c = capacity(server, load).requests_per_s
         rate = a.victim_load * c
 
-        def victim() -> LoadResult:
-            return paced(server, load, rate, a.seconds, max(16, math.ceil(rate * 0.2)))
+        def victim() -> tuple[LoadResult, dict[str, float]]:
+            """The victim's run and the cores each server process used meanwhile."""
+            cpu0, t0 = cpu_by_role(server.proc.pid), time.monotonic()
+            result = paced(server, load, rate, a.seconds, max(16, math.ceil(rate * 0.2)))
+            return result, cpu_delta(cpu0, cpu_by_role(server.proc.pid), time.monotonic() - t0)
 
-        alone = victim()
-        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "alone": alone.summary(), "abusers": {}}
+        alone, cores = victim()
+        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
         for name, abuser in ABUSERS.items():
             stop = threading.Event()
             tally = {"sent": 0}
             thread = threading.Thread(target=abuser, args=(server, a.model, stop, tally), daemon=True)
             thread.start()
             try:
-                beside = victim()
+                beside, cores = victim()
             finally:
                 stop.set()
                 thread.join()
             alive = httpx.get(f"http://{server.http_url}/v2/health/live", timeout=30).status_code == 200
-            out["abusers"][name] = {"victim": beside.summary(), "p99_over_alone": round(beside.p99_ms / alone.p99_ms, 3), "abuse": tally, "server_live_after": alive}
+            out["abusers"][name] = {"victim": beside.summary(), "p99_over_alone": round(beside.p99_ms / alone.p99_ms, 3), "abuse": tally, "server_live_after": alive, "cores_used": cores}
     return out
 
 
