@@ -160,6 +160,7 @@ def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60) -> None:
 
 CAPACITY_SECONDS = 10.0
 PROBE_RATE = 10.0  # probe requests a second beside the overload
+PROBE_CURLS = 10  # curl processes sharing them
 # wrk connections under overload: enough that the paced rate is offered while the server keeps
 # hundreds of requests waiting (a pacing thread sends only on a connection that is free)
 OVERLOAD_CONNECTIONS = 512
@@ -167,25 +168,34 @@ OVERLOAD_CONNECTIONS = 512
 
 @contextmanager
 def probing(server: ServerHandle, model: str, text: str, rate: float, seconds: float) -> Iterator[list[tuple[int, float]]]:
-    """``curl`` beside the load sending one text ``rate`` times a second (one at a time, so a
-    slow answer delays the next) for about ``seconds``: (status, seconds) of each answer, timed
-    by curl from its first byte sent, so that accepted and refused requests' latencies, as a
-    client sees them, can be told apart."""
+    """``curl`` beside the load sending one text ``rate`` times a second for about ``seconds``:
+    (status, seconds) of each answer, timed by curl from its first byte sent, so that accepted
+    and refused requests' latencies, as a client sees them, can be told apart. One curl sends
+    its next request only once it has its answer, which under overload is right after a
+    forward pass, when most room has just been made: so PROBE_CURLS of them, staggered, each
+    once every PROBE_CURLS / ``rate`` seconds (longer than an answer takes), time requests sent
+    on a clock of their own."""
     seen: list[tuple[int, float]] = []
     body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": [text]}]})
-    count = max(1, int(rate * seconds))
+    each = rate / PROBE_CURLS
+    count = max(1, int(each * seconds))
     url = f"http://{server.http_url}/v2/models/{model}/infer?probe=[1-{count}]"
     # the timings go to stderr, which curl does not buffer: all of them are there when it is stopped
-    cmd = ["curl", "-s", "-o", "/dev/null", "--rate", f"{rate:g}/s", "-w", "%{stderr}%{http_code} %{time_total}\\n", "-H", "Content-Type: application/json", "--data-binary", body, url]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    cmd = ["curl", "-s", "-o", "/dev/null", "--rate", f"{round(each * 3600)}/h", "-w", "%{stderr}%{http_code} %{time_total}\\n", "-H", "Content-Type: application/json", "--data-binary", body, url]
+    procs = []
+    for _ in range(PROBE_CURLS):
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        time.sleep(1 / rate)
     try:
         yield seen
     finally:
-        proc.terminate()
-        _, out = proc.communicate()
-        for line in out.splitlines():
-            status, took = line.split()
-            seen.append((int(status), float(took)))
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            _, out = proc.communicate()
+            for line in out.splitlines():
+                status, took = line.split()
+                seen.append((int(status), float(took)))
 
 
 def percentiles_ms(seconds: Sequence[float]) -> dict:
