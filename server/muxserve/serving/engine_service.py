@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -262,8 +261,6 @@ def _joined(futures: list[asyncio.Future]) -> asyncio.Future:
 def main(argv: list[str] | None = None) -> int:
     (address,) = argv if argv is not None else sys.argv[1:]
     settings = child_settings()
-    if settings.engine_nice:  # before torch starts its threads: they inherit it
-        os.nice(settings.engine_nice)
     run_loop(EngineService(settings, address).run())
     return 0
 

@@ -23,7 +23,6 @@ class Settings(BaseModel):
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
     precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32")
     engine: str = Field("", description="override: eager | torchscript")
-    engine_nice: int = Field(0, ge=0, le=19, description="niceness of the engine process: the frontends (parsing, refusals) get the CPU first where they share cores with the forward pass")
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt, else every core split over instances")
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="group texts of similar length (less padding)")
