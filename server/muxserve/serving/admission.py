@@ -124,6 +124,13 @@ class Admission:
         """Hold ``texts`` of ``model`` in flight for the block (refused at once if they do not
         fit); when the block ends other than by cancellation they count as answered."""
         self.check(model, texts)
+        if not self.max_queue_wait_s:  # no bound: nothing to estimate
+            self.texts_in_flight += texts
+            try:
+                yield
+            finally:
+                self.texts_in_flight -= texts
+            return
         estimate = self._models.get(model) or self._models.setdefault(model, WaitEstimate())
         start = time.monotonic()
         estimate.started(texts, start)
