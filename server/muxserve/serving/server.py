@@ -32,8 +32,11 @@ RESTART_DELAY_S = 0.5
 # entries by default: a pass of each new (texts, padded length) adds some, so memory grew with
 # every shape traffic brought, for as long as new ones came. A few entries each keep the
 # engine's memory flat after its first passes, and cost no measurable speed (a kernel is built
-# in far less time than a pass takes). An operator's own setting of either variable wins.
-ENGINE_ENV = {"LRU_CACHE_CAPACITY": "16", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16"}
+# in far less time than a pass takes). OpenMP's idle intra-op threads sleep at once instead of
+# spinning for the next parallel region (OMP_WAIT_POLICY=PASSIVE): the forward pass runs as
+# fast, for a quarter to a third less CPU, which the frontends sharing the cores get instead.
+# An operator's own setting of any of these variables wins.
+ENGINE_ENV = {"LRU_CACHE_CAPACITY": "16", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16", "OMP_WAIT_POLICY": "PASSIVE"}
 MAX_RESTART_DELAY_S = 10.0
 
 
