@@ -49,6 +49,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._running: list[Any] = []  # request cycles started on this connection and not yet answered
+        self._first_request = True
 
     @classmethod
     def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float, admission: HeadAdmission | None = None) -> type[GuardedHttpProtocol]:
@@ -135,12 +136,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._running = [c for c in self._running if not c.response_complete]
         self._running.append(cycle)
         if self.admission is not None:
-            app = self.admission.refusal(cycle.scope) or self._unless_gone(cycle, app)
+            refusal = self.admission.refusal(cycle.scope)
+            if refusal is not None:
+                app = refusal
+            elif self._first_request:  # one that resets at once sends one request per connection
+                app = self._unless_gone(cycle, app)
+        self._first_request = False
         super()._start_asgi_task(cycle, app)
 
     def _unless_gone(self, cycle: Any, app: Any) -> Any:
         """``app``, one loop iteration later, unless the client has gone by then: a reset that
-        arrived with the request is handled in the iteration that read it."""
+        arrived with the request is handled in the iteration that read it. Only a connection's
+        first request waits the iteration (a kept-alive connection's later ones go straight on)."""
         admission = self.admission
 
         async def run(scope: dict, receive: Any, send: Any) -> None:
