@@ -10,11 +10,11 @@ their own connection:
 The idle timeout between requests is uvicorn's keep-alive timeout; the body timeout is the
 HTTP adapter's (``receive_body``).
 
-Two shortcuts for the inference routes (``routes.InferenceRoutes``), offered in each request's
+Shortcuts for the inference routes (``routes.InferenceRoutes``), offered in each request's
 scope: ``RESPOND`` writes a whole response (head and body) with one write, where ASGI's two
-messages take two; and when a connection is lost, each of its unanswered requests'
-``ON_DISCONNECT`` hooks is called (the request is cancelled there, without a watcher task per
-request).
+messages take two; ``BODY_ARRIVED`` says the body is all in (no body timer to arm); and when a
+connection is lost, each of its unanswered requests' ``ON_DISCONNECT`` hooks is called (the
+request is cancelled there, without a watcher task per request).
 
 With a ``HeadAdmission`` (``shedding``), an inference request can be refused from its head alone,
 and one whose client is gone by the time it would start (it sent the request and reset the
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from muxserve.serving.http.routes import ON_DISCONNECT, RESPOND
+from muxserve.serving.http.routes import BODY_ARRIVED, ON_DISCONNECT, RESPOND
 
 if TYPE_CHECKING:
     from muxserve.serving.http.shedding import HeadAdmission
@@ -61,6 +61,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]  # this protocol calls the hook
         self.scope[RESPOND] = self.respond  # type: ignore[literal-required]
+
+    def on_message_complete(self) -> None:
+        self.scope[BODY_ARRIVED] = True  # type: ignore[literal-required]
+        super().on_message_complete()
 
     async def respond(self, scope: dict, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         """The whole response to the request of ``scope`` (``headers`` with its Content-Length),

@@ -36,6 +36,8 @@ ASGIApp = Callable[[dict, Any, Any], Awaitable[None]]
 ON_DISCONNECT = "muxserve.on_disconnect"
 # scope key: the server protocol's respond(scope, status, headers, body), one write for a response
 RESPOND = "muxserve.respond"
+# scope key: True once the server has the request's whole body
+BODY_ARRIVED = "muxserve.body_arrived"
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 JSON = b"application/json"
@@ -119,7 +121,7 @@ class InferenceRoutes:
     async def _classify(self, scope: dict, receive: Any, headers: dict[bytes, bytes]) -> tuple[bytes, list]:
         """`{"model": "sst2-mux5", "inputs": ["text", ...]}` -> one `{label, score, num_instances}`
         per input. The body is read as JSON whatever its Content-Type, so a bare `curl -d` works."""
-        body = await receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout)
+        body = await self._body(scope, receive, headers)
         model, texts, parameters = parse_classify(body)
         results = await self._unless_gone(scope, receive, self.plane.classify(model, texts, parameters))
         return orjson.dumps(results), [(b"content-type", JSON)]
@@ -129,7 +131,7 @@ class InferenceRoutes:
         plane = self.plane
         served = plane.registry.find(model, version)  # 404 before reading a body for nothing
         async with plane.counting_failures(served):
-            body = await receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout)
+            body = await self._body(scope, receive, headers)
             header_length = headers.get(_HEADER_LENGTH)
             check = functools.partial(plane.check_inputs, served)
             request, binary_default = parse_infer_request(model, version, body, header_length.decode("latin-1") if header_length is not None else None, check)
@@ -143,6 +145,9 @@ class InferenceRoutes:
             if encoding:
                 extra.append((b"content-encoding", encoding.encode()))
         return payload, extra
+
+    def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes]) -> Awaitable[bytes]:
+        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False))
 
     async def _unless_gone(self, scope: dict, receive: Any, work: Awaitable[T]) -> T:
         """``work``, cancelled if the client goes away first (its queued texts are then skipped,

@@ -33,27 +33,20 @@ class ClassifyResult(BaseModel):
     num_instances: int = Field(description="the mux width N that served this text")
 
 
-async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None) -> bytes:
+async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None, arrived: bool = False) -> bytes:
     """``read_body`` on a bare ASGI ``receive``, with the request's Content-Length and
-    Content-Encoding headers; ClientClosed if the client goes away before its body is in."""
+    Content-Encoding headers; ClientClosed if the client goes away before its body is in.
+    ``arrived``: the server says the whole body is in (nothing to wait for, no timer)."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"request body of {int(content_length)} bytes exceeds the limit of {limit} bytes")
-    try:
-        async with asyncio.timeout(timeout):
-            message = await receive()
-            body = message.get("body", b"")
-            if message.get("more_body"):
-                chunks, size = [body], len(body)
-                while message.get("more_body"):
-                    message = await receive()
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                    chunks.append(chunk)
-                body = b"".join(chunks)
-    except TimeoutError:
-        raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
+    if arrived:
+        message, body = await _receive_all(receive, limit)
+    else:
+        try:
+            async with asyncio.timeout(timeout):
+                message, body = await _receive_all(receive, limit)
+        except TimeoutError:
+            raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
     if message["type"] == "http.disconnect":
         raise ClientClosed("the client closed the connection before its body was in")
     if len(body) > limit:
@@ -61,6 +54,23 @@ async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: s
     if content_encoding:
         body = decompress(body, content_encoding.decode("latin-1") if isinstance(content_encoding, bytes) else content_encoding, limit)
     return body
+
+
+async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int) -> tuple[dict, bytes]:
+    """(the last ASGI message, the body); 413 as soon as it passes ``limit``."""
+    message = await receive()
+    body = message.get("body", b"")
+    if message.get("more_body"):
+        chunks, size = [body], len(body)
+        while message.get("more_body"):
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    return message, body
 
 
 def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
