@@ -266,7 +266,7 @@ class DataPlane:
 
     @staticmethod
     def _requested_outputs(served: ServedModel, request: InferRequest) -> list[tuple[str, dict[str, Any]]]:
-        declared = [o.name for o in served.config.output]
+        declared = served.output_names
         if request.outputs is None:
             return [(name, {}) for name in declared]
         wanted = []

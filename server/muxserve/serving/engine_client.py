@@ -10,6 +10,7 @@ back (restarted by the supervisor) the index is fetched again and the frontend i
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from dataclasses import dataclass
@@ -29,6 +30,12 @@ from muxserve.serving.types import RequestOptions
 log = logging.getLogger("muxserve")
 READY = "READY"
 ENGINE_GONE = "the engine process is not available (restarting); retry shortly"
+# Under load (BUSY_REQUESTS waiting for the engine, whose answers then take longer than this
+# anyway), at most one frame to the engine per FRAME_INTERVAL_S: requests that arrive one per
+# loop iteration (gRPC's) share frames, and the engine wakes once for several. Below that
+# load, every request goes out at once.
+FRAME_INTERVAL_S = 0.002
+BUSY_REQUESTS = 8
 
 
 @dataclass(eq=False)
@@ -52,6 +59,10 @@ class ModelView:
     @property
     def max_batch_size(self) -> int:
         return self.config.max_batch_size
+
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.config.output]
 
 
 class ModelIndex(ModelCatalog[ModelView]):
@@ -104,7 +115,7 @@ class EngineClient:
         self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         asyncio.get_running_loop().add_reader(self._monitor.getsockopt(zmq.FD), self._on_monitor)
         asyncio.get_running_loop().call_soon(self._on_monitor)
-        self._channel = ipc.Channel(sock, self._handle, self._unsent)
+        self._channel = ipc.Channel(sock, self._handle, self._unsent, FRAME_INTERVAL_S, busy=lambda: len(self._pending) >= BUSY_REQUESTS)
         sock.connect(self.address)
 
     def close(self) -> None:

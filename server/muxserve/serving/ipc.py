@@ -118,9 +118,14 @@ class Channel:
     """A DEALER or ROUTER socket on the running loop. ``send(peer, message)`` queues; one frame
     per peer goes out at the end of the loop iteration. ``handler(peer, messages)`` gets every
     frame that arrives (``peer`` is b"" on a DEALER). Messages that cannot be sent (no
-    connection) go to ``unsent``."""
+    connection) go to ``unsent``.
 
-    def __init__(self, sock: zmq.Socket, handler: Handler, unsent: Unsent | None = None) -> None:
+    ``min_interval_s``: while ``busy()``, frames go out at most this often; a message queued
+    sooner after the last frame waits for the next (where requests arrive one per loop
+    iteration, as gRPC's do, many then share a frame, and the other side wakes once for all of
+    them, not once for each)."""
+
+    def __init__(self, sock: zmq.Socket, handler: Handler, unsent: Unsent | None = None, min_interval_s: float = 0.0, busy: Callable[[], bool] | None = None) -> None:
         self.sock = sock
         self.router = sock.type == zmq.ROUTER
         self.handler = handler
@@ -128,6 +133,9 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._outbox: dict[bytes, list[Any]] = {}
         self._flush_scheduled = False
+        self._min_interval = min_interval_s
+        self._busy = busy
+        self._last_flush = 0.0
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._drain)
         self._loop.call_soon(self._drain)  # the descriptor only signals changes after a first look
@@ -140,10 +148,15 @@ class Channel:
             box.append(message)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            due = self._last_flush + self._min_interval
+            if self._min_interval and due > self._loop.time() and (self._busy is None or self._busy()):
+                self._loop.call_at(due, self._flush)
+            else:
+                self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._last_flush = self._loop.time()
         outbox, self._outbox = self._outbox, {}
         for peer, messages in outbox.items():
             frame = _encoder.encode(messages)
