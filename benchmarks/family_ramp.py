@@ -6,7 +6,8 @@ Starts ``muxserve serve`` with the family (and so its members) on loopback. All 
 1. capacity probes: each of sst2-mux2 and sst2-mux5 alone, closed loop;
 2. the ramp on the family, paced: ``--low`` req/s for ``--phase`` s, then the high step
    (default: 1.6 x sst2-mux2's measured capacity, capped at 0.85 x sst2-mux5's), then ``--low``
-   again;
+   again; each phase ends when its last request is answered, so that it counts the texts it
+   sent (figures after a ``--settle`` window at its start are reported beside);
 3. sst2-mux5 alone at the same high rate, and both closed loop at their limit.
 
 A sampler reads the server's ``/metrics`` every second: texts by the N that served them, the
