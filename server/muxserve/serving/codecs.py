@@ -108,6 +108,8 @@ def decode_contents(datatype: str, contents: Any, count: int | None = None) -> l
 
 def parameters_from_proto(params: Any) -> dict[str, Any]:
     """A gRPC ``map<string, InferParameter>`` -> plain dict (the set member of each oneof)."""
+    if not params:  # most maps are empty: skip making an items view
+        return {}
     out: dict[str, Any] = {}
     for key, param in params.items():
         which = param.WhichOneof("parameter_choice")
