@@ -224,7 +224,7 @@ class EngineClient:
 
     def _on_monitor(self) -> None:
         monitor = self._monitor
-        while monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while monitor.getsockopt(zmq.EVENTS) & ipc.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 if self.connected:

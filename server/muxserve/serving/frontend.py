@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import socket
@@ -70,6 +71,7 @@ class Frontend:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
         scheme = "https" if s.tls_certfile else "http"
         log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")
+        gc.freeze()  # what start-up made lives as long as the process: the collector skips it
         await self.http.serve(sockets=[listener])
         self.engine.close()
 

@@ -106,6 +106,9 @@ class Index(msgspec.Struct, array_like=True):
     unloaded: list[str]  # models of the repository that are not loaded
 
 
+# zmq.POLLIN is an enum flag: ``events & zmq.POLLIN`` makes a new enum member on every test
+POLLIN = int(zmq.POLLIN)
+
 Message = Infer | Cancel | Failed | Query | Result | Error | Reply | IndexChanged
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[Message])
@@ -174,7 +177,7 @@ class Channel:
 
     def _drain(self) -> None:
         sock = self.sock
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while sock.getsockopt(zmq.EVENTS) & POLLIN:
             if self.router:
                 peer, frame = sock.recv_multipart(zmq.NOBLOCK)
             else:
