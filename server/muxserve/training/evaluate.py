@@ -26,7 +26,8 @@ def predict(model: MuxBertModel, tokenizer: TextTokenizer, texts: list[str], bat
     for start in range(0, len(texts), batch_texts):
         ids, mask = tokenizer(texts[start : start + batch_texts])
         ids, mask = ids.to(device), mask.to(device)
-        logits = model.predict_ensemble(ids, mask, gen) if ensemble else model(ids, mask)
+        # the serving forward (``predict``) when not ensembling: accuracy is that of what is served
+        logits = model.predict_ensemble(ids, mask, gen) if ensemble else model.predict(ids, mask)
         out.append(logits.float().cpu())
     return torch.cat(out)
 
