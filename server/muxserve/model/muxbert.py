@@ -199,6 +199,9 @@ class BertEncoder(nn.Module):
         return x
 
 
+PACKED_ROWS_MULTIPLE = 64
+
+
 def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Inference: the encoder's output at position 0 of each sequence, ``[B, 1, d]``, the same
     as ``encoder(x, padding_bias(valid))[:, :1]`` for less work.
@@ -214,6 +217,10 @@ def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor
     first = torch.cumsum(lengths, 0) - lengths  # each row's position 0 among the packed tokens
     bias = padding_bias(valid, x.dtype)
     h = x.reshape(b * length, d).index_select(0, flat)
+    # oneDNN builds a kernel for every new row count of a matmul, which costs more than the
+    # matmul itself: the packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
+    # passes share a few row counts (and their cached kernels); the padding rows are dropped
+    h = F.pad(h, (0, 0, 0, -len(flat) % PACKED_ROWS_MULTIPLE))
     layers = list(encoder.layer)
     for i, layer in enumerate(layers):
         h = _packed_layer(layer, h, flat, b, length, bias, first if i == len(layers) - 1 else None)
@@ -226,14 +233,15 @@ def _packed_layer(layer: BertLayer, h: torch.Tensor, flat: torch.Tensor, b: int,
     att = layer.attention.self
     d = h.shape[1]
 
-    def padded_heads(t: torch.Tensor) -> torch.Tensor:  # [P, d] -> [B, heads, L, head_dim]
-        out = t.new_zeros(b * length, d).index_copy_(0, flat, t)
+    def padded_heads(t: torch.Tensor) -> torch.Tensor:  # [P', d] -> [B, heads, L, head_dim]
+        out = t.new_zeros(b * length, d).index_copy_(0, flat, t[: len(flat)])
         return out.view(b, length, att.num_heads, att.head_dim).transpose(1, 2)
 
     k, v = padded_heads(att.key(h)), padded_heads(att.value(h))
     if query_rows is None:
         q, residual = padded_heads(att.query(h)), h
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * length, d).index_select(0, flat)
+        context = F.pad(context, (0, 0, 0, h.shape[0] - len(flat)))  # the padding rows again
     else:
         residual = h.index_select(0, query_rows)
         q = att.query(residual).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)
