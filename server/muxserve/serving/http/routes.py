@@ -25,7 +25,7 @@ import orjson
 
 from muxserve.serving.dataplane import DataPlane
 from muxserve.serving.errors import ClientClosed, ServingError, Unauthenticated
-from muxserve.serving.http.wire import HEADER_LENGTH, compress, encode_infer_response, error_body, parse_classify, parse_infer_request, receive_body
+from muxserve.serving.http.wire import HEADER_LENGTH, compress, encode_infer_response, error_answer, error_body, parse_classify, parse_infer_request, receive_body
 from muxserve.serving.security import AccessPolicy
 
 log = logging.getLogger("muxserve")
@@ -96,9 +96,7 @@ class InferenceRoutes:
                 raise MethodNotAllowed(f"{scope['method']} {scope['path']}: Method Not Allowed")
             body, extra = await handler(headers)
         except ServingError as exc:
-            status, body, extra = exc.http_status, error_body(exc.message), [(b"content-type", JSON)]
-            if exc.retry_after is not None:
-                extra.append((b"retry-after", str(exc.retry_after).encode()))
+            status, body, extra = error_answer(exc)
             if isinstance(exc, Unauthenticated):
                 extra.append((b"www-authenticate", b"Bearer"))
             elif isinstance(exc, MethodNotAllowed):

@@ -22,7 +22,7 @@ from muxserve.serving.dataplane import DataPlane
 from muxserve.serving.engine_client import ModelView as ServedModel
 from muxserve.serving.errors import ClientClosed, Overloaded, ServingError
 from muxserve.serving.http.routes import infer_route
-from muxserve.serving.http.wire import error_body
+from muxserve.serving.http.wire import error_answer
 from muxserve.serving.security import AccessPolicy
 
 AsgiApp = Callable[[dict, Any, Any], Awaitable[None]]
@@ -30,13 +30,11 @@ AsgiApp = Callable[[dict, Any, Any], Awaitable[None]]
 
 def refusing_app(error: ServingError) -> AsgiApp:
     """An ASGI app answering ``error`` as the HTTP adapter would."""
-    body = error_body(error.message)
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    if error.retry_after is not None:
-        headers.append((b"retry-after", str(error.retry_after).encode()))
+    status, body, headers = error_answer(error)
+    headers.append((b"content-length", b"%d" % len(body)))
 
     async def app(scope: dict, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
     return app

@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import Declared
-from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout
+from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, ServingError
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -212,3 +212,12 @@ def parse_classify(body: bytes) -> tuple[str, list[str], dict[str, Any]]:
 
 def error_body(message: str) -> bytes:
     return orjson.dumps({"error": message})
+
+
+def error_answer(error: ServingError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """(status, body, headers) of the HTTP answer to ``error``: its status, ``{"error"}`` and
+    ``Retry-After`` where the error sets one."""
+    headers = [(b"content-type", b"application/json")]
+    if error.retry_after is not None:
+        headers.append((b"retry-after", str(error.retry_after).encode()))
+    return error.http_status, error_body(error.message), headers
