@@ -159,6 +159,7 @@ def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60) -> None:
 
 
 CAPACITY_SECONDS = 10.0
+ABUSER_ADDRESS = "127.0.0.2"  # a client address of the abusers' own (the whole of 127/8 is loopback)
 PROBE_RATE = 10.0  # probe requests a second beside the overload
 PROBE_CURLS = 10  # curl processes sharing them
 # wrk connections under overload: enough that the paced rate is offered while the server keeps
@@ -305,6 +306,8 @@ def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
         alone, cores = victim()
         out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
         for name, abuser in ABUSERS.items():
+            if a.abuser and name not in a.abuser:
+                continue
             stop = threading.Event()
             tally = {"sent": 0}
             thread = threading.Thread(target=abuser, args=(server, a.model, stop, tally), daemon=True)
@@ -377,14 +380,18 @@ def _slowloris(server: ServerHandle, model: str, stop: threading.Event, tally: d
 
 
 def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
-    """Requests whose clients send them and reset the connection at once, from 4 threads."""
+    """Requests whose clients send them and reset the connection at once, from 4 threads, all
+    from an address of their own (127.0.0.2: the victim's is 127.0.0.1)."""
     body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["gone before the answer"]}]}).encode()
     request = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
     def storm() -> None:
         while not stop.is_set():
-            sock = socket.create_connection(("127.0.0.1", server.http_port))
-            sock.sendall(request)
+            sock = socket.create_connection(("127.0.0.1", server.http_port), source_address=(ABUSER_ADDRESS, 0))
+            try:
+                sock.sendall(request)
+            except OSError:
+                pass  # the server refused the connection (its address's connection rate) before it was sent
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
             tally["sent"] += 1
@@ -445,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--load", type=float, default=0.7, help="soak: offered load over capacity")
     p.add_argument("--warmup-s", type=float, default=60.0, help="soak: seconds at the soak load before the RSS baseline")
     p.add_argument("--victim-load", type=float, default=0.2, help="abuse: the well-behaved client's load over capacity")
+    p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse: only these abusers (repeatable; default: all)")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for muxserve serve (repeatable)")

@@ -24,6 +24,7 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from muxserve.bench.run import parse_counts
+from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, client_key
 from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
 
 pytestmark = pytest.mark.slow
@@ -451,6 +452,69 @@ def test_disconnect_storm(server, base, echo):
             served_well(base, echo)
     served_well(base, echo)
     assert server.log().count("Traceback") == tracebacks
+
+
+def _connect_from(address: str, port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), source_address=(address, 0))
+
+
+def _get(sock: socket.socket, path: str) -> bytes:
+    """One GET on a kept-alive connection: the response's status line."""
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0]
+
+
+def test_new_connections_past_an_address_rate_are_refused_at_once(repository, tmp_path):
+    """One address opens connections past --client-connection-burst (the rate refills nothing
+    within the test): each one past it is answered 429 and closed before the server reads a
+    byte of it, while the connections it was allowed stay served and another address's
+    client is served."""
+    burst = 20
+    with serving(repository, tmp_path / "connection-rate.log", "--client-connection-rate", "0.0001", "--client-connection-burst", str(burst)) as server:
+        kept = [_connect_from("127.0.0.2", server.http_port) for _ in range(burst)]
+        assert _get(kept[0], "/v2/health/live") == b"HTTP/1.1 200 OK"
+        for _ in range(3):
+            refused = _connect_from("127.0.0.2", server.http_port)
+            reply = _read_all(refused)  # sends nothing: the refusal comes unasked, then the close
+            assert reply.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1" in reply and b"keep connections alive" in reply
+            refused.close()
+        other = _connect_from("127.0.0.3", server.http_port)
+        assert _get(other, "/v2/health/live") == b"HTTP/1.1 200 OK"
+        for sock in kept:  # kept alive: still served
+            assert _get(sock, "/v2/health/ready") == b"HTTP/1.1 200 OK"
+        for sock in [*kept, other]:
+            sock.close()
+        assert "refused 1 new connections (latest from 127.0.0.2)" in server.log()
+
+
+def test_connection_rate_buckets():
+    """A bucket per address: a burst, then the rate; IPv6 by /64, IPv4 seen through a
+    dual-stack socket as IPv4; the addresses remembered are bounded."""
+    now = [0.0]
+    rate = ConnectionRate(per_second=10, burst=3, clock=lambda: now[0])
+    a, b = ("10.0.0.1", 5000), ("10.0.0.2", 5000)
+    assert [rate.admit(a) for _ in range(4)] == [True, True, True, False]
+    assert rate.admit(b)
+    now[0] += 0.1  # one token back
+    assert [rate.admit(a), rate.admit(a)] == [True, False]
+    now[0] += 10.0  # never more than the burst
+    assert [rate.admit(a) for _ in range(4)] == [True, True, True, False]
+    assert rate.refused == 3
+    assert client_key(("2001:db8::1", 1, 0, 0)) == client_key(("2001:db8::ffff:2", 2, 0, 0)) == "2001:db8::/64"
+    assert client_key(("2001:db8:0:1::1", 1, 0, 0)) != client_key(("2001:db8::1", 1, 0, 0))
+    assert client_key(("::ffff:10.0.0.1", 1, 0, 0)) == "10.0.0.1"
+    for i in range(MAX_ADDRESSES + 10):
+        rate.admit((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1))
+    assert len(rate._buckets) == MAX_ADDRESSES
 
 
 # ---------------------------------------------------------------------------- SIGTERM under load

@@ -51,6 +51,7 @@ class Frontend:
         self.grpc = None
 
     async def run(self) -> None:
+        from muxserve.serving.connection_rate import ConnectionRate
         from muxserve.serving.http.app import create_app
         from muxserve.serving.http.protocol import GuardedHttpProtocol
         from muxserve.serving.http.shedding import HeadAdmission
@@ -59,7 +60,8 @@ class Frontend:
         s = self.settings
         await self.engine.start()
         admission = HeadAdmission(self.plane, AccessPolicy(s.api_key, s.open_endpoints))
-        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s, admission)
+        connection_rate = ConnectionRate(s.client_connection_rate, s.client_connection_burst) if s.client_connection_rate else None
+        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s, admission, connection_rate)
         config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         listener = shared_listener(s.host, s.http_port)

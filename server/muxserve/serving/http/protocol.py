@@ -33,16 +33,21 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from muxserve.serving.http.routes import BODY_ARRIVED, ON_DISCONNECT, RESPOND
 
 if TYPE_CHECKING:
+    from muxserve.serving.connection_rate import ConnectionRate
     from muxserve.serving.http.shedding import HeadAdmission
 
 _TIMEOUT_BODY = b'{"error": "request head did not arrive in time"}'
 TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
+_RATE_BODY = b'{"error": "too many new connections from this address: keep connections alive"}'
+CONNECTION_RATE_RESPONSE = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s" % (len(_RATE_BODY), _RATE_BODY)
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     header_timeout_s: float = 10.0
     write_timeout_s: float = 30.0
     admission: HeadAdmission | None = None  # decisions from a request's head (``shedding``)
+    connection_rate: ConnectionRate | None = None  # new connections per client address
+    _refused = False  # closed when made (``connection_rate``)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -52,8 +57,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._first_request = True
 
     @classmethod
-    def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float, admission: HeadAdmission | None = None) -> type[GuardedHttpProtocol]:
-        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s, "admission": admission})
+    def with_timeouts(cls, header_timeout_s: float, write_timeout_s: float, admission: HeadAdmission | None = None, connection_rate: ConnectionRate | None = None) -> type[GuardedHttpProtocol]:
+        return type(cls.__name__, (cls,), {"header_timeout_s": header_timeout_s, "write_timeout_s": write_timeout_s, "admission": admission, "connection_rate": connection_rate})
 
     # -- head timeout
 
@@ -90,10 +95,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.on_response()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.connection_rate is not None and not self.connection_rate.admit(transport.get_extra_info("peername")):
+            self._refused = True
+            self.transport = transport
+            transport.write(CONNECTION_RATE_RESPONSE)
+            transport.close()  # reads nothing more: what the client sent is never parsed
+            return
         super().connection_made(transport)
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         if self._head_timer is None and (self.cycle is None or self.cycle.response_complete):
             self._arm_head_timer()  # the first byte of a new request
         super().data_received(data)
@@ -164,6 +177,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         return run
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._refused:
+            return
         for cycle in {id(c): c for c in (self.cycle, *self._running) if c is not None}.values():
             hook = cycle.scope.get(ON_DISCONNECT)
             if hook is not None and not cycle.response_complete:
