@@ -100,14 +100,14 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], seconds: float)
 
 
 @contextmanager
-def sampling_rss(pid: int, every_s: float = 1.0) -> Iterator[list[float]]:
-    """RSS samples (MiB) taken every ``every_s`` seconds while the block runs."""
-    samples: list[float] = []
+def sampling_rss(pid: int, every_s: float = 1.0) -> Iterator[list[dict[str, float]]]:
+    """RSS samples (MiB, by process role, ``rss_by_role``) taken every ``every_s`` seconds while the block runs."""
+    samples: list[dict[str, float]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append(rss_mb(pid))
+            samples.append(rss_by_role(pid))
             stop.wait(every_s)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -117,7 +117,7 @@ def sampling_rss(pid: int, every_s: float = 1.0) -> Iterator[list[float]]:
     finally:
         stop.set()
         thread.join()
-        samples.append(rss_mb(pid))
+        samples.append(rss_by_role(pid))
 
 
 def duration_buckets(metrics_text: str, model: str) -> dict[float, float]:
@@ -250,7 +250,7 @@ def overload(a: argparse.Namespace, texts: list[str]) -> dict:
         "probe_refused": percentiles_ms([t for status, t in probe if status in (429, 503)]),
         "probe_other": sorted({status for status, _ in probe} - {200, 429, 503}),
         "cores_used": cpu,
-        "rss_mb": {"start": round(rss[0], 1), "peak": round(max(rss), 1), "end": round(rss[-1], 1), "every_10_s": [round(x, 1) for x in rss[::10]], "by_process_at_end": rss_roles},
+        "rss_mb": {"start": rss[0], "end": rss[-1], "peak_total": round(max(sum(x.values()) for x in rss), 1), "every_10_s": rss[::10], "after_idle": rss_roles},
         "lost": lost(result, counts),
     }
 
@@ -304,13 +304,13 @@ def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
             return result, cpu_delta(cpu0, cpu_by_role(server.proc.pid), time.monotonic() - t0)
 
         alone, cores = victim()
-        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
+        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
         for name, abuser in ABUSERS.items():
             if a.abuser and name not in a.abuser:
                 continue
             stop = threading.Event()
             tally = {"sent": 0}
-            thread = threading.Thread(target=abuser, args=(server, a.model, stop, tally), daemon=True)
+            thread = threading.Thread(target=niced, args=(a.abuser_nice, abuser, server, a.model, stop, tally), daemon=True)
             thread.start()
             try:
                 beside, cores = victim()
@@ -412,6 +412,14 @@ def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, t
         tally["sent"] += result.requests + result.error_count
 
 
+def niced(nice: int, abuser: Callable[..., None], *args: object) -> None:
+    """``abuser`` at ``nice``: on a machine it shares with the server, an abuser's own CPU
+    is then taken from what the server leaves idle, as if it ran on a machine of its own
+    (Linux: the calling thread's priority; threads and processes it starts inherit it)."""
+    os.setpriority(os.PRIO_PROCESS, 0, nice)
+    abuser(*args)
+
+
 ABUSERS: dict[str, Callable[[ServerHandle, str, threading.Event, dict], None]] = {
     "huge_element_counts": _huge_elements, "slowloris": _slowloris, "disconnect_storm": _disconnect_storm, "invalid_protobuf_flood": _invalid_protobuf,
 }
@@ -452,6 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--load", type=float, default=0.7, help="soak: offered load over capacity")
     p.add_argument("--warmup-s", type=float, default=60.0, help="soak: seconds at the soak load before the RSS baseline")
     p.add_argument("--victim-load", type=float, default=0.2, help="abuse: the well-behaved client's load over capacity")
+    p.add_argument("--abuser-nice", type=int, default=19, help="abuse: the abusers' nice value (19: they use only CPU the server and the victim leave idle; 0: they compete for it)")
     p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse: only these abusers (repeatable; default: all)")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")

@@ -46,6 +46,16 @@ def test_the_tail_factor_scales_the_mean_wait_to_the_99th_percentile():
     assert w.predicted_wait(1, 1.0 + TAIL_EVERY_S) == pytest.approx((99 + 1) / (101 / (1.0 + TAIL_EVERY_S)) * w.tail_factor(1.0 + TAIL_EVERY_S))
 
 
+def test_the_tail_factor_covers_the_time_before_the_wait():
+    """What a request spends in the server before its texts are in flight (read, parsed,
+    tokenized) counts in the 99th percentile the bound is held to."""
+    w = WaitEstimate()
+    w.started(100, 0.0)
+    for _ in range(100):  # each waited 0.1 s in flight, 0.15 s since its request was read
+        w.ended(1, True, 1.0, 0.1, 0.15)
+    assert w.tail_factor(1.0) == pytest.approx(1.5)
+
+
 def test_admission_limits():
     a = Admission(max_texts_in_flight=8, max_queue_wait_s=0.5)
     with pytest.raises(PayloadTooLarge):

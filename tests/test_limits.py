@@ -512,6 +512,7 @@ def test_connection_rate_buckets():
     assert client_key(("2001:db8::1", 1, 0, 0)) == client_key(("2001:db8::ffff:2", 2, 0, 0)) == "2001:db8::/64"
     assert client_key(("2001:db8:0:1::1", 1, 0, 0)) != client_key(("2001:db8::1", 1, 0, 0))
     assert client_key(("::ffff:10.0.0.1", 1, 0, 0)) == "10.0.0.1"
+    assert client_key(None) is None and not rate.admit(None)  # reset before it was made: closed, not counted
     for i in range(MAX_ADDRESSES + 10):
         rate.admit((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1))
     assert len(rate._buckets) == MAX_ADDRESSES

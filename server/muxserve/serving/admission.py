@@ -7,8 +7,9 @@ Two limits, each refusing at once with 429 + ``Retry-After`` (gRPC ``RESOURCE_EX
   law the texts in flight (L) and the rate at which answers come back (X, texts/s) give the
   mean: a new text is answered after those ahead of it, about (L + its texts) / X from now.
   Answers come a forward pass at a time, so waits spread around that mean: the ratio of the
-  recent answers' 99th percentile wait to their mean (the tail factor, at least 1) scales it to
-  the wait that 99% of requests stay within. X and the tail factor are measured live over the
+  recent answers' 99th percentile time in the server (from their request read to their answer:
+  reading, parsing and tokenizing included) to their mean wait (the tail factor, at least 1)
+  scales it to the time that 99% of requests stay within. X and the tail factor are measured live over the
   last ``RATE_WINDOW_S`` during which the frontend had texts in flight, so the bound follows
   the engine's real speed (a machine shared with other work, a model that got slower) rather
   than a capacity measured once. A request is refused when its predicted wait passes the
@@ -41,7 +42,7 @@ class WaitEstimate:
     def __init__(self) -> None:
         self.texts_in_flight = 0
         self._busy_since = 0.0  # when texts_in_flight last rose from 0
-        self._answers: deque[tuple[float, int, float]] = deque()  # (time, texts, waited) within the window
+        self._answers: deque[tuple[float, int, float, float]] = deque()  # (time, texts, waited, in the server) within the window
         self._answered = 0  # texts in _answers
         self._tail = 1.0  # the answers' p99 wait over their mean
         self._tail_at = -math.inf  # when _tail was last computed
@@ -61,13 +62,17 @@ class WaitEstimate:
         return self._answered / max(now - window_start, MIN_SPAN_S)
 
     def tail_factor(self, now: float) -> float:
-        """The recent answers' 99th percentile wait over their mean (1 to ``MAX_TAIL``),
-        recomputed at most every ``TAIL_EVERY_S``."""
+        """The recent answers' 99th percentile time in the server over their mean wait (1 to
+        ``MAX_TAIL``), recomputed at most every ``TAIL_EVERY_S``."""
         if now - self._tail_at >= TAIL_EVERY_S:
             self._trim(now)
-            waits = sorted(w for _, _, w in self._answers)
-            mean = sum(waits) / len(waits) if waits else 0.0
-            self._tail = min(MAX_TAIL, max(1.0, waits[math.ceil(0.99 * len(waits)) - 1] / mean)) if mean > 0 else 1.0
+            count = len(self._answers)
+            mean = sum(w for _, _, w, _ in self._answers) / count if count else 0.0
+            if mean > 0:
+                p99 = sorted(t for _, _, _, t in self._answers)[math.ceil(0.99 * count) - 1]
+                self._tail = min(MAX_TAIL, max(1.0, p99 / mean))
+            else:
+                self._tail = 1.0
             self._tail_at = now
         return self._tail
 
@@ -88,10 +93,12 @@ class WaitEstimate:
             self._answered = 0
         self.texts_in_flight += texts
 
-    def ended(self, texts: int, answered: bool, now: float, waited: float) -> None:
+    def ended(self, texts: int, answered: bool, now: float, waited: float, in_server: float | None = None) -> None:
+        """``texts`` are no longer in flight, ``answered`` or not, after ``waited`` in flight
+        and ``in_server`` since their request was read (default: ``waited``)."""
         self.texts_in_flight -= texts
         if answered:
-            self._answers.append((now, texts, waited))
+            self._answers.append((now, texts, waited, waited if in_server is None else in_server))
             self._answered += texts
 
 
@@ -120,9 +127,11 @@ class Admission:
                 raise Overloaded(f"model {model} busy: {estimate.texts_in_flight} texts in flight would keep this request waiting about {wait:.2f} s, over the bound of {bound:g} s (max_queue_wait_s); retry later")
 
     @contextlib.contextmanager
-    def admitted(self, model: str, texts: int) -> Iterator[None]:
+    def admitted(self, model: str, texts: int, arrived: float | None = None) -> Iterator[None]:
         """Hold ``texts`` of ``model`` in flight for the block (refused at once if they do not
-        fit); when the block ends other than by cancellation they count as answered."""
+        fit); when the block ends other than by cancellation they count as answered.
+        ``arrived``: when the server read their request (``time.monotonic()``), so that the
+        bound covers what comes before the block (reading, parsing, tokenizing) too."""
         self.check(model, texts)
         if not self.max_queue_wait_s:  # no bound: nothing to estimate
             self.texts_in_flight += texts
@@ -145,4 +154,4 @@ class Admission:
         finally:
             self.texts_in_flight -= texts
             now = time.monotonic()
-            estimate.ended(texts, answered, now, now - start)
+            estimate.ended(texts, answered, now, now - start, now - (start if arrived is None else arrived))

@@ -28,10 +28,11 @@ MAX_ADDRESSES = 65536
 LOG_EVERY_S = 10.0
 
 
-def client_key(peername: Any) -> str:
-    """The address a connection's peer is counted under (``peername`` as a transport gives it)."""
-    if not isinstance(peername, tuple) or not peername:
-        return ""  # a Unix socket or an unknown peer: all such share one bucket
+def client_key(peername: Any) -> str | None:
+    """The address a connection's peer is counted under (``peername`` as a transport gives
+    it); None when there is no peer address: the client reset the connection before it was made."""
+    if not isinstance(peername, tuple | list) or not peername:
+        return None
     host = str(peername[0])
     if ":" not in host:
         return host
@@ -55,6 +56,8 @@ class ConnectionRate:
     def admit(self, peername: Any) -> bool:
         """Whether a connection just accepted from ``peername`` may stay open (takes a token)."""
         key = client_key(peername)
+        if key is None:
+            return False  # gone already: nothing to serve, no address to count
         now = self.clock()
         tokens, then = self._buckets.pop(key, (self.burst, now))
         tokens = min(self.burst, tokens + (now - then) * self.per_second)
@@ -64,7 +67,7 @@ class ConnectionRate:
         else:
             self.refused += 1
             if now - self._logged[0] >= LOG_EVERY_S:
-                log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", self.refused - self._logged[1], key or "a local socket", self.per_second, self.burst)
+                log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", self.refused - self._logged[1], key, self.per_second, self.burst)
                 self._logged = (now, self.refused)
         self._buckets[key] = (tokens, now)
         if len(self._buckets) > MAX_ADDRESSES:

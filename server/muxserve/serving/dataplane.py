@@ -136,13 +136,15 @@ class DataPlane:
 
     # ------------------------------------------------------------------ inference
 
-    async def infer(self, request: InferRequest) -> InferResponse:
+    async def infer(self, request: InferRequest, arrived: float | None = None) -> InferResponse:
+        """``arrived``: when the adapter read the request (``time.monotonic()``); the request's
+        time in the server, which its duration and the queue-wait bound cover, starts there."""
         served = self.registry.get_ready(request.model_name, request.model_version)
         with self._request():
-            return await self._infer(served, request)
+            return await self._infer(served, request, arrived)
 
-    async def _infer(self, served: ServedModel, request: InferRequest) -> InferResponse:
-        start = time.monotonic()
+    async def _infer(self, served: ServedModel, request: InferRequest, arrived: float | None = None) -> InferResponse:
+        start = time.monotonic() if arrived is None else arrived
         async with self.counting_failures(served, start):
             self._accepting(served)
             texts = self._texts(served, request)
@@ -207,7 +209,7 @@ class DataPlane:
         changed since this frontend looked."""
         assert served.tokenizer is not None
         limit = self.settings.max_text_chars
-        with self.admission.admitted(served.name, len(texts)):
+        with self.admission.admitted(served.name, len(texts), start):
             cut = [i for i, t in enumerate(texts) if len(t) > limit]
             texts = [t[:limit] for t in texts]
             t0 = time.monotonic()

@@ -12,7 +12,8 @@ HTTP adapter's (``receive_body``).
 
 Shortcuts for the inference routes (``routes.InferenceRoutes``), offered in each request's
 scope: ``RESPOND`` writes a whole response (head and body) with one write, where ASGI's two
-messages take two; ``BODY_ARRIVED`` says the body is all in (no body timer to arm); and when a
+messages take two; ``ARRIVED`` is when its first byte was read; ``BODY_ARRIVED`` says the body
+is all in (no body timer to arm); and when a
 connection is lost, each of its unanswered requests' ``ON_DISCONNECT`` hooks is called (the
 request is cancelled there, without a watcher task per request).
 
@@ -26,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
+import time
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from muxserve.serving.http.routes import BODY_ARRIVED, ON_DISCONNECT, RESPOND
+from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
 
 if TYPE_CHECKING:
     from muxserve.serving.connection_rate import ConnectionRate
@@ -66,6 +68,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self.scope[ON_DISCONNECT] = None  # type: ignore[literal-required]  # this protocol calls the hook
         self.scope[RESPOND] = self.respond  # type: ignore[literal-required]
+        self.scope[ARRIVED] = time.monotonic()  # type: ignore[literal-required]
 
     def on_message_complete(self) -> None:
         self.scope[BODY_ARRIVED] = True  # type: ignore[literal-required]

@@ -38,6 +38,7 @@ ON_DISCONNECT = "muxserve.on_disconnect"
 RESPOND = "muxserve.respond"
 # scope key: True once the server has the request's whole body
 BODY_ARRIVED = "muxserve.body_arrived"
+ARRIVED = "muxserve.arrived"  # time.monotonic() when the protocol began reading the request
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 JSON = b"application/json"
@@ -133,7 +134,7 @@ class InferenceRoutes:
             header_length = headers.get(_HEADER_LENGTH)
             check = functools.partial(plane.check_inputs, served)
             request, binary_default = parse_infer_request(model, version, body, header_length.decode("latin-1") if header_length is not None else None, check)
-        response = await self._unless_gone(scope, receive, plane.infer(request))
+        response = await self._unless_gone(scope, receive, plane.infer(request, scope.get(ARRIVED)))
         payload, json_length = encode_infer_response(response, request, binary_default)
         extra = [(b"content-type", JSON if json_length is None else b"application/octet-stream")]
         if json_length is not None:
