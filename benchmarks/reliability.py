@@ -23,6 +23,7 @@ Every server runs the bundled ``--model`` (default sst2-mux5) on loopback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -304,12 +305,14 @@ def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
             return result, cpu_delta(cpu0, cpu_by_role(server.proc.pid), time.monotonic() - t0)
 
         alone, cores = victim()
-        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
+        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "storm_rate": a.storm_rate, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
         for name, abuser in ABUSERS.items():
             if a.abuser and name not in a.abuser:
                 continue
             stop = threading.Event()
             tally = {"sent": 0}
+            if name == "disconnect_storm" and a.storm_rate:
+                abuser = functools.partial(abuser, rate=a.storm_rate)
             thread = threading.Thread(target=niced, args=(a.abuser_nice, abuser, server, a.model, stop, tally), daemon=True)
             thread.start()
             try:
@@ -379,14 +382,19 @@ def _slowloris(server: ServerHandle, model: str, stop: threading.Event, tally: d
         sock.close()
 
 
-def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict, rate: float = 0.0) -> None:
     """Requests whose clients send them and reset the connection at once, from 4 threads, all
-    from an address of their own (127.0.0.2: the victim's is 127.0.0.1)."""
+    from an address of their own (127.0.0.2: the victim's is 127.0.0.1); ``rate`` connections
+    a second in all (0: as fast as they can)."""
     body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["gone before the answer"]}]}).encode()
     request = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
     def storm() -> None:
+        due = time.monotonic()
         while not stop.is_set():
+            if rate:
+                due += STORM_THREADS / rate
+                stop.wait(max(0.0, due - time.monotonic()))
             sock = socket.create_connection(("127.0.0.1", server.http_port), source_address=(ABUSER_ADDRESS, 0))
             try:
                 sock.sendall(request)
@@ -396,11 +404,14 @@ def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, t
             sock.close()
             tally["sent"] += 1
 
-    threads = [threading.Thread(target=storm, daemon=True) for _ in range(4)]
+    threads = [threading.Thread(target=storm, daemon=True) for _ in range(STORM_THREADS)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+
+
+STORM_THREADS = 4
 
 
 def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
@@ -461,6 +472,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup-s", type=float, default=60.0, help="soak: seconds at the soak load before the RSS baseline")
     p.add_argument("--victim-load", type=float, default=0.2, help="abuse: the well-behaved client's load over capacity")
     p.add_argument("--abuser-nice", type=int, default=19, help="abuse: the abusers' nice value (19: they use only CPU the server and the victim leave idle; 0: they compete for it)")
+    p.add_argument("--storm-rate", type=float, default=0.0, help="abuse: the disconnect storm's connections a second (0: as fast as it can)")
     p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse: only these abusers (repeatable; default: all)")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")

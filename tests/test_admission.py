@@ -33,27 +33,37 @@ def test_a_new_busy_period_and_the_window_forget_old_answers():
 
 
 def test_the_tail_factor_scales_the_mean_wait_to_the_99th_percentile():
+    """The 99th percentile of the answers' time in the server over the mean wait predicted at
+    their admission."""
     w = WaitEstimate()
     w.started(200, 0.0)
-    for _ in range(99):  # 99 answers that waited 0.1 s and one that waited 0.3 s
-        w.ended(1, True, 1.0, 0.1)
-    w.ended(1, True, 1.0, 0.3)
-    assert w.tail_factor(1.0) == pytest.approx(1.0)  # the 99th percentile is still 0.1 s
-    w.ended(1, True, 1.0, 0.3)
+    for _ in range(99):  # 99 answers that took the 0.1 s predicted for them and one that took 3x
+        w.ended(1, True, 1.0, 0.1, 0.1)
+    w.ended(1, True, 1.0, 0.3, 0.1)
+    assert w.tail_factor(1.0) == pytest.approx(1.0)  # the 99th percentile is still 1x
+    w.ended(1, True, 1.0, 0.3, 0.1)
     assert w.tail_factor(1.0) == pytest.approx(1.0)  # computed at most every TAIL_EVERY_S
-    assert w.tail_factor(1.0 + TAIL_EVERY_S) == pytest.approx(0.3 / ((99 * 0.1 + 2 * 0.3) / 101))
-    # 99 in flight; 101 answered in the 1.25 s of this busy period
-    assert w.predicted_wait(1, 1.0 + TAIL_EVERY_S) == pytest.approx((99 + 1) / (101 / (1.0 + TAIL_EVERY_S)) * w.tail_factor(1.0 + TAIL_EVERY_S))
+    assert w.tail_factor(1.0 + TAIL_EVERY_S) == pytest.approx(3.0)
+    w.ended(1, True, 1.0, 0.3)  # admitted before the rate was known: no ratio
+    # 98 in flight; 102 answered in the 1.25 s of this busy period
+    assert w.mean_wait(1, 1.0 + TAIL_EVERY_S) == pytest.approx((98 + 1) / (102 / (1.0 + TAIL_EVERY_S)))
+    assert w.predicted_wait(1, 1.0 + TAIL_EVERY_S) == pytest.approx((98 + 1) / (102 / (1.0 + TAIL_EVERY_S)) * 3.0)
 
 
-def test_the_tail_factor_covers_the_time_before_the_wait():
-    """What a request spends in the server before its texts are in flight (read, parsed,
-    tokenized) counts in the 99th percentile the bound is held to."""
+def test_the_tail_factor_covers_the_time_before_the_wait_and_a_biased_mean():
+    """Time a request spends in the server before its texts are in flight (read, parsed,
+    tokenized), and a mean prediction that runs short, count in the tail factor; one that runs
+    long does not lower it below 1."""
     w = WaitEstimate()
     w.started(100, 0.0)
-    for _ in range(100):  # each waited 0.1 s in flight, 0.15 s since its request was read
-        w.ended(1, True, 1.0, 0.1, 0.15)
+    for _ in range(100):
+        w.ended(1, True, 1.0, 0.15, 0.1)
     assert w.tail_factor(1.0) == pytest.approx(1.5)
+    w = WaitEstimate()
+    w.started(100, 0.0)
+    for _ in range(100):
+        w.ended(1, True, 1.0, 0.05, 0.1)
+    assert w.tail_factor(1.0) == pytest.approx(1.0)
 
 
 def test_admission_limits():

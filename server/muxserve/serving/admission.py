@@ -6,10 +6,12 @@ Two limits, each refusing at once with 429 + ``Retry-After`` (gRPC ``RESOURCE_EX
 - ``max_queue_wait_s``: the wait a new request can expect, at its 99th percentile. By Little's
   law the texts in flight (L) and the rate at which answers come back (X, texts/s) give the
   mean: a new text is answered after those ahead of it, about (L + its texts) / X from now.
-  Answers come a forward pass at a time, so waits spread around that mean: the ratio of the
-  recent answers' 99th percentile time in the server (from their request read to their answer:
-  reading, parsing and tokenizing included) to their mean wait (the tail factor, at least 1)
-  scales it to the time that 99% of requests stay within. X and the tail factor are measured live over the
+  Answers come a forward pass at a time, so waits spread around that mean: the tail factor
+  scales it to the time 99% of requests stay within. Each answered request measures its time in
+  the server (from its request read to its answer: reading, parsing and tokenizing included)
+  over the mean wait predicted for it when it was admitted; the tail factor is the 99th
+  percentile of that ratio over the recent answers (at least 1), so it also corrects whatever
+  the mean prediction misses. X and the tail factor are measured live over the
   last ``RATE_WINDOW_S`` during which the frontend had texts in flight, so the bound follows
   the engine's real speed (a machine shared with other work, a model that got slower) rather
   than a capacity measured once. A request is refused when its predicted wait passes the
@@ -42,9 +44,10 @@ class WaitEstimate:
     def __init__(self) -> None:
         self.texts_in_flight = 0
         self._busy_since = 0.0  # when texts_in_flight last rose from 0
-        self._answers: deque[tuple[float, int, float, float]] = deque()  # (time, texts, waited, in the server) within the window
+        # (time, texts, time in the server over the mean wait predicted at admission or None) within the window
+        self._answers: deque[tuple[float, int, float | None]] = deque()
         self._answered = 0  # texts in _answers
-        self._tail = 1.0  # the answers' p99 wait over their mean
+        self._tail = 1.0  # the p99 of the answers' ratios
         self._tail_at = -math.inf  # when _tail was last computed
 
     def _trim(self, now: float) -> float:
@@ -61,18 +64,21 @@ class WaitEstimate:
             return None
         return self._answered / max(now - window_start, MIN_SPAN_S)
 
+    def mean_wait(self, texts: int, now: float) -> float | None:
+        """Little's law: seconds until ``texts`` more texts are answered, on average (None
+        before the busy period's first answer)."""
+        rate = self.answer_rate(now)
+        return None if rate is None else (self.texts_in_flight + texts) / rate
+
     def tail_factor(self, now: float) -> float:
-        """The recent answers' 99th percentile time in the server over their mean wait (1 to
-        ``MAX_TAIL``), recomputed at most every ``TAIL_EVERY_S``."""
+        """The 99th percentile, over the recent answers, of their time in the server over the
+        mean wait predicted for them when they were admitted (1 to ``MAX_TAIL``): what scales a
+        mean prediction to the time 99% of requests stay within, whatever spreads them around
+        it or biases it. Recomputed at most every ``TAIL_EVERY_S``."""
         if now - self._tail_at >= TAIL_EVERY_S:
             self._trim(now)
-            count = len(self._answers)
-            mean = sum(w for _, _, w, _ in self._answers) / count if count else 0.0
-            if mean > 0:
-                p99 = sorted(t for _, _, _, t in self._answers)[math.ceil(0.99 * count) - 1]
-                self._tail = min(MAX_TAIL, max(1.0, p99 / mean))
-            else:
-                self._tail = 1.0
+            ratios = sorted(r for _, _, r in self._answers if r is not None)
+            self._tail = min(MAX_TAIL, max(1.0, ratios[math.ceil(0.99 * len(ratios)) - 1])) if ratios else 1.0
             self._tail_at = now
         return self._tail
 
@@ -81,10 +87,10 @@ class WaitEstimate:
         when nothing is in flight)."""
         if not self.texts_in_flight:
             return 0.0
-        rate = self.answer_rate(now)
-        if rate is None:  # no answer yet: at least as long as the oldest has waited
+        mean = self.mean_wait(texts, now)
+        if mean is None:  # no answer yet: at least as long as the oldest has waited
             return now - self._busy_since
-        return (self.texts_in_flight + texts) / rate * self.tail_factor(now)
+        return mean * self.tail_factor(now)
 
     def started(self, texts: int, now: float) -> None:
         if not self.texts_in_flight:
@@ -93,12 +99,12 @@ class WaitEstimate:
             self._answered = 0
         self.texts_in_flight += texts
 
-    def ended(self, texts: int, answered: bool, now: float, waited: float, in_server: float | None = None) -> None:
-        """``texts`` are no longer in flight, ``answered`` or not, after ``waited`` in flight
-        and ``in_server`` since their request was read (default: ``waited``)."""
+    def ended(self, texts: int, answered: bool, now: float, in_server: float, predicted_mean: float | None = None) -> None:
+        """``texts`` are no longer in flight, ``answered`` or not, ``in_server`` seconds after
+        their request was read; ``predicted_mean``: their ``mean_wait`` when admitted, if known."""
         self.texts_in_flight -= texts
         if answered:
-            self._answers.append((now, texts, waited, waited if in_server is None else in_server))
+            self._answers.append((now, texts, in_server / predicted_mean if predicted_mean else None))
             self._answered += texts
 
 
@@ -142,6 +148,7 @@ class Admission:
             return
         estimate = self._models.get(model) or self._models.setdefault(model, WaitEstimate())
         start = time.monotonic()
+        predicted = estimate.mean_wait(texts, start) if estimate.texts_in_flight else None
         estimate.started(texts, start)
         self.texts_in_flight += texts
         answered = False
@@ -154,4 +161,4 @@ class Admission:
         finally:
             self.texts_in_flight -= texts
             now = time.monotonic()
-            estimate.ended(texts, answered, now, now - start, now - (start if arrived is None else arrived))
+            estimate.ended(texts, answered, now, now - (start if arrived is None else arrived), predicted)
