@@ -29,6 +29,7 @@ import math
 import os
 import shlex
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -344,7 +345,8 @@ def hotpath(a: argparse.Namespace, texts: list[str]) -> dict:
                 rates[name].append(round(capacity(server, load, a.seconds).requests_per_s, 1))
     mean = {k: sum(v) / len(v) for k, v in rates.items()}
     first = next(iter(mean.values()))
-    return {"requests_per_s": rates, "mean_over_first": {k: round(v / first, 4) for k, v in mean.items()}, "trees": trees}
+    spread = {k: {"mean": round(mean[k], 1), "stdev": round(statistics.stdev(v), 1) if len(v) > 1 else 0.0, "min": min(v), "max": max(v)} for k, v in rates.items()}
+    return {"requests_per_s": rates, "spread": spread, "mean_over_first": {k: round(v / first, 4) for k, v in mean.items()}, "trees": trees}
 
 
 # ---------------------------------------------------------------------------- abusers (threads beside the victim)
