@@ -392,6 +392,44 @@ def test_predict_equals_forward(n: int, variant: str, masked: bool) -> None:
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_frozen_predict_in_bf16_follows_forward(n: int) -> None:
+    """A served model (``freeze_for_serving``: fused QKV, on CPU in bf16 oneDNN-prepacked
+    projections with GELU fused) answers as the unfrozen bf16 predict, and as the fp32 forward,
+    within bf16 rounding."""
+    model = tiny_model(num_instances=n, mask_group_padding=True)
+    for layer in model.bert.encoder.layer:  # weights large enough for logits well away from 0
+        for lin in (layer.attention.self.query, layer.attention.self.key, layer.intermediate.dense):
+            torch.nn.init.normal_(lin.weight, std=0.3)
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)
+    ids, mask = random_batch(4 * n - 1, 24, gen(7), min_len=3)
+    with torch.no_grad():
+        expected = model(ids, mask)
+    half = model.to(torch.bfloat16)
+    unfrozen = half.predict(ids, mask).float()
+    frozen = half.freeze_for_serving().predict(ids, mask).float()
+    scale = float(expected.abs().max())  # logits span about +-5..10 here
+    assert scale > 2.0
+    torch.testing.assert_close(frozen, unfrozen, atol=0.02 * scale, rtol=0)
+    torch.testing.assert_close(frozen, expected, atol=0.02 * scale, rtol=0)
+
+
+def test_training_drops_the_frozen_projections() -> None:
+    """Weights changed in training mode reach predict afterwards: nothing stale is served."""
+    model = tiny_model(num_instances=2, mask_group_padding=True).freeze_for_serving()
+    ids, mask = random_batch(4, 16, gen(3))
+    before = model.predict(ids, mask)
+    model.train()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.value.weight.mul_(3.0)
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids, mask)
+    got = model.predict(ids, mask)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(got, before, atol=1e-4, rtol=0)
+
+
 def test_predict_token_task_is_forward() -> None:
     """A token-level model reads every position: predict is forward."""
     ids, mask = random_batch(6, 16, gen(3))

@@ -97,7 +97,7 @@ def _run_eval(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     directory = resolve_model_dir(a.model_repository, a.model, a.version)
     precision = resolve_precision(a.precision, a.device)
-    model = load_model(directory, device=a.device, dtype=DTYPES[precision])
+    model = load_model(directory, device=a.device, dtype=DTYPES[precision]).freeze_for_serving()  # as the engine serves it
     data = read_tsv(a.data, model.config.labels, a.limit)
     tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
     result = accuracy(model, tok, data, a.batch_size, a.ensemble, a.repeats)

@@ -202,7 +202,45 @@ class BertEncoder(nn.Module):
 PACKED_ROWS_MULTIPLE = 64
 
 
-def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+class InferenceLinear:
+    """One or more Linears that read the same input, as one projection for inference: their
+    weights side by side (Q, K and V in one matmul), in oneDNN's prepacked layout on a CPU in
+    bf16 (``pack``), where the matmul runs faster than from the plain layout and GELU runs
+    fused into it. Built from the model's own weights, which it does not change."""
+
+    def __init__(self, *linears: nn.Linear, pack: bool = False) -> None:
+        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        self.bias = torch.cat([lin.bias.detach() for lin in linears]) if len(linears) > 1 else linears[0].bias.detach()
+        self.onednn = pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.onednn else weight
+
+    def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if self.onednn:  # "none": GELU's erf form, as F.gelu
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+        y = F.linear(x, self.weight, self.bias)
+        return F.gelu(y) if gelu else y
+
+
+class InferenceLayer:
+    """An encoder layer's projections for ``packed_cls_states``: fused QKV, the attention
+    output, the feed-forward in (with its GELU) and out. The layer norms stay the layer's."""
+
+    def __init__(self, layer: BertLayer, pack: bool = False) -> None:
+        att = layer.attention.self
+        self.num_heads, self.head_dim = att.num_heads, att.head_dim
+        self.qkv = InferenceLinear(att.query, att.key, att.value, pack=pack)
+        self.attention_out = InferenceLinear(layer.attention.output.dense, pack=pack)
+        self.attention_norm = layer.attention.output.LayerNorm
+        self.ffn_in = InferenceLinear(layer.intermediate.dense, pack=pack)
+        self.ffn_out = InferenceLinear(layer.output.dense, pack=pack)
+        self.ffn_norm = layer.output.LayerNorm
+
+
+def inference_layers(encoder: BertEncoder, pack: bool = False) -> list[InferenceLayer]:
+    return [InferenceLayer(layer, pack) for layer in encoder.layer]
+
+
+def packed_cls_states(layers: list[InferenceLayer], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Inference: the encoder's output at position 0 of each sequence, ``[B, 1, d]``, the same
     as ``encoder(x, padding_bias(valid))[:, :1]`` for less work.
 
@@ -210,7 +248,7 @@ def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor
     and feed-forward runs on the real tokens only, packed as ``[P, d]`` (a batch padded to its
     longest text computes its padding in the padded form); attention runs padded, with the
     padding masked as usual. The last layer computes keys and values for every token but the
-    query, attention output and feed-forward for position 0 alone: nothing else is read."""
+    attention output and feed-forward for position 0 alone: nothing else is read."""
     b, length, d = x.shape
     flat = valid.reshape(-1).nonzero().squeeze(1)  # real tokens' positions in [B*L]
     lengths = valid.sum(1)
@@ -221,33 +259,27 @@ def packed_cls_states(encoder: BertEncoder, x: torch.Tensor, valid: torch.Tensor
     # matmul itself: the packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
     # passes share a few row counts (and their cached kernels); the padding rows are dropped
     h = F.pad(h, (0, 0, 0, -len(flat) % PACKED_ROWS_MULTIPLE))
-    layers = list(encoder.layer)
     for i, layer in enumerate(layers):
         h = _packed_layer(layer, h, flat, b, length, bias, first if i == len(layers) - 1 else None)
     return h.view(b, 1, d)
 
 
-def _packed_layer(layer: BertLayer, h: torch.Tensor, flat: torch.Tensor, b: int, length: int, bias: torch.Tensor, query_rows: torch.Tensor | None) -> torch.Tensor:
+def _packed_layer(layer: InferenceLayer, h: torch.Tensor, flat: torch.Tensor, b: int, length: int, bias: torch.Tensor, query_rows: torch.Tensor | None) -> torch.Tensor:
     """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows``, only those rows
     are queried and come out (``[len(query_rows), d]``)."""
-    att = layer.attention.self
     d = h.shape[1]
-
-    def padded_heads(t: torch.Tensor) -> torch.Tensor:  # [P', d] -> [B, heads, L, head_dim]
-        out = t.new_zeros(b * length, d).index_copy_(0, flat, t[: len(flat)])
-        return out.view(b, length, att.num_heads, att.head_dim).transpose(1, 2)
-
-    k, v = padded_heads(att.key(h)), padded_heads(att.value(h))
+    qkv = layer.qkv(h)  # [P, 3d]: the padded layout [B*L, 3d] once for Q, K and V
+    padded = qkv.new_zeros(b * length, 3 * d).index_copy_(0, flat, qkv[: len(flat)])
+    q, k, v = padded.view(b, length, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)  # each [B, heads, L, head_dim]
     if query_rows is None:
-        q, residual = padded_heads(att.query(h)), h
+        residual = h
         context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * length, d).index_select(0, flat)
         context = F.pad(context, (0, 0, 0, h.shape[0] - len(flat)))  # the padding rows again
     else:
         residual = h.index_select(0, query_rows)
-        q = att.query(residual).view(b, 1, att.num_heads, att.head_dim).transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, d)
-    a = layer.attention.output(context, residual)
-    return layer.output(layer.intermediate(a), a)
+        context = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=bias).transpose(1, 2).reshape(b, d)
+    a = layer.attention_norm(layer.attention_out(context) + residual)
+    return layer.ffn_norm(layer.ffn_out(layer.ffn_in(a, gelu=True)) + a)
 
 
 class BertModel(nn.Module):
@@ -385,6 +417,20 @@ class MuxBertModel(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
         self.classifier = nn.Linear(d, cfg.num_labels)
         self._init_new_weights()
+        self.serving_layers: list[InferenceLayer] | None = None  # freeze_for_serving
+
+    def freeze_for_serving(self) -> MuxBertModel:
+        """Promise that the weights no longer change (a served model), so that ``predict`` keeps
+        its encoder's projections in the layouts it runs fastest (``InferenceLayer``: fused QKV,
+        oneDNN-prepacked on CPU in bf16) instead of building them at every pass. Training mode
+        drops them: call again after changing the weights."""
+        self.serving_layers = inference_layers(self.bert.encoder, pack=True)
+        return self
+
+    def train(self, mode: bool = True) -> MuxBertModel:
+        if mode:
+            self.serving_layers = None  # training changes the weights they were built from
+        return super().train(mode)
 
     def _init_new_weights(self) -> None:
         for module in self.modules():
@@ -427,7 +473,7 @@ class MuxBertModel(nn.Module):
         if not self.config.is_mux:
             x = emb(input_ids=input_ids)
             if packed_cls and bool(attention_mask[:, 0].all()):
-                return packed_cls_states(self.bert.encoder, x, attention_mask.bool())
+                return packed_cls_states(self.inference_layers(), x, attention_mask.bool())
             return self.bert.encoder(x, padding_bias(attention_mask, x.dtype))
         # index_pos reads every slot from the shared position 0: force [CLS] there
         input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.config.cls_token_id), input_ids[:, 1:]], dim=1)
@@ -440,9 +486,12 @@ class MuxBertModel(nn.Module):
         if self.config.mask_group_padding:
             group_mask = attention_mask.view(-1, self.config.num_instances, attention_mask.shape[1]).amax(dim=1)
             if packed_cls and bool(group_mask[:, 0].all()):
-                return packed_cls_states(self.bert.encoder, x, group_mask.bool())
+                return packed_cls_states(self.inference_layers(), x, group_mask.bool())
             bias = padding_bias(group_mask, x.dtype)
         return self.bert.encoder(x, bias)
+
+    def inference_layers(self) -> list[InferenceLayer]:
+        return self.serving_layers or inference_layers(self.bert.encoder)
 
     def demultiplex(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, L', d] -> [B*N, L', d]; identity for the baseline."""

@@ -94,7 +94,7 @@ class Engine:
         options = replace(options, precision=resolve_precision(options.precision, options.device))
         dtype = DTYPES[options.precision]
         model = load_model(directory, device=options.device, dtype=dtype)
-        forward: Forward = model.predict
+        forward: Forward = model.freeze_for_serving().predict
         if options.kind == "echo":
             forward = EchoForward(model.config.num_labels)
         elif options.kind == "torchscript":
