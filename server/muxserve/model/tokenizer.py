@@ -28,7 +28,8 @@ if TYPE_CHECKING:  # the server's frontends tokenize without loading torch
 # ASCII control characters that BertNormalizer removes or maps (the fast path leaves them to it)
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # BertPreTokenizer on ASCII: whitespace separates, every punctuation mark is a word of its own
-_SPACED_PUNCTUATION = str.maketrans({c: f" {c} " for c in string.punctuation})
+_PUNCTUATION = re.escape(string.punctuation)
+_WORDS = re.compile(rf"[^\s{_PUNCTUATION}]+|[{_PUNCTUATION}]")
 MAX_REMEMBERED_WORDS = 200_000
 
 
@@ -46,7 +47,9 @@ class WordPieces:
         self._model = tok.model
         self._lowercase = lowercase
         self._pieces: dict[str, list[int]] = {}
-        self._special = [t.content.lower() for t in tok.get_added_tokens_decoder().values()]
+        special = sorted({t.content.lower() for t in tok.get_added_tokens_decoder().values()} - {""})
+        # a text holding a special token's text (as the library matches it: case aside) is not ours
+        self._special = re.compile("|".join(map(re.escape, special))) if special else None
         probe = tok.encode("a").ids  # the post-processor's tokens around one piece
         core = [t.id for t in self._model.tokenize("a")]
         at = next(i for i in range(len(probe)) if probe[i : i + len(core)] == core)
@@ -65,9 +68,9 @@ class WordPieces:
         if not text.isascii() or _CONTROL.search(text) is not None:
             return None
         lowered = text.lower()
-        if any(s in lowered for s in self._special):
+        if self._special is not None and self._special.search(lowered) is not None:
             return None
-        words = (lowered if self._lowercase else text).translate(_SPACED_PUNCTUATION).split()
+        words = _WORDS.findall(lowered if self._lowercase else text)
         pieces = self._pieces
         try:
             found = [pieces[w] for w in words]

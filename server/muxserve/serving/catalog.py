@@ -41,7 +41,11 @@ class ModelCatalog(Generic[M]):
         return max(pool, key=lambda m: int(m.version) if m.version.isdigit() else -1)
 
     def get_ready(self, name: str, version: str = "") -> M:
-        served = self.find(name, version)
+        return self.require_ready(name, self.find(name, version))
+
+    @staticmethod
+    def require_ready(name: str, served: M) -> M:
+        """``served`` (found by ``find``) if it is ready; 503 if not."""
         if not served.ready:
             raise NotReady(f"model '{name}' version {served.version or '?'} is not ready: {served.reason or served.state}")
         return served

@@ -136,18 +136,25 @@ class DataPlane:
 
     # ------------------------------------------------------------------ inference
 
-    async def infer(self, request: InferRequest, arrived: float | None = None) -> InferResponse:
+    async def infer(self, request: InferRequest, arrived: float | None = None, served: ServedModel | None = None) -> InferResponse:
         """``arrived``: when the adapter read the request (``time.monotonic()``); the request's
-        time in the server, which its duration and the queue-wait bound cover, starts there."""
-        served = self.registry.get_ready(request.model_name, request.model_version)
+        time in the server, which its duration and the queue-wait bound cover, starts there.
+        ``served``: the model version an adapter looked up for the request
+        (``registry.find``) and whose ``check_inputs`` the request's inputs already passed."""
+        if served is None:
+            served = self.registry.get_ready(request.model_name, request.model_version)
+            checked = False
+        else:
+            self.registry.require_ready(request.model_name, served)
+            checked = True
         with self._request():
-            return await self._infer(served, request, arrived)
+            return await self._infer(served, request, arrived, checked)
 
-    async def _infer(self, served: ServedModel, request: InferRequest, arrived: float | None = None) -> InferResponse:
+    async def _infer(self, served: ServedModel, request: InferRequest, arrived: float | None = None, checked: bool = False) -> InferResponse:
         start = time.monotonic() if arrived is None else arrived
         async with self.counting_failures(served, start):
             self._accepting(served)
-            texts = self._texts(served, request)
+            texts = self._texts(served, request, checked)
             wanted = self._requested_outputs(served, request)
             options = request_options(served, request.parameters)
             logits, truncated, version = await self._run(served, texts, start, options, request.model_version)
@@ -210,14 +217,17 @@ class DataPlane:
         assert served.tokenizer is not None
         limit = self.settings.max_text_chars
         with self.admission.admitted(served.name, len(texts), start):
-            cut = [i for i, t in enumerate(texts) if len(t) > limit]
-            texts = [t[:limit] for t in texts]
+            chars = sum(map(len, texts))
+            cut = [i for i, t in enumerate(texts) if len(t) > limit] if chars > limit else []
+            if cut:
+                texts = [t[:limit] for t in texts]
+                chars = sum(map(len, texts))
             t0 = time.monotonic()
-            if sum(map(len, texts)) > OFFLOOP_TOKENIZE_CHARS:
+            if chars > OFFLOOP_TOKENIZE_CHARS:
                 encoded = await asyncio.to_thread(served.tokenizer.encode, texts)
             else:
                 encoded = served.tokenizer.encode(texts)
-            truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t})
+            truncated = sorted(set(cut) | {i for i, t in enumerate(encoded.truncated) if t}) if cut or any(encoded.truncated) else []
             logits, options.num_instances, version = await self.engine.infer(served, version, encoded.ids, start, time.monotonic() - t0, options)
         return logits, truncated, version
 
@@ -246,8 +256,9 @@ class DataPlane:
         if batch > served.max_batch_size:
             raise BadRequest(f"batch of {batch} texts exceeds max_batch_size {served.max_batch_size} of model '{served.name}'")
 
-    def _texts(self, served: ServedModel, request: InferRequest) -> list[str]:
-        self.check_inputs(served, [(t.name, t.datatype, t.shape) for t in request.inputs])
+    def _texts(self, served: ServedModel, request: InferRequest, checked: bool = False) -> list[str]:
+        if not checked:
+            self.check_inputs(served, [(t.name, t.datatype, t.shape) for t in request.inputs])
         tensor = request.inputs[0]
         batch = element_count(list(tensor.shape))
         if len(tensor.data) != batch:
@@ -289,7 +300,8 @@ class DataPlane:
             return OutputTensor(name, "BYTES", [batch, k], np.array(rows, dtype=object).reshape(batch, k))
         if name == LOGITS:
             return OutputTensor(LOGITS, "FP32", [batch, logits.shape[1]], logits.astype(np.float32, copy=False))
-        labels = np.array([_label(served, i).encode() for i in logits.argmax(-1)], dtype=object).reshape(batch, 1)
+        names = served.label_bytes
+        labels = np.array([names[i] if i < len(names) else str(i).encode() for i in logits.argmax(-1).tolist()], dtype=object).reshape(batch, 1)
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
 
 

@@ -64,6 +64,11 @@ class ModelView:
     def output_names(self) -> list[str]:
         return [o.name for o in self.config.output]
 
+    @functools.cached_property
+    def label_bytes(self) -> list[bytes]:
+        """The labels as the LABEL output carries them (UTF-8)."""
+        return [label.encode() for label in self.labels]
+
 
 class ModelIndex(ModelCatalog[ModelView]):
     """The engine's models. Lookups fail with 503 while the engine has never been reached."""

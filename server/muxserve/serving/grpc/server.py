@@ -207,7 +207,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
         async with self.plane.counting_failures(served):
             request = decode_infer_request(req, functools.partial(self.plane.check_inputs, served))
-        return encode_infer_response(await self.plane.infer(request))
+        return encode_infer_response(await self.plane.infer(request, served=served))
 
     @_unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:

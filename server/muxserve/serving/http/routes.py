@@ -134,7 +134,7 @@ class InferenceRoutes:
             header_length = headers.get(_HEADER_LENGTH)
             check = functools.partial(plane.check_inputs, served)
             request, binary_default = parse_infer_request(model, version, body, header_length.decode("latin-1") if header_length is not None else None, check)
-        response = await self._unless_gone(scope, receive, plane.infer(request, scope.get(ARRIVED)))
+        response = await self._unless_gone(scope, receive, plane.infer(request, scope.get(ARRIVED), served))
         payload, json_length = encode_infer_response(response, request, binary_default)
         extra = [(b"content-type", JSON if json_length is None else b"application/octet-stream")]
         if json_length is not None:

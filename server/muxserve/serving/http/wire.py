@@ -114,7 +114,7 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
         name, datatype, shape = raw["name"], raw.get("datatype"), raw.get("shape")
         if not isinstance(datatype, str):
             raise BadRequest(f"input '{name}' lacks a 'datatype'")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if type(shape) is not list or any(type(d) is not int for d in shape):  # bool is not int here
             raise BadRequest(f"input '{name}' needs 'shape' as a list of integers")
         declared.append((name, datatype, shape))
     if check is not None:
