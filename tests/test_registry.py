@@ -14,7 +14,7 @@ from muxserve.cli import build_parser
 from muxserve.cli.serve import settings_from_args
 from muxserve.model.packaging import default_config
 from muxserve.model.precision import resolve_precision
-from muxserve.serving.engine import default_threads
+from muxserve.serving.engine import AUTO_CPU_INSTANCES, engine_layout
 from muxserve.serving.registry import AUTO_TOKENS_PER_GROUP, batch_texts, engine_options, max_texts, token_budget
 from muxserve.serving.repository import ModelEntry, RepositoryError, scan
 from muxserve.serving.settings import Settings
@@ -50,7 +50,7 @@ def test_engine_options_from_instance_group_and_flags() -> None:
 def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -> None:
     cfg = default_config("m", 2, 2, batch_texts=64)
     auto = engine_options(entry(cfg), Settings())
-    assert (auto.precision, auto.threads) == (resolve_precision("auto", "cpu"), default_threads(1))
+    assert (auto.precision, (auto.instances, auto.threads)) == (resolve_precision("auto", "cpu"), engine_layout("cpu"))
     assert token_budget(entry(cfg), Settings(), 2, 128, 8).max_tokens == 32 * AUTO_TOKENS_PER_GROUP  # 32 groups
     # config.pbtxt parameters
     cfg.parameters["precision"].string_value = "fp32"
@@ -70,6 +70,43 @@ def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -
         token_budget(entry(cfg), Settings(), 2, 128, 8)
 
 
+@pytest.mark.parametrize(
+    ("device", "instances", "threads", "cores", "layout"),
+    [
+        ("cpu", 0, 0, 1, (1, 1)),
+        ("cpu", 0, 0, 2, (2, 1)),  # one single-thread instance per core
+        ("cpu", 0, 0, AUTO_CPU_INSTANCES, (AUTO_CPU_INSTANCES, 1)),
+        ("cpu", 0, 0, 4 * AUTO_CPU_INSTANCES, (AUTO_CPU_INSTANCES, 4)),  # past the cap: more threads each
+        ("cpu", 0, 2, 8, (4, 2)),  # threads given: as many instances as fill the cores
+        ("cpu", 0, 4, 2, (1, 4)),
+        ("cpu", 1, 0, 8, (1, 8)),  # instances given: the cores split over them
+        ("cpu", 3, 0, 2, (3, 1)),
+        ("cpu", 2, 3, 2, (2, 3)),  # both given: as given
+        ("cuda", 0, 0, 8, (1, 8)),  # a device runs one pass at a time
+        ("cuda:1", 2, 0, 8, (2, 4)),
+    ],
+)
+def test_engine_layout(device: str, instances: int, threads: int, cores: int, layout: tuple[int, int]) -> None:
+    assert engine_layout(device, instances, threads, cores) == layout
+
+
+def test_engine_layout_from_instance_group_parameters_and_flags() -> None:
+    cfg = default_config("m", 2, 2)  # instance_group without a count: automatic
+    assert not cfg.instance_group[0].count
+    assert (engine_options(entry(cfg), Settings()).instances, engine_options(entry(cfg), Settings()).threads) == engine_layout("cpu")
+    cfg.instance_group[0].count = 3  # an explicit count is what Triton serves
+    opts = engine_options(entry(cfg), Settings())
+    assert (opts.instances, opts.threads) == engine_layout("cpu", 3)
+    cfg.parameters["INTRA_OP_THREAD_COUNT"].string_value = "2"
+    opts = engine_options(entry(cfg), Settings())
+    assert (opts.instances, opts.threads) == (3, 2)
+    opts = engine_options(entry(cfg), Settings(instances=1, threads=1))  # flags win
+    assert (opts.instances, opts.threads) == (1, 1)
+    cfg.instance_group[0].count = 0
+    opts = engine_options(entry(cfg), Settings())  # threads alone: instances to fill the cores
+    assert (opts.instances, opts.threads) == engine_layout("cpu", 0, 2)
+
+
 def test_max_texts_is_max_batch_size_in_whole_groups() -> None:
     cfg = default_config("m", 5, 2, batch_texts=64)
     cfg.max_batch_size = 64
@@ -78,11 +115,11 @@ def test_max_texts_is_max_batch_size_in_whole_groups() -> None:
 
 def test_serve_flags_reach_the_settings() -> None:
     parser, _ = build_parser()
-    a = parser.parse_args(["serve", "--precision", "bf16", "--threads", "4", "--max-batch-tokens", "2048"])
+    a = parser.parse_args(["serve", "--precision", "bf16", "--instances", "3", "--threads", "4", "--max-batch-tokens", "2048"])
     settings = settings_from_args(a)
-    assert (settings.precision, settings.threads, settings.max_batch_tokens) == ("bf16", 4, 2048)
+    assert (settings.precision, settings.instances, settings.threads, settings.max_batch_tokens) == ("bf16", 3, 4, 2048)
     unset = settings_from_args(parser.parse_args(["serve"]))
-    assert (unset.precision, unset.threads, unset.max_batch_tokens) == ("", 0, None)
+    assert (unset.precision, unset.instances, unset.threads, unset.max_batch_tokens) == ("", 0, 0, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--precision", "int4"])
 

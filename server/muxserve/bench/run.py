@@ -208,13 +208,12 @@ def served_batch_texts(repository: str | Path, model: str, num_instances: int) -
 
 def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None, rounds: int = 3) -> dict:
     """Texts/s of the engine alone on the served texts, as a saturated server runs them: with
-    the engine options the server chooses for the model (precision, threads) and the batches its
-    scheduler forms from a full queue of these texts (token budget or fixed batch size,
-    length-aware grouping). ``settings``: the server's ``Settings`` (default: its defaults).
-    ``seconds`` are split into ``rounds`` of whole passes over the texts; the result is the best
-    round (other jobs on the cores only ever slow it), every round is in ``rounds_texts_per_s``."""
-    import torch
-
+    the engine options the server chooses for the model (precision; its instances running side by
+    side, each at its threads) and the batches its scheduler forms from a full queue of these
+    texts (token budget or fixed batch size, length-aware grouping). ``settings``: the server's
+    ``Settings`` (default: its defaults). ``seconds`` are split into ``rounds`` of whole passes
+    over the texts; the result is the best round (other jobs on the cores only ever slow it),
+    every round is in ``rounds_texts_per_s``."""
     from muxserve.model.tokenizer import TextTokenizer
     from muxserve.serving.engine import Engine
     from muxserve.serving.registry import batch_texts, engine_options, max_texts, token_budget
@@ -235,30 +234,24 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
         while queue:
             batch, queue = split_queue(queue, len, lambda _: False, cap, settings.length_aware, budget)
             batches.append(batch)
-        before = torch.get_num_threads()
-        torch.set_num_threads(engine.threads)
-        try:
-            for b in batches:  # every batch shape once: the first pass at a new shape builds its kernels
-                engine.infer(b)
-            rates, total = [], 0.0
-            for _ in range(max(1, rounds)):
-                done, start = 0, time.perf_counter()
-                while True:  # whole cycles over the batches, so that every round has the texts' mix of lengths
-                    for b in batches:
-                        engine.infer(b)
-                    done += len(rows)
-                    elapsed = time.perf_counter() - start
-                    if elapsed >= seconds / max(1, rounds):
-                        break
-                rates.append(done / elapsed)
-                total += elapsed
-        finally:
-            torch.set_num_threads(before)
+        # every batch shape once on every instance: the first pass at a new shape builds its kernels
+        engine.infer_all(b for b in batches for _ in range(engine.options.instances))
+        rates, total = [], 0.0
+        for _ in range(max(1, rounds)):
+            done, start = 0, time.perf_counter()
+            while True:  # whole cycles over the batches, so that every round has the texts' mix of lengths
+                engine.infer_all(batches)  # on the server's instances, side by side
+                done += len(rows)
+                elapsed = time.perf_counter() - start
+                if elapsed >= seconds / max(1, rounds):
+                    break
+            rates.append(done / elapsed)
+            total += elapsed
     finally:
         engine.close()
     return {
         "batch_texts": cap, "max_batch_tokens": budget.max_tokens if budget else None, "mean_batch_texts": len(rows) / len(batches),
-        "precision": engine.options.precision, "threads": engine.threads, "forward_texts_per_s": max(rates), "rounds_texts_per_s": rates, "forward_seconds": total,
+        "precision": engine.options.precision, "instances": engine.options.instances, "threads": engine.threads, "forward_texts_per_s": max(rates), "rounds_texts_per_s": rates, "forward_seconds": total,
     }
 
 

@@ -25,7 +25,7 @@ def default_config(name: str, num_instances: int, num_labels: int, baseline: str
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
     cfg.dynamic_batching.preferred_batch_size.append(batch_texts)
     cfg.dynamic_batching.default_queue_policy.max_queue_size = max_queue_size
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
+    cfg.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU)  # count unset: the automatic layout
     cfg.parameters["num_instances"].string_value = str(num_instances)
     if baseline:
         cfg.parameters["baseline"].string_value = baseline

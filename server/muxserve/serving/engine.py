@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from muxserve.model.precision import DTYPES, resolve_precision
 from muxserve.model.weights import load_model
 from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
-__all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "padded_length"]
+__all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "engine_layout", "padded_length"]
 # [MASK] of BERT vocabularies: the echo engine fails any forward pass holding it
 ECHO_FAIL_TOKEN_ID = 103
 
@@ -33,10 +34,36 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+# the automatic layout on a CPU: one single-thread instance per core up to this many; past it
+# the extra cores become intra-op threads of these instances (docs/bench/engine.md)
+AUTO_CPU_INSTANCES = 4
+
+
 def default_threads(instances: int = 1) -> int:
     """Intra-op threads per engine instance: every core, split over the instances (the request
     path's own work is small next to the forward pass, and runs in other processes)."""
     return max(1, available_cores() // max(1, instances))
+
+
+def engine_layout(device: str, instances: int = 0, threads: int = 0, cores: int = 0) -> tuple[int, int]:
+    """(engine instances, intra-op threads per instance); 0 for either: choose it.
+
+    On a CPU, by default one single-thread instance per core (at most ``AUTO_CPU_INSTANCES``,
+    the remaining cores split over them as threads): the frontends and the load share these
+    cores, and a multi-thread pass stalls at every operator's barrier whenever one of its
+    threads is descheduled, while single-thread passes side by side just run slower. With the
+    threads given, as many instances as fill the cores with them. On CUDA one instance: the
+    device runs one pass at a time anyway. Given instances and no threads: every core split
+    over them."""
+    cores = cores or available_cores()
+    if instances <= 0:
+        if device.startswith("cuda"):
+            instances = 1
+        elif threads > 0:
+            instances = max(1, cores // threads)
+        else:
+            instances = max(1, min(cores, AUTO_CPU_INSTANCES))
+    return instances, threads if threads > 0 else max(1, cores // instances)
 
 
 class Forward(Protocol):
@@ -136,6 +163,11 @@ class Engine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.infer, rows)
 
+    def infer_all(self, batches: Iterable[list[list[int]]]) -> list[np.ndarray]:
+        """Forward passes of ``batches`` on the engine's instances, side by side as when serving
+        (each instance at its own intra-op threads); logits in order."""
+        return list(self._executor.map(self.infer, batches))
+
     def sample_rows(self, count: int, length: int) -> list[list[int]]:
         """``count`` token rows of ``length`` ids, [CLS] ... [SEP]: for warmup and timing."""
         return [[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * count
@@ -144,8 +176,9 @@ class Engine:
         """One pass per common padded length, so the first requests do not pay for allocation
         (and, in bf16, for oneDNN building its kernels)."""
         n, longest = self.config.num_instances, self.config.max_seq_length
-        for length in sorted({padded_length(k, longest, self.options.pad_multiple) for k in range(8, 65, 8)}):
-            self.infer(self.sample_rows(2 * n, length))
+        # on the instances' threads: oneDNN keys its kernels by the threads that run them
+        lengths = sorted({padded_length(k, longest, self.options.pad_multiple) for k in range(8, 65, 8)})
+        self.infer_all(self.sample_rows(2 * n, length) for length in lengths)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=False)

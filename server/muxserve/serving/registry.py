@@ -34,7 +34,7 @@ from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE
 from muxserve.serving.catalog import ModelCatalog
 from muxserve.serving.controller import ControllerSettings, LoadController
-from muxserve.serving.engine import Engine, EngineOptions, default_threads
+from muxserve.serving.engine import Engine, EngineOptions, engine_layout
 from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound
 from muxserve.serving.family import FamilyMember, FamilyScheduler
 from muxserve.serving.observability.family import FamilyMonitor
@@ -63,7 +63,7 @@ class Family:
 
 # config.pbtxt ``parameters`` of the engine (each overridden by the matching `muxserve serve` flag)
 PRECISION = "precision"  # auto | fp32 | bf16 | fp16
-THREADS = "INTRA_OP_THREAD_COUNT"  # as Triton's PyTorch backend names it; 0: every core
+THREADS = "INTRA_OP_THREAD_COUNT"  # as Triton's PyTorch backend names it; 0: automatic
 MAX_BATCH_TOKENS = "max_batch_tokens"  # as TEI names it; 0: fixed batches of batch_texts; auto
 # the automatic budget: batch_texts / N groups of 48 tokens (1,536 positions for the bundled
 # models), where the CPU forward pass reaches its full rate (benchmarks/token_budget.py, docs/bench)
@@ -138,11 +138,10 @@ def _int_parameter(entry: ModelEntry, key: str) -> int | None:
 
 
 def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
-    """Device, precision, threads, engine kind and instance count: flags, else config.pbtxt,
-    else automatic. A precision from config.pbtxt that the device cannot run (fp16 on a CPU)
+    """Device, precision, engine kind, instances and threads per instance: flags, else
+    config.pbtxt (instance_group count, INTRA_OP_THREAD_COUNT), else automatic (``engine_layout``). A precision from config.pbtxt that the device cannot run (fp16 on a CPU)
     gives way to the device's automatic choice; one from a flag is an error."""
     groups = list(entry.config.instance_group)
-    count = max(1, sum(g.count for g in groups) if groups else 1)
     kind = groups[0].kind if groups else mc.ModelInstanceGroup.KIND_AUTO
     device = settings.device or ("cuda" if kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
     if device == "cuda" and groups and groups[0].gpus:
@@ -154,9 +153,11 @@ def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
             precision = resolve_precision(entry.parameter(PRECISION, ""), device)
         except ValueError:
             precision = resolve_precision("auto", device)
-    threads = settings.threads or _int_parameter(entry, THREADS) or default_threads(count)
+    # instance_group count unset (0) or no instance_group: the automatic layout (engine_layout)
+    count = settings.instances or sum(g.count for g in groups)
+    instances, threads = engine_layout(device, count, settings.threads or _int_parameter(entry, THREADS) or 0)
     kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
-    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=count)
+    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=instances)
 
 
 def token_budget(entry: ModelEntry, settings: Settings, num_instances: int, max_length: int, pad_multiple: int) -> TokenBudget | None:
@@ -402,7 +403,7 @@ class ModelRegistry(ModelCatalog[ServedModel]):
             budget = served.scheduler.token_budget
             batching = f"up to {served.scheduler.batch_texts} texts and {budget.max_tokens} tokens a pass" if budget else f"{served.scheduler.batch_texts} texts a pass"
             options = served.engine.options
-            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s in %s (%d thread(s)), %s, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, options.kind, options.device, options.precision, served.engine.threads, batching, time.perf_counter() - t0)
+            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s in %s (%d instance(s) x %d thread(s)), %s, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, options.kind, options.device, options.precision, options.instances, served.engine.threads, batching, time.perf_counter() - t0)
         except Exception as exc:  # one bad model must not stop the others
             served.state = UNAVAILABLE
             served.reason = f"{type(exc).__name__}: {exc}"

@@ -23,7 +23,8 @@ class Settings(BaseModel):
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
     precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32")
     engine: str = Field("", description="override: eager | torchscript")
-    threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt, else every core split over instances")
+    instances: int = Field(0, description="engine instances per model (passes run side by side); 0: config.pbtxt instance_group count, else automatic")
+    threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="group texts of similar length (less padding)")
     warmup: bool = True
