@@ -105,6 +105,8 @@ def test_engine_layout_from_instance_group_parameters_and_flags() -> None:
     cfg.instance_group[0].count = 0
     opts = engine_options(entry(cfg), Settings())  # threads alone: instances to fill the cores
     assert (opts.instances, opts.threads) == engine_layout("cpu", 0, 2)
+    del cfg.parameters["INTRA_OP_THREAD_COUNT"]
+    assert engine_options(entry(cfg), Settings(engine="echo")).instances == 1  # computes nothing: one instance
 
 
 def test_max_texts_is_max_batch_size_in_whole_groups() -> None:

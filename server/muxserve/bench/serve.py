@@ -130,6 +130,11 @@ def server_settings(server_args: Sequence[str]) -> object:
     return serve_cli.settings_from_args(parser.parse_args([serve_cli.NAME, *server_args]))
 
 
+def layout(forward: dict) -> str:
+    """'2 instance(s) x 1 thread(s)' of a forward-only result (older results: threads only)."""
+    return f"{forward.get('instances', 1)} instance(s) × {forward['threads']} thread(s)"
+
+
 def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> dict[str, dict]:
     """Accuracy (cached), forward-only throughput (at the served settings) and physical limit per model."""
     from muxserve.model.precision import resolve_precision
@@ -151,7 +156,7 @@ def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> 
         if opts.forward_seconds > 0:
             entry["forward"] = forward_only(opts.repository, model, texts, opts.forward_seconds, settings)
             f = entry["forward"]
-            log(f"{model}: forward pass alone {f['forward_texts_per_s']:.1f} texts/s ({f['precision']}, {f['threads']} thread(s), {f['mean_batch_texts']:.0f} texts per pass)")
+            log(f"{model}: forward pass alone {f['forward_texts_per_s']:.1f} texts/s ({f['precision']}, {layout(f)}, {f['mean_batch_texts']:.0f} texts per pass)")
         if opts.matmul_seconds > 0:
             precision = entry["forward"]["precision"] if "forward" in entry else resolve_precision(settings.precision or "auto", settings.device or "cpu")
             entry["limit"] = physical_limit(opts.repository, model, texts, opts.matmul_seconds, precision=precision)
@@ -280,9 +285,9 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['protocol']} | {r['texts_per_request']} | {r['model']} | {r['num_instances']} | {cell(r.get('accuracy'), '.3f')} | {cell(r.get('peak_requests_per_s'))} | {cell(r.get('peak_texts_per_s'))} | {r.get('at_concurrency', '–')} | {cell(r.get('p50_ms'))} | {cell(r.get('p99_ms'))} | {cell(r.get('cpu_ms_per_request'), '.3f')} | {cell(r.get('ratio_to_baseline'), '.2f', '×')} | {cell(r.get('forward_texts_per_s'))} | {cell(r.get('served_over_forward'), '.0%')} | {cell(r.get('limit_texts_per_s'))} | {cell(r.get('served_over_limit'), '.1%')} |"
         )
-    forwards = [f"{model}: {f['precision']}, {f['threads']} thread(s), {f['mean_batch_texts']:.0f} texts per pass" + (f" (budget {f['max_batch_tokens']} tokens)" if f.get("max_batch_tokens") else "") for model, info in report["models"].items() if (f := info.get("forward"))]
+    forwards = [f"{model}: {f['precision']}, {layout(f)}, {f['mean_batch_texts']:.0f} texts per pass" + (f" (budget {f['max_batch_tokens']} tokens)" if f.get("max_batch_tokens") else "") for model, info in report["models"].items() if (f := info.get("forward"))]
     if forwards:
-        lines += ["", "Forward-only: the engine alone on the same texts, with the server's precision, threads and batches (those its scheduler forms from a full queue): " + "; ".join(forwards) + "."]
+        lines += ["", "Forward-only: the engine alone on the same texts, with the server's precision, instances side by side, threads and batches (those its scheduler forms from a full queue): " + "; ".join(forwards) + "."]
     if report.get("echo"):
         lines += ["", "## The serving stack alone (echo engine: no forward pass, 1 text per request)", "", "| protocol | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
         for p in report["echo"]:

@@ -139,8 +139,10 @@ def _int_parameter(entry: ModelEntry, key: str) -> int | None:
 
 def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
     """Device, precision, engine kind, instances and threads per instance: flags, else
-    config.pbtxt (instance_group count, INTRA_OP_THREAD_COUNT), else automatic (``engine_layout``). A precision from config.pbtxt that the device cannot run (fp16 on a CPU)
-    gives way to the device's automatic choice; one from a flag is an error."""
+    config.pbtxt (instance_group count, INTRA_OP_THREAD_COUNT), else automatic (``engine_layout``;
+    the echo engine, which computes nothing, one instance). A precision from config.pbtxt that
+    the device cannot run (fp16 on a CPU) gives way to the device's automatic choice; one from a
+    flag is an error."""
     groups = list(entry.config.instance_group)
     kind = groups[0].kind if groups else mc.ModelInstanceGroup.KIND_AUTO
     device = settings.device or ("cuda" if kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
@@ -154,9 +156,9 @@ def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
         except ValueError:
             precision = resolve_precision("auto", device)
     # instance_group count unset (0) or no instance_group: the automatic layout (engine_layout)
-    count = settings.instances or sum(g.count for g in groups)
-    instances, threads = engine_layout(device, count, settings.threads or _int_parameter(entry, THREADS) or 0)
     kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
+    count = settings.instances or sum(g.count for g in groups) or (1 if kind_name == "echo" else 0)
+    instances, threads = engine_layout(device, count, settings.threads or _int_parameter(entry, THREADS) or 0)
     return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=instances)
 
 
