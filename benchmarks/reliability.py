@@ -10,7 +10,8 @@ served rate of two source trees side by side; the figures behind docs/reliabilit
               one-minute runs at that load: p99 and RSS (by process) per minute, RSS growth
               since the warm-up, the server's counters against wrk's at the end
     abuse     a well-behaved client paced at --victim-load x C, alone, beside each abuser (huge
-              element counts, slowloris, disconnect storm, invalid protobuf flood), alone again:
+              element counts, slowloris, disconnect storm, invalid protobuf flood, gRPC
+              connection storm; at --abuser-nice, from an address of their own), alone again:
               its p99 beside each over the mean of its two p99s alone
     hotpath   closed-loop served req/s of source trees (--tree NAME=DIR, each a checkout's
               server/ folder), alternating --rounds times in one run
@@ -414,6 +415,30 @@ def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, t
 
 
 STORM_THREADS = 4
+HTTP2_OPENING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # client preface, empty SETTINGS
+
+
+def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+    """gRPC connections opened (the HTTP/2 preface and SETTINGS sent) and reset at once, from 4
+    threads, as fast as they can, from the abusers' address: the gRPC port has no per-address
+    limit of its own (docs/security.md)."""
+
+    def storm() -> None:
+        while not stop.is_set():
+            sock = socket.create_connection(("127.0.0.1", server.grpc_port), source_address=(ABUSER_ADDRESS, 0))
+            try:
+                sock.sendall(HTTP2_OPENING)
+            except OSError:
+                pass
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+            tally["sent"] += 1
+
+    threads = [threading.Thread(target=storm, daemon=True) for _ in range(STORM_THREADS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
@@ -435,6 +460,7 @@ def niced(nice: int, abuser: Callable[..., None], *args: object) -> None:
 
 ABUSERS: dict[str, Callable[[ServerHandle, str, threading.Event, dict], None]] = {
     "huge_element_counts": _huge_elements, "slowloris": _slowloris, "disconnect_storm": _disconnect_storm, "invalid_protobuf_flood": _invalid_protobuf,
+    "grpc_connection_storm": _grpc_connection_storm,
 }
 
 
