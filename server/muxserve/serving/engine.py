@@ -121,7 +121,7 @@ class Engine:
         options = replace(options, precision=resolve_precision(options.precision, options.device))
         dtype = DTYPES[options.precision]
         model = load_model(directory, device=options.device, dtype=dtype)
-        forward: Forward = model.freeze_for_serving().predict
+        forward: Forward = model.predict
         if options.kind == "echo":
             forward = EchoForward(model.config.num_labels)
         elif options.kind == "torchscript":
@@ -130,7 +130,9 @@ class Engine:
                 raise FileNotFoundError(f"{path} missing: run `muxserve export` for this model first")
             traced = torch.jit.load(str(path), map_location=options.device)
             forward = traced.to(dtype=dtype).eval() if dtype != torch.float32 else traced.eval()
-        elif options.kind != "eager":
+        elif options.kind == "eager":
+            model.freeze_for_serving()  # served weights never change: predict keeps its fastest layouts
+        else:
             raise ValueError(f"unknown engine kind {options.kind!r} (eager | torchscript | echo)")
         return cls(forward, model.config, options, name)
 
