@@ -52,6 +52,8 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
         # requests and passes that ended in a window of a few dozen: they nest within a margin.
         inner = prof["parts_ms"]["tokenize"] + prof["parts_ms"]["queue"] + prof["parts_ms"]["forward"]
         assert inner <= prof["server_ms"] * 1.25 and prof["server_ms"] < prof["client_ms"], prof
+        # the forward pass alone at the passes this load formed, beside the full-queue capacity
+        assert p["forward_at_served_pass"]["pass_texts"] == round(prof["texts_per_forward"]) and p["forward_at_served_pass"]["forward_texts_per_s"] > 0
     assert [(p["protocol"], p["engine"], p["texts_per_request"]) for p in report["echo"]] == [("classify", "echo", 1), ("grpc", "echo", 1)]
     assert all(p["error_count"] == 0 and p["requests"] > 0 and p["cpu_ms_per_request"] > 0 for p in report["echo"])
     for model, n in (("tiny-bert", 1), ("tiny-mux2", 2)):
@@ -62,7 +64,7 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
         assert info["limit"]["limit_texts_per_s"] > 0 and info["limit"]["flops_per_text_padded"] >= info["limit"]["flops_per_text"]
     rows = {(r["protocol"], r["model"]): r for r in report["summary"]}
     assert len(rows) == 4 and rows[("binary", "tiny-bert")]["ratio_to_baseline"] == 1.0
-    assert all(0 < r["served_over_limit"] < 1 and r["served_over_forward"] > 0 for r in rows.values())
+    assert all(0 < r["served_over_limit"] < 1 and r["served_over_forward"] > 0 and r["forward_at_served_pass"]["served_over_forward"] > 0 for r in rows.values())
     md = (out / "results.md").read_text()
     assert "| binary | 2 | tiny-mux2 | 2 |" in md and "Physical limit" in md and "Where a request's time goes" in md and "echo engine" in md
     for name in PLOTS:

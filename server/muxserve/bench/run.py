@@ -206,14 +206,16 @@ def served_batch_texts(repository: str | Path, model: str, num_instances: int) -
     return batch_texts(scan(repository)[model], num_instances)
 
 
-def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None, rounds: int = 3) -> dict:
+def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None, rounds: int = 3, pass_texts: int = 0) -> dict:
     """Texts/s of the engine alone on the served texts, as a saturated server runs them: with
     the engine options the server chooses for the model (precision; its instances running side by
     side, each at its threads) and the batches its scheduler forms from a full queue of these
     texts (token budget or fixed batch size, length-aware grouping). ``settings``: the server's
     ``Settings`` (default: its defaults). ``seconds`` are split into ``rounds`` of whole passes
     over the texts; the result is the best round (other jobs on the cores only ever slow it),
-    every round is in ``rounds_texts_per_s``."""
+    every round is in ``rounds_texts_per_s``. ``pass_texts``: passes of that many texts instead
+    (in whole mux groups, length-aware as the scheduler picks them), e.g. the mean pass a served
+    load formed."""
     from muxserve.model.tokenizer import TextTokenizer
     from muxserve.serving.engine import Engine
     from muxserve.serving.registry import batch_texts, engine_options, max_texts, token_budget
@@ -230,6 +232,8 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
         rows = TextTokenizer(directory / "tokenizer.json", cfg.max_seq_length).encode(list(texts)).ids
         budget = token_budget(entry, settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple)
         cap = max_texts(entry, cfg.num_instances) if budget else batch_texts(entry, cfg.num_instances)
+        if pass_texts > 0:
+            budget, cap = None, max(cfg.num_instances, pass_texts - pass_texts % cfg.num_instances)
         batches, queue = [], list(rows)
         while queue:
             batch, queue = split_queue(queue, len, lambda _: False, cap, settings.length_aware, budget)

@@ -166,6 +166,19 @@ def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> 
     return info
 
 
+def _forward_at_served_passes(opts: SweepOptions, texts: list[str], points: list[dict], log: Log) -> None:
+    """Forward-only texts/s at the mean pass each point's load formed (``forward_at_served_pass``
+    of the point), beside the full-queue figure, which stays the capacity served is held to:
+    how much of the gap is the passes the load makes, how much the serving stack."""
+    settings = server_settings(opts.server_args)
+    for p in points:
+        size = round(p.get("profile", {}).get("texts_per_forward") or 0)
+        if size > 0:
+            f = forward_only(opts.repository, p["model"], texts, opts.forward_seconds, settings, pass_texts=size)
+            p["forward_at_served_pass"] = {"pass_texts": size, "forward_texts_per_s": f["forward_texts_per_s"]}
+            log(f"{p['model']}: forward pass alone at {size} texts per pass {f['forward_texts_per_s']:.1f} texts/s")
+
+
 def _previous_models(out: Path) -> dict:
     path = out / "results.json"
     if not path.exists():
@@ -203,6 +216,8 @@ def summarize(report: dict) -> list[dict]:
                         row["served_over_limit_padded"] = peak["texts_per_s"] / info["limit"]["limit_texts_per_s_padded"]
                     if "profile" in peak:
                         row["profile"] = peak["profile"]
+                    if "forward_at_served_pass" in peak:
+                        row["forward_at_served_pass"] = {**peak["forward_at_served_pass"], "served_over_forward": peak["texts_per_s"] / peak["forward_at_served_pass"]["forward_texts_per_s"]}
                 rows.append(row)
     return rows
 
@@ -227,6 +242,8 @@ def run_sweep(opts: SweepOptions, log: Log = lambda s: print(s, file=sys.stderr,
                         log(point_text(points[-1]))
     finally:
         server.stop()
+    if opts.forward_seconds > 0:
+        _forward_at_served_passes(opts, texts, points, log)
     echo = measure_echo(opts, texts, out, log) if opts.echo_protocols else []
     report = {
         "machine": machine,
@@ -292,13 +309,13 @@ def markdown(report: dict) -> str:
         lines += ["", "## The serving stack alone (echo engine: no forward pass, 1 text per request)", "", "| protocol | conc. | req/s | p50 ms | p99 ms | server CPU ms/req | errors |", "|---|---|---|---|---|---|---|"]
         for p in report["echo"]:
             lines.append(f"| {p['protocol']} | {p['concurrency']} | {p['requests_per_s']:.1f} | {cell(p['p50_ms'])} | {cell(p['p99_ms'])} | {cell(p['cpu_ms_per_request'], '.3f')} | {p['error_count']} |")
-    lines += ["", "## Where a request's time goes at the peak (ms per request, server statistics over the same window)", "", "| protocol | model | conc. × texts/req | client e2e | tokenize | queue | forward | server other | HTTP/gRPC + client | engine busy | texts / forward pass |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "## Where a request's time goes at the peak (ms per request, server statistics over the same window)", "", "| protocol | model | conc. × texts/req | client e2e | tokenize | queue | forward | server other | HTTP/gRPC + client | engine busy | texts / forward pass | forward-only texts/s at that pass | served / that |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["summary"]:
         pr = r.get("profile")
         if not pr:
             continue
-        parts = pr["parts_ms"]
-        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['texts_per_request']} | {cell(pr['client_ms'], '.2f')} | {cell(parts['tokenize'], '.2f')} | {cell(parts['queue'], '.2f')} | {cell(parts['forward'], '.2f')} | {cell(parts['server_other'], '.2f')} | {cell(parts['protocol_client'], '.2f')} | {cell(pr['engine_busy'], '.0%')} | {cell(pr['texts_per_forward'], '.1f')} |")
+        parts, fs = pr["parts_ms"], r.get("forward_at_served_pass", {})
+        lines.append(f"| {r['protocol']} | {r['model']} | {r['at_concurrency']} × {r['texts_per_request']} | {cell(pr['client_ms'], '.2f')} | {cell(parts['tokenize'], '.2f')} | {cell(parts['queue'], '.2f')} | {cell(parts['forward'], '.2f')} | {cell(parts['server_other'], '.2f')} | {cell(parts['protocol_client'], '.2f')} | {cell(pr['engine_busy'], '.0%')} | {cell(pr['texts_per_forward'], '.1f')} | {cell(fs.get('forward_texts_per_s'))} | {cell(fs.get('served_over_forward'), '.0%')} |")
     lines += [
         "",
         "## Physical limit (FLOPs per text against this machine's matmul rate)",
