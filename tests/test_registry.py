@@ -15,7 +15,7 @@ from muxserve.cli.serve import settings_from_args
 from muxserve.model.packaging import default_config
 from muxserve.model.precision import resolve_precision
 from muxserve.serving.engine import AUTO_CPU_INSTANCES, engine_layout
-from muxserve.serving.registry import AUTO_TOKENS_PER_GROUP, batch_texts, engine_options, max_texts, token_budget
+from muxserve.serving.registry import AUTO_PASS_FILL_US, AUTO_TOKENS_PER_GROUP, batch_texts, engine_options, max_texts, pass_fill_seconds, token_budget
 from muxserve.serving.repository import ModelEntry, RepositoryError, scan
 from muxserve.serving.settings import Settings
 
@@ -109,6 +109,17 @@ def test_engine_layout_from_instance_group_parameters_and_flags() -> None:
     assert engine_options(entry(cfg), Settings(engine="echo")).instances == 1  # computes nothing: one instance
 
 
+def test_pass_fill_automatic_then_config_then_flag() -> None:
+    cfg = default_config("m", 2, 2)
+    assert pass_fill_seconds(entry(cfg), Settings()) == AUTO_PASS_FILL_US / 1e6
+    cfg.parameters["pass_fill_microseconds"].string_value = "2500"
+    assert pass_fill_seconds(entry(cfg), Settings()) == 0.0025
+    assert pass_fill_seconds(entry(cfg), Settings(pass_fill_ms=0)) == 0  # the flag wins; 0: off
+    cfg.parameters["pass_fill_microseconds"].string_value = "soon"
+    with pytest.raises(RepositoryError, match="pass_fill_microseconds"):
+        pass_fill_seconds(entry(cfg), Settings())
+
+
 def test_max_texts_is_max_batch_size_in_whole_groups() -> None:
     cfg = default_config("m", 5, 2, batch_texts=64)
     cfg.max_batch_size = 64
@@ -117,11 +128,11 @@ def test_max_texts_is_max_batch_size_in_whole_groups() -> None:
 
 def test_serve_flags_reach_the_settings() -> None:
     parser, _ = build_parser()
-    a = parser.parse_args(["serve", "--precision", "bf16", "--instances", "3", "--threads", "4", "--max-batch-tokens", "2048"])
+    a = parser.parse_args(["serve", "--precision", "bf16", "--instances", "3", "--threads", "4", "--max-batch-tokens", "2048", "--pass-fill-ms", "2.5"])
     settings = settings_from_args(a)
-    assert (settings.precision, settings.instances, settings.threads, settings.max_batch_tokens) == ("bf16", 3, 4, 2048)
+    assert (settings.precision, settings.instances, settings.threads, settings.max_batch_tokens, settings.pass_fill_ms) == ("bf16", 3, 4, 2048, 2.5)
     unset = settings_from_args(parser.parse_args(["serve"]))
-    assert (unset.precision, unset.instances, unset.threads, unset.max_batch_tokens) == ("", 0, 0, None)
+    assert (unset.precision, unset.instances, unset.threads, unset.max_batch_tokens, unset.pass_fill_ms) == ("", 0, 0, None, None)
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--precision", "int4"])
 

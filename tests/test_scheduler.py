@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
-from muxserve.serving.scheduler import BatchReport, MuxScheduler, TokenBudget, choose_batch
+from muxserve.serving.scheduler import BatchReport, DecayingRate, MuxScheduler, TokenBudget, choose_batch, fill_target
 
 
 class FakeEngine:
@@ -272,4 +272,78 @@ async def test_observer_sees_every_pass() -> None:
     assert sum(r.texts for r in reports) == 6
     assert sum(len(r.queue_seconds) for r in reports) == 6
     assert all(r.groups == -(-r.texts // 4) for r in reports)
+    await s.stop()
+
+
+def test_fill_target_is_what_arrives_while_the_other_instances_run_a_pass() -> None:
+    assert fill_target(arrivals_per_s=1000, pass_seconds=0.04, instances=2, cap=160) == 20
+    assert fill_target(arrivals_per_s=1000, pass_seconds=0.04, instances=1, cap=160) == 40
+    assert fill_target(arrivals_per_s=10_000, pass_seconds=0.04, instances=2, cap=160) == 160  # at most a full batch
+    assert fill_target(arrivals_per_s=0, pass_seconds=0.04, instances=2, cap=160) == 0  # nothing expected: no wait
+
+
+def test_decaying_rate_follows_a_steady_arrival_rate() -> None:
+    rate = DecayingRate(seconds=0.5)
+    for i in range(200):  # 10 texts every 10 ms: 1,000 texts/s
+        rate.add(10, now=i * 0.01)
+    assert rate.value(1.99) == pytest.approx(1000, rel=0.03)  # at the last arrival
+    assert rate.value(2.0 + 5.0) < 10  # arrivals stopped: the rate decays away
+
+
+class FixedFill(MuxScheduler):
+    def __init__(self, *args: object, target: int, **kw: object) -> None:
+        super().__init__(*args, **kw)
+        self.target = target
+
+    def fill_target(self) -> int:
+        return self.target
+
+
+async def test_a_free_instance_waits_for_the_expected_texts_while_another_pass_runs() -> None:
+    engine = FakeEngine(gated=True)
+    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=3600.0, target=3)
+    s.start()
+    first = asyncio.create_task(s.submit([[1]]))  # no pass runs: it goes at once, alone
+    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    later = []
+    for i in range(3):  # overdue at once (delay 0), but the other instance computes: fill to 3
+        assert len(engine.batches) == 1
+        later.append(asyncio.create_task(s.submit([[10 + i]])))
+        await until(lambda i=i: s.queue_depth == i + 1 or len(engine.batches) == 2, "the text queued")
+    await until(lambda: len(engine.batches) == 2, "the filled pass started")
+    assert engine.batches[1] == [[10], [11], [12]]
+    engine.release()
+    results = await asyncio.gather(first, *later)
+    for i, got in enumerate(results[1:]):
+        np.testing.assert_array_equal(got, expected([[10 + i]]))
+    await s.stop()
+
+
+async def test_pass_filling_waits_a_bounded_time() -> None:
+    engine = FakeEngine(gated=True)
+    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=0.01, target=1000)
+    s.start()
+    first = asyncio.create_task(s.submit([[1]]))
+    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    second = asyncio.create_task(s.submit([[2]]))  # the target is never reached: it runs when the fill wait ends
+    while len(engine.batches) < 2:
+        await asyncio.sleep(0.001)
+    engine.release()
+    np.testing.assert_array_equal(await second, expected([[2]]))
+    await first
+    await s.stop()
+
+
+async def test_pass_filling_ends_when_no_other_pass_runs() -> None:
+    engine = FakeEngine(gated=True)
+    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=3600.0, target=1000)
+    s.start()
+    first = asyncio.create_task(s.submit([[1]]))
+    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    second = asyncio.create_task(s.submit([[2]]))
+    await until(lambda: s.queue_depth == 1, "the second text queued")
+    assert len(engine.batches) == 1  # filling: the other instance computes
+    engine.release()  # the first pass ends: the engine is idle, so the short pass goes (a hang here is the bug)
+    np.testing.assert_array_equal(await second, expected([[2]]))
+    await first
     await s.stop()

@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default=None, choices=["eager", "torchscript", "echo"])
     p.add_argument("--instances", type=int, default=None, help="engine instances per model, running passes side by side (default: config.pbtxt instance_group count, else automatic: on a CPU one single-thread instance per core, up to 4)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine instance (default: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic: the cores split over the instances)")
+    p.add_argument("--pass-fill-ms", type=float, default=None, help="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off (default: config.pbtxt pass_fill_microseconds, else 10)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of a forward pass, mux groups x padded length; 0: fixed batches of the preferred size (default: config.pbtxt max_batch_tokens, else automatic)")
     p.add_argument("--no-length-aware", action="store_true", help="batch in arrival order")
     p.add_argument("--no-warmup", action="store_true")
@@ -62,7 +63,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, workers=a.workers,
         models=[m for m in a.models.split(",") if m] if a.models else None, model_control_mode=a.model_control_mode,
         load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
-        engine=a.engine, instances=a.instances, threads=a.threads, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,
+        engine=a.engine, instances=a.instances, threads=a.threads, pass_fill_ms=a.pass_fill_ms, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,
         warmup=False if a.no_warmup else None, shadow=False if a.no_shadow else None,
         max_request_bytes=a.max_request_bytes, log_level=a.log_level, **flags,
     )

@@ -65,6 +65,10 @@ class Family:
 PRECISION = "precision"  # auto | fp32 | bf16 | fp16
 THREADS = "INTRA_OP_THREAD_COUNT"  # as Triton's PyTorch backend names it; 0: automatic
 MAX_BATCH_TOKENS = "max_batch_tokens"  # as TEI names it; 0: fixed batches of batch_texts; auto
+PASS_FILL = "pass_fill_microseconds"  # pass filling's longest wait; 0: off; auto
+# pass filling's automatic bound: a free instance waits at most this long, and only while another
+# instance computes, for the texts expected to arrive meanwhile (docs/bench/engine.md)
+AUTO_PASS_FILL_US = 10_000
 # the automatic budget: batch_texts / N groups of 48 tokens (1,536 positions for the bundled
 # models), where the CPU forward pass reaches its full rate (benchmarks/token_budget.py, docs/bench)
 AUTO_TOKENS_PER_GROUP = 48
@@ -171,6 +175,13 @@ def token_budget(entry: ModelEntry, settings: Settings, num_instances: int, max_
     if tokens == 0:
         return None
     return TokenBudget(tokens, group=num_instances, pad_multiple=pad_multiple, max_length=max_length)
+
+
+def pass_fill_seconds(entry: ModelEntry, settings: Settings) -> float:
+    """How long a free engine instance may wait to fill its pass while another runs (the
+    scheduler's ``fill_wait_s``): the flag, else config.pbtxt, else ``AUTO_PASS_FILL_US``."""
+    us = round(settings.pass_fill_ms * 1000) if settings.pass_fill_ms is not None else _int_parameter(entry, PASS_FILL)
+    return (AUTO_PASS_FILL_US if us is None else us) / 1e6
 
 
 def max_texts(entry: ModelEntry, num_instances: int) -> int:
@@ -435,6 +446,7 @@ class ModelRegistry(ModelCatalog[ServedModel]):
             max_queue_delay_s=delay_s,
             max_queue_size=db.default_queue_policy.max_queue_size,
             engine_instances=options.instances,
+            fill_wait_s=pass_fill_seconds(entry, self.settings),
             length_aware=self.settings.length_aware,
             observer=monitor.batch_done,
             name=served.name,

@@ -2,7 +2,9 @@
 
 One asyncio task owns the queue. A batch runs when an engine instance is free and either a
 full batch (``batch_texts`` = B groups x N slots, or a ``TokenBudget`` worth of tokens) is
-waiting or the oldest waiting text has waited ``max_queue_delay``. Texts, not requests, fill
+waiting or the oldest waiting text has waited ``max_queue_delay``; while another instance
+computes (the engine, not the arrivals, is the bottleneck), a short batch may wait up to
+``fill_wait_s`` more for the texts expected meanwhile (pass filling). Texts, not requests, fill
 slots; every text's result comes from its own row of the output. The queue is bounded in
 requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with QueueFull. A
 failing forward pass fails only the requests that had texts in it. A caller that goes away
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +65,7 @@ class _Text:
 
 
 RunBatch = Callable[[list[list[int]]], Awaitable[np.ndarray]]
+RATE_SECONDS = 0.5  # the arrival rate and pass time are averages over about this long
 
 T = TypeVar("T")
 WINDOW_BATCHES = 4  # length-aware batching looks this many batches deep into the queue
@@ -132,6 +136,28 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
     return sorted(chosen)
 
 
+class DecayingRate:
+    """Events per second, averaged over about ``seconds`` (an exponentially decaying count)."""
+
+    def __init__(self, seconds: float = RATE_SECONDS) -> None:
+        self.seconds = seconds
+        self._value = 0.0
+        self._at = time.monotonic()
+
+    def add(self, count: float, now: float) -> None:
+        self._value = self.value(now) + count / self.seconds
+        self._at = now
+
+    def value(self, now: float) -> float:
+        return self._value * math.exp(-max(0.0, now - self._at) / self.seconds)
+
+
+def fill_target(arrivals_per_s: float, pass_seconds: float, instances: int, cap: int) -> int:
+    """The texts a pass gets when the engine is the bottleneck: what arrives while the other
+    instances each run one pass (Little's law for back-to-back passes), at most ``cap``."""
+    return min(cap, int(arrivals_per_s * pass_seconds / max(1, instances)))
+
+
 def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T], bool], cap: int, length_aware: bool, budget: TokenBudget | None = None) -> tuple[list[T], list[T]]:
     """(next batch, what stays queued), by ``choose_batch`` over the oldest ``WINDOW_BATCHES``
     batches of ``queue``; both keep arrival order."""
@@ -179,6 +205,7 @@ class MuxScheduler:
         observer: Callable[[BatchReport], None] | None = None,
         name: str = "model",
         token_budget: TokenBudget | None = None,
+        fill_wait_s: float = 0.0,
     ) -> None:
         if batch_texts < 1:
             raise ValueError("batch_texts must be >= 1")
@@ -191,10 +218,16 @@ class MuxScheduler:
         self.token_budget = token_budget  # None: batches of batch_texts texts
         self.observer = observer
         self.name = name
+        self.engine_instances = engine_instances
+        # pass filling: while another pass runs, a free instance waits up to this long for the
+        # queue to reach ``fill_target`` (0: off, a pass runs on the delay rule alone)
+        self.fill_wait_s = fill_wait_s
+        self._arrivals = DecayingRate()
+        self._pass_seconds = 0.0  # a decaying mean of the passes' durations
         self._queue: list[_Text] = []
         self._queued_requests = 0
         self._queued_tokens = 0
-        self._arrived = asyncio.Event()
+        self._arrived = asyncio.Event()  # texts arrived, or a pass ended
         self._engine_slots = asyncio.Semaphore(engine_instances)
         self._inflight: set[asyncio.Task] = set()
         self._task: asyncio.Task | None = None
@@ -257,6 +290,7 @@ class MuxScheduler:
             options.num_instances = [0] * len(rows)
         request = QueuedRequest(asyncio.get_running_loop().create_future(), [None] * len(rows), len(rows), options=options)
         now = time.monotonic()
+        self._arrivals.add(len(rows), now)
         self._queue.extend(_Text(r, request, i, now) for i, r in enumerate(rows))
         self._queued_requests += 1
         self._queued_tokens += sum(len(r) for r in rows)
@@ -287,6 +321,7 @@ class MuxScheduler:
             await self._engine_slots.acquire()  # texts keep arriving while engines are busy
             try:
                 await self._wait_for_batch()
+                await self._fill_pass()
             except BaseException:
                 self._engine_slots.release()
                 raise
@@ -309,12 +344,33 @@ class MuxScheduler:
             if self.token_budget is not None and self.token_budget.full(self._queued_tokens):
                 return
             wait = self._queue[0].enqueued + self.max_queue_delay_s - time.monotonic()
-            if wait <= 0:
+            if wait <= 0 or not await self._arrival(wait):
                 return
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+
+    async def _arrival(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for texts to arrive (or a pass to end); False if none did."""
+        self._arrived.clear()
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout=timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def fill_target(self) -> int:
+        """The queue length a free instance waits for while another pass runs (``fill_target``)."""
+        return fill_target(self._arrivals.value(time.monotonic()), self._pass_seconds, self.engine_instances, self.batch_texts)
+
+    async def _fill_pass(self) -> None:
+        """Pass filling: a pass that would go short while other passes run (the engine, not the
+        arrivals, is the bottleneck) waits up to ``fill_wait_s`` for the texts expected to
+        arrive meanwhile: fewer, fuller passes compute more texts per second."""
+        if not self.fill_wait_s:
+            return
+        deadline = time.monotonic() + self.fill_wait_s
+        # a pass that ends wakes this wait too (``_execute``): with no other pass left, go
+        while self._inflight and self._queue and len(self._queue) < self.fill_target() and not (self.token_budget is not None and self.token_budget.full(self._queued_tokens)):
+            wait = deadline - time.monotonic()
+            if wait <= 0 or not await self._arrival(wait):
                 return
 
     def _take(self) -> list[_Text]:
@@ -365,10 +421,12 @@ class MuxScheduler:
                     request.future.set_exception(error)
         finally:
             compute = time.monotonic() - start
+            self._pass_seconds = compute if not self._pass_seconds else self._pass_seconds + (compute - self._pass_seconds) / 8
             self._engine_slots.release()
             # this task leaves the in-flight set now, not in its done callback: two passes that
             # finish in the same loop iteration would each still count the other
             self._inflight.discard(asyncio.current_task())
+            self._arrived.set()  # a free instance filling its pass waits for this pass too
             if not self._queue and not self._inflight:
                 self._idle.set()
             if self.observer is not None:

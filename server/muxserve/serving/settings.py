@@ -25,6 +25,7 @@ class Settings(BaseModel):
     engine: str = Field("", description="override: eager | torchscript")
     instances: int = Field(0, description="engine instances per model (passes run side by side); 0: config.pbtxt instance_group count, else automatic")
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
+    pass_fill_ms: float | None = Field(None, ge=0, description="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off; None: config.pbtxt pass_fill_microseconds, else automatic")
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="group texts of similar length (less padding)")
     warmup: bool = True
