@@ -299,12 +299,19 @@ class FixedFill(MuxScheduler):
         return self.target
 
 
-async def test_a_free_instance_waits_for_the_expected_texts_while_another_pass_runs() -> None:
+async def one_pass_running(fill_wait_s: float, target: int) -> tuple[FakeEngine, FixedFill, asyncio.Task]:
+    """Two engine instances, pass filling to ``target``; one pass holds one instance (no pass
+    ran before it, so it went at once, alone)."""
     engine = FakeEngine(gated=True)
-    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=3600.0, target=3)
+    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=fill_wait_s, target=target)
     s.start()
-    first = asyncio.create_task(s.submit([[1]]))  # no pass runs: it goes at once, alone
+    first = asyncio.create_task(s.submit([[1]]))
     await until(lambda: len(engine.batches) == 1, "the first pass started")
+    return engine, s, first
+
+
+async def test_a_free_instance_waits_for_the_expected_texts_while_another_pass_runs() -> None:
+    engine, s, first = await one_pass_running(fill_wait_s=3600.0, target=3)
     later = []
     for i in range(3):  # overdue at once (delay 0), but the other instance computes: fill to 3
         assert len(engine.batches) == 1
@@ -320,11 +327,7 @@ async def test_a_free_instance_waits_for_the_expected_texts_while_another_pass_r
 
 
 async def test_pass_filling_waits_a_bounded_time() -> None:
-    engine = FakeEngine(gated=True)
-    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=0.01, target=1000)
-    s.start()
-    first = asyncio.create_task(s.submit([[1]]))
-    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    engine, s, first = await one_pass_running(fill_wait_s=0.01, target=1000)
     second = asyncio.create_task(s.submit([[2]]))  # the target is never reached: it runs when the fill wait ends
     while len(engine.batches) < 2:
         await asyncio.sleep(0.001)
@@ -335,11 +338,7 @@ async def test_pass_filling_waits_a_bounded_time() -> None:
 
 
 async def test_pass_filling_ends_when_no_other_pass_runs() -> None:
-    engine = FakeEngine(gated=True)
-    s = FixedFill(engine, num_instances=1, batch_texts=8, max_queue_delay_s=0.0, engine_instances=2, fill_wait_s=3600.0, target=1000)
-    s.start()
-    first = asyncio.create_task(s.submit([[1]]))
-    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    engine, s, first = await one_pass_running(fill_wait_s=3600.0, target=1000)
     second = asyncio.create_task(s.submit([[2]]))
     await until(lambda: s.queue_depth == 1, "the second text queued")
     assert len(engine.batches) == 1  # filling: the other instance computes
