@@ -32,9 +32,9 @@ READY = "READY"
 ENGINE_GONE = "the engine process is not available (restarting); retry shortly"
 # Under load (BUSY_REQUESTS waiting for the engine, whose answers then take longer than this
 # anyway), at most one frame to the engine per FRAME_INTERVAL_S: requests that arrive one per
-# loop iteration (gRPC's) share frames, and the engine wakes once for several. Below that
-# load, every request goes out at once.
-FRAME_INTERVAL_S = 0.002
+# loop iteration (gRPC's) share frames, and the engine wakes, and runs a pass, once for several
+# (its cost per pass is spread over more requests). Below that load, every request goes out at once.
+FRAME_INTERVAL_S = 0.005
 BUSY_REQUESTS = 8
 
 
