@@ -56,6 +56,7 @@ def load_texts(source: str | Path | None = None) -> list[str]:
 def machine_info() -> dict:
     import torch
 
+    from muxserve.serving.cpus import available_cores
     from muxserve.serving.engine import default_threads
 
     cpu = platform.processor() or ""
@@ -66,8 +67,7 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"platform": platform.platform(), "cpu": cpu, "cores": cores, "engine_threads": default_threads(), "python": platform.python_version(), "torch": torch.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    return {"platform": platform.platform(), "cpu": cpu, "cores": available_cores(), "engine_threads": default_threads(), "python": platform.python_version(), "torch": torch.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
 
 # ---------------------------------------------------------------------------- the server's own numbers

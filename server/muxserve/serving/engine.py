@@ -10,7 +10,6 @@ pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets)
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -23,15 +22,12 @@ import torch
 from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.precision import DTYPES, resolve_precision
 from muxserve.model.weights import load_model
+from muxserve.serving.cpus import available_cores
 from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
 __all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "engine_layout", "padded_length"]
 # [MASK] of BERT vocabularies: the echo engine fails any forward pass holding it
 ECHO_FAIL_TOKEN_ID = 103
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 # the automatic layout on a CPU: one single-thread instance per core up to this many; past it

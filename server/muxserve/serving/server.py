@@ -21,6 +21,7 @@ import secrets
 import signal
 import subprocess
 
+from muxserve.serving.cpus import available_cores
 from muxserve.serving.processes import READY_FD_ENV, configure_logging, run_loop, spawn
 from muxserve.serving.settings import Settings
 
@@ -43,8 +44,7 @@ MAX_RESTART_DELAY_S = 10.0
 
 def default_workers() -> int:
     """Frontend processes: one per 4 cores (the engine needs the rest), at least 1, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // 4))
+    return max(1, min(8, available_cores() // 4))
 
 
 class Supervisor:
