@@ -148,13 +148,20 @@ def scrape(server: ServerHandle) -> str:
     return httpx.get(f"http://{server.http_url}/metrics", timeout=30).text
 
 
-def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60) -> None:
-    """Until the model's queue is empty (answers of requests wrk cut off at its stop are counted)."""
-    deadline = time.monotonic() + timeout_s
+def wait_idle(server: ServerHandle, model: str, timeout_s: float = 60, quiet_polls: int = 3) -> None:
+    """Until the model's queue is empty and its request count has stopped moving for
+    ``quiet_polls`` scrapes in a row: requests wrk cut off at its stop may still be in a frontend
+    (read, not yet handed to the engine) when the queue is already empty, and each is counted
+    once answered or cancelled."""
+    deadline, last, quiet = time.monotonic() + timeout_s, None, 0
     while time.monotonic() < deadline:
-        for family in text_string_to_metric_families(scrape(server)):
-            if family.name == "muxserve_queue_depth_texts" and all(s.value == 0 for s in family.samples if s.labels.get("model") == model):
-                return
+        families = list(text_string_to_metric_families(scrape(server)))
+        empty = any(f.name == "muxserve_queue_depth_texts" for f in families) and all(s.value == 0 for f in families if f.name == "muxserve_queue_depth_texts" for s in f.samples if s.labels.get("model") == model)
+        total = sum(s.value for f in families if f.name == "muxserve_requests" for s in f.samples if s.name == "muxserve_requests_total" and s.labels.get("model") == model)
+        quiet = quiet + 1 if empty and total == last else 0
+        if quiet >= quiet_polls:
+            return
+        last = total
         time.sleep(0.2)
 
 
