@@ -33,15 +33,23 @@ from typing import TYPE_CHECKING, Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
+from muxserve.serving.http.wire import error_body
 
 if TYPE_CHECKING:
     from muxserve.serving.connection_rate import ConnectionRate
     from muxserve.serving.http.shedding import HeadAdmission
 
-_TIMEOUT_BODY = b'{"error": "request head did not arrive in time"}'
-TIMEOUT_RESPONSE = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_TIMEOUT_BODY), _TIMEOUT_BODY)
-_RATE_BODY = b'{"error": "too many new connections from this address: keep connections alive"}'
-CONNECTION_RATE_RESPONSE = b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s" % (len(_RATE_BODY), _RATE_BODY)
+
+
+def closing_response(status: bytes, message: str, extra_headers: bytes = b"") -> bytes:
+    """A whole HTTP/1.1 error response, written before the connection is closed: the
+    ``{"error": message}`` body of every error answer (``wire.error_body``)."""
+    body = error_body(message)
+    return b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n%s" % (status, len(body), extra_headers, body)
+
+
+TIMEOUT_RESPONSE = closing_response(b"408 Request Timeout", "request head did not arrive in time")
+CONNECTION_RATE_RESPONSE = closing_response(b"429 Too Many Requests", "too many new connections from this address: keep connections alive", b"retry-after: 1\r\n")
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
