@@ -151,9 +151,15 @@ class EngineClient:
         try:
             return await future
         except asyncio.CancelledError as exc:
-            if self._pending.pop(request_id, None) is not None and self.connected:
-                self._channel.send(b"", ipc.Cancel(request_id))
-                exc.counted = True  # the engine counts it when it drops the texts
+            if self._pending.pop(request_id, None) is not None:
+                if self.connected:
+                    self._channel.send(b"", ipc.Cancel(request_id))
+                    exc.counted = True  # the engine counts it when it drops the texts
+            elif future.done() and not future.cancelled():
+                # the answer came in before this task resumed: the engine counted the request
+                # then (as answered, or as the failure it reported as counted)
+                failure = future.exception()
+                exc.counted = failure is None or getattr(failure, "counted", False)
             raise
 
     async def report_failure(self, model: ModelView, reason: str, seconds: float) -> None:
