@@ -302,19 +302,37 @@ def soak(a: argparse.Namespace, texts: list[str]) -> dict:
 
 
 def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
+    """The abuse run; with --variant, the whole run once per variant (its own server, capacity
+    and reference), alternating --rounds times, and each variant's ratios side by side."""
+    if not a.variant:
+        return abuse_once(a, texts)
+    variants = dict((v.split("=", 1) + [""])[:2] for v in a.variant)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(a.rounds):
+        for name, args in variants.items():
+            runs[name].append(abuse_once(a, texts, name, shlex.split(args)))
+    ratios = {name: {abuser: [r["abusers"][abuser]["p99_over_alone"] for r in rs] for abuser in rs[0]["abusers"]} for name, rs in runs.items()}
+    return {"variants": variants, "p99_over_alone": ratios, "runs": runs}
+
+
+def abuse_once(a: argparse.Namespace, texts: list[str], name: str = "abuse", server_args: Sequence[str] = ()) -> dict:
     load = http_load("json", a.model, texts)
-    with serving(a, "abuse") as server:
+    with serving(a, name, *server_args) as server:
         c = capacity(server, load).requests_per_s
         rate = a.victim_load * c
 
         def victim() -> tuple[LoadResult, dict[str, float]]:
-            """The victim's run and the cores each server process used meanwhile."""
-            cpu0, t0 = cpu_by_role(server.proc.pid), time.monotonic()
+            """The victim's run and the cores each server process, and this process (the
+            abusers' threads), used meanwhile."""
+            cpu0, own0, t0 = cpu_by_role(server.proc.pid), os.times(), time.monotonic()
             result = paced(server, load, rate, a.seconds, max(16, math.ceil(rate * 0.2)))
-            return result, cpu_delta(cpu0, cpu_by_role(server.proc.pid), time.monotonic() - t0)
+            own1, seconds = os.times(), time.monotonic() - t0
+            cores = cpu_delta(cpu0, cpu_by_role(server.proc.pid), seconds)
+            cores["abusers"] = round((own1.user + own1.system - own0.user - own0.system) / seconds, 3)
+            return result, cores
 
         alone, cores = victim()
-        out: dict = {"capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "storm_rate": a.storm_rate, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
+        out: dict = {"server_args": list(server_args), "capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "storm_rate": a.storm_rate, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
         for name, abuser in ABUSERS.items():
             if a.abuser and name not in a.abuser:
                 continue
@@ -399,20 +417,40 @@ def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, t
     body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "data": ["gone before the answer"]}]}).encode()
     request = f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
 
+    _storm(server.http_port, request, stop, tally, rate)
+
+
+STORM_THREADS = 4
+# how long a storm's connect waits for the server's SYN-ACK: on loopback it comes within
+# microseconds unless the server's kernel dropped the SYN (a blocked address), and the storm
+# goes on at once with its next connection, as fast as a client that does not wait would
+STORM_CONNECT_TIMEOUT_S = 0.05
+
+
+def _storm(port: int, opening: bytes, stop: threading.Event, tally: dict, rate: float = 0.0) -> None:
+    """Connections to ``port`` from the abusers' address, each sending ``opening`` and reset at
+    once, from STORM_THREADS threads, ``rate`` a second in all (0: as fast as they can).
+    ``tally``: connections tried (``sent``), and those whose SYN went unanswered (``dropped``)."""
+    tally.setdefault("dropped", 0)
+
     def storm() -> None:
         due = time.monotonic()
         while not stop.is_set():
             if rate:
                 due += STORM_THREADS / rate
                 stop.wait(max(0.0, due - time.monotonic()))
-            sock = socket.create_connection(("127.0.0.1", server.http_port), source_address=(ABUSER_ADDRESS, 0))
+            tally["sent"] += 1
             try:
-                sock.sendall(request)
+                sock = socket.create_connection(("127.0.0.1", port), timeout=STORM_CONNECT_TIMEOUT_S, source_address=(ABUSER_ADDRESS, 0))
+            except TimeoutError:
+                tally["dropped"] += 1  # the server's kernel dropped the SYN (a blocked address)
+                continue
+            try:
+                sock.sendall(opening)
             except OSError:
                 pass  # the server refused the connection (its address's connection rate) before it was sent
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
-            tally["sent"] += 1
 
     threads = [threading.Thread(target=storm, daemon=True) for _ in range(STORM_THREADS)]
     for t in threads:
@@ -421,31 +459,13 @@ def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, t
         t.join()
 
 
-STORM_THREADS = 4
 HTTP2_OPENING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # client preface, empty SETTINGS
 
 
 def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
     """gRPC connections opened (the HTTP/2 preface and SETTINGS sent) and reset at once, from 4
-    threads, as fast as they can, from the abusers' address: the gRPC port has no per-address
-    limit of its own (docs/security.md)."""
-
-    def storm() -> None:
-        while not stop.is_set():
-            sock = socket.create_connection(("127.0.0.1", server.grpc_port), source_address=(ABUSER_ADDRESS, 0))
-            try:
-                sock.sendall(HTTP2_OPENING)
-            except OSError:
-                pass
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            sock.close()
-            tally["sent"] += 1
-
-    threads = [threading.Thread(target=storm, daemon=True) for _ in range(STORM_THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    threads, as fast as they can, from the abusers' address."""
+    _storm(server.grpc_port, HTTP2_OPENING, stop, tally)
 
 
 def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
@@ -510,7 +530,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--storm-rate", type=float, default=0.0, help="abuse: the disconnect storm's connections a second (0: as fast as it can)")
     p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse: only these abusers (repeatable; default: all)")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
-    p.add_argument("--rounds", type=int, default=2, help="hotpath: alternations")
+    p.add_argument("--rounds", type=int, default=2, help="hotpath, abuse with --variant: alternations")
+    p.add_argument("--variant", action="append", default=[], help="abuse: NAME=SERVER ARGS, a server variant to run the abuse against (repeatable; alternating --rounds times)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for muxserve serve (repeatable)")
     p.add_argument("--log-dir", default="results/reliability")
     p.add_argument("--out", default="")

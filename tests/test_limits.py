@@ -24,10 +24,13 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from muxserve.bench.run import parse_counts
-from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, client_key
+from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, Verdict, client_key
 from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
+from muxserve.serving.syn_filter import attach, listening_sockets, syn_filter_program
 
 pytestmark = pytest.mark.slow
+
+ADMIT, REFUSE, RESET = Verdict.ADMIT, Verdict.REFUSE, Verdict.RESET
 
 HOLD = "tiny-hold"  # echo, batches run 1 s after their first text: requests stay in flight
 STEP = "tiny-step"  # echo, 200 ms batching delay
@@ -502,20 +505,123 @@ def test_connection_rate_buckets():
     now = [0.0]
     rate = ConnectionRate(per_second=10, burst=3, clock=lambda: now[0])
     a, b = ("10.0.0.1", 5000), ("10.0.0.2", 5000)
-    assert [rate.admit(a) for _ in range(4)] == [True, True, True, False]
-    assert rate.admit(b)
+    assert [rate.admit(a) for _ in range(4)] == [ADMIT, ADMIT, ADMIT, REFUSE]
+    assert rate.admit(b) is ADMIT
     now[0] += 0.1  # one token back
-    assert [rate.admit(a), rate.admit(a)] == [True, False]
+    assert [rate.admit(a), rate.admit(a)] == [ADMIT, REFUSE]
     now[0] += 10.0  # never more than the burst
-    assert [rate.admit(a) for _ in range(4)] == [True, True, True, False]
+    assert [rate.admit(a) for _ in range(4)] == [ADMIT, ADMIT, ADMIT, REFUSE]
     assert rate.refused == 3
+    assert [rate.admit(a) for _ in range(3)] == [REFUSE] * 3  # no blocklist: 429 however far over
     assert client_key(("2001:db8::1", 1, 0, 0)) == client_key(("2001:db8::ffff:2", 2, 0, 0)) == "2001:db8::/64"
     assert client_key(("2001:db8:0:1::1", 1, 0, 0)) != client_key(("2001:db8::1", 1, 0, 0))
     assert client_key(("::ffff:10.0.0.1", 1, 0, 0)) == "10.0.0.1"
-    assert client_key(None) is None and not rate.admit(None)  # reset before it was made: closed, not counted
+    assert client_key(None) is None and rate.admit(None) is RESET  # reset before it was made: closed, not counted
     for i in range(MAX_ADDRESSES + 10):
         rate.admit((f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}", 1))
     assert len(rate._buckets) == MAX_ADDRESSES
+
+
+class _Blocklist:
+    """What ``ConnectionRate`` asks of a ``SynBlocklist``, without sockets or an event loop."""
+
+    enabled = True
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[str, float]] = []
+
+    def block(self, key: str, seconds: float) -> None:
+        self.blocks.append((key, seconds))
+
+    def is_blocked(self, key: str) -> bool:
+        return any(k == key for k, _ in self.blocks)
+
+
+def test_an_address_far_past_its_rate_is_blocked_then_gets_the_rate_without_a_burst():
+    """Just past its rate, an address gets 429s; once it has been refused more than a burst's
+    worth beyond what the rate refills, it is blocked (reset, and handed to the kernel's
+    filter); after the block it gets the rate, but no burst, and no 429s before the next
+    block."""
+    now = [0.0]
+    blocklist = _Blocklist()
+    rate = ConnectionRate(per_second=8, burst=3, clock=lambda: now[0], blocklist=blocklist, block_s=2.0)
+    a = ("10.0.0.1", 5000)
+    assert [rate.admit(a) for _ in range(7)] == [ADMIT] * 3 + [REFUSE] * 3 + [RESET]
+    assert blocklist.blocks == [("10.0.0.1", 2.0)] and rate.blocked == 1
+    assert rate.admit(a) is RESET  # still arriving from the accept queue: reset, nothing written
+    assert rate.admit(("10.0.0.2", 1)) is ADMIT
+    blocklist.blocks.clear()
+    now[0] += 2.0  # the block over, nothing refilled yet: the next refusal blocks again
+    assert rate.admit(a) is RESET and blocklist.blocks == [("10.0.0.1", 2.0)]
+    blocklist.blocks.clear()
+    now[0] += 2.0 + 0.25  # the block over, and a quarter of a second's rate since: 2 of each
+    assert [rate.admit(a) for _ in range(5)] == [ADMIT, ADMIT, REFUSE, REFUSE, RESET]
+    blocklist.blocks.clear()
+    now[0] += 10.0  # a client back within its rate has its burst again
+    assert [rate.admit(a) for _ in range(4)] == [ADMIT, ADMIT, ADMIT, REFUSE]
+
+
+def _connection_from(address: str, port: int, family: int = socket.AF_INET) -> socket.socket | None:
+    """A connection from ``address``, or None when the server's kernel dropped its SYN (on
+    loopback the SYN-ACK comes within microseconds, or only with the first retransmission, a
+    second later)."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    try:
+        return socket.create_connection((host, port), timeout=0.5, source_address=(address, 0))
+    except TimeoutError:
+        return None
+
+
+def _connects(address: str, port: int, family: int = socket.AF_INET) -> bool:
+    sock = _connection_from(address, port, family)
+    if sock is not None:
+        sock.close()
+    return sock is not None
+
+
+def test_syn_filter_drops_the_blocked_addresses_only():
+    """The filter on a dual-stack listener: the SYNs of blocked IPv4 addresses and IPv6 /64s
+    are dropped, every other address connects, and swapping the program unblocks."""
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    port = listener.getsockname()[1]
+    (found,) = listening_sockets(port)
+    attach(found, syn_filter_program(["127.0.0.2", "::/64"]))
+    assert [_connects("127.0.0.2", port), _connects("127.0.0.3", port), _connects("::1", port, socket.AF_INET6)] == [False, True, False]
+    attach(listener, syn_filter_program(["2001:db8::/64"]))
+    assert [_connects("127.0.0.2", port), _connects("::1", port, socket.AF_INET6)] == [True, True]
+    found.close()
+    listener.close()
+
+
+def test_an_address_far_past_its_rate_is_dropped_by_the_kernel_on_both_ports(repository, tmp_path):
+    """An address that goes on opening connections well past its 429s is blocked: its new
+    connections to the HTTP and the gRPC port are dropped by the kernel (their SYNs go
+    unanswered), while its open connections and every other address are served; when the
+    block is over it connects again, with no burst and no 429s left: one connection past the
+    rate blocks it again."""
+    burst = 20  # the launcher's readiness polls come from 127.0.0.1, each on a new connection
+    with serving(repository, tmp_path / "connection-block.log", "--client-connection-rate", "0.0001", "--client-connection-burst", str(burst), "--client-connection-block-s", "2") as server:
+        kept = [_connect_from("127.0.0.4", server.http_port) for _ in range(burst)]
+        assert _get(kept[0], "/v2/health/live") == b"HTTP/1.1 200 OK"
+        for _ in range(burst):  # just past the rate: told why
+            assert _read_all(_connect_from("127.0.0.4", server.http_port)).startswith(b"HTTP/1.1 429 ")
+        last = _connect_from("127.0.0.4", server.http_port)  # far past it: reset, nothing written
+        with pytest.raises(ConnectionResetError):
+            _read_all(last)
+        assert not _connects("127.0.0.4", server.http_port)
+        assert not _connects("127.0.0.4", server.grpc_port)
+        assert _connects("127.0.0.5", server.http_port) and _connects("127.0.0.5", server.grpc_port)
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            assert client.is_server_live()
+        for sock in kept:  # its connections made before the block: still served
+            assert _get(sock, "/v2/health/ready") == b"HTTP/1.1 200 OK"
+            sock.close()
+        while (again := _connection_from("127.0.0.4", server.http_port)) is None:  # until the block ends (2 s)
+            pass
+        with pytest.raises(ConnectionResetError):  # the rate with no burst and no 429s left: blocked again
+            _read_all(again)
+        assert not _connects("127.0.0.4", server.http_port)
+        assert server.log().count("blocking new connections from 127.0.0.4 for 2 s") == 2
 
 
 # ---------------------------------------------------------------------------- SIGTERM under load

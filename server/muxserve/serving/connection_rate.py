@@ -8,6 +8,12 @@ taken from everyone else. Each address gets a token bucket: ``burst`` connection
 before anything it sent is read. Clients that keep their connections alive (every load
 generator, tritonclient, curl within one invocation, browsers) open a few and never come near it.
 
+An address far over its limit (refused more than ``burst`` connections beyond what ``per_second``
+refills: sending at over twice its rate) is blocked for ``block_s``: its SYNs are dropped by the
+kernel (``syn_filter``), so its connections cost the frontend nothing at all, and those already
+waiting to be accepted are reset without an answer. Just over its limit, a client still gets
+429, and learns why.
+
 IPv6 clients are counted by their /64 (one host usually holds a whole /64), IPv4 ones, and IPv4
 clients seen through a dual-stack socket, by their address. The buckets of the least recently
 seen addresses are forgotten past ``MAX_ADDRESSES`` (a forgotten bucket is full again), so
@@ -16,11 +22,15 @@ memory stays bounded whatever the number of addresses.
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from muxserve.serving.syn_filter import SynBlocklist
 
 log = logging.getLogger("muxserve")
 
@@ -42,34 +52,56 @@ def client_key(peername: Any) -> str | None:
     return str(ipaddress.IPv6Network((address, 64), strict=False))
 
 
+class Verdict(enum.Enum):
+    ADMIT = "admit"  # serve it
+    REFUSE = "refuse"  # over the address's rate: 429 and close
+    RESET = "reset"  # far over it, or gone already: reset, nothing written
+
+
 class ConnectionRate:
     """Token buckets of new connections, one per client address (``client_key``)."""
 
-    def __init__(self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic, blocklist: SynBlocklist | None = None, block_s: float = 0.0) -> None:
         self.per_second = per_second
         self.burst = float(max(1, burst))
         self.clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # address: (tokens, when counted); least recent first
+        self.blocklist = blocklist
+        self.block_s = block_s
+        # address: (connections allowed, refusals allowed before the block, when counted); least recent first
+        self._buckets: dict[str, tuple[float, float, float]] = {}
         self.refused = 0
+        self.blocked = 0
         self._logged = (-LOG_EVERY_S, 0)  # (when, refused then): one warning per LOG_EVERY_S at most
 
-    def admit(self, peername: Any) -> bool:
-        """Whether a connection just accepted from ``peername`` may stay open (takes a token)."""
+    def admit(self, peername: Any) -> Verdict:
+        """What to do with a connection just accepted from ``peername`` (takes a token)."""
         key = client_key(peername)
         if key is None:
-            return False  # gone already: nothing to serve, no address to count
+            return Verdict.RESET  # gone already: nothing to serve, no address to count
+        if self.blocklist is not None and self.blocklist.is_blocked(key):
+            self.refused += 1
+            return Verdict.RESET  # accepted before its block was in place
         now = self.clock()
-        tokens, then = self._buckets.pop(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - then) * self.per_second)
-        admitted = tokens >= 1.0
-        if admitted:
+        tokens, refusals, then = self._buckets.pop(key, (self.burst, self.burst, now))
+        refill = max(0.0, now - then) * self.per_second
+        tokens, refusals = min(self.burst, tokens + refill), min(self.burst, refusals + refill)
+        verdict = Verdict.ADMIT
+        if tokens >= 1.0:
             tokens -= 1.0
         else:
+            verdict = Verdict.REFUSE
+            refusals -= 1.0
             self.refused += 1
-            if now - self._logged[0] >= LOG_EVERY_S:
+            if refusals < 0.0 and self.block_s > 0 and self.blocklist is not None and self.blocklist.enabled:
+                verdict = Verdict.RESET
+                self.blocked += 1
+                self.blocklist.block(key, self.block_s)
+                log.warning("blocking new connections from %s for %g s: more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, self.burst, self.per_second)
+                tokens, refusals, now = 0.0, 0.0, now + self.block_s  # after the block: the rate, no burst
+            elif now - self._logged[0] >= LOG_EVERY_S:
                 log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", self.refused - self._logged[1], key, self.per_second, self.burst)
                 self._logged = (now, self.refused)
-        self._buckets[key] = (tokens, now)
+        self._buckets[key] = (tokens, refusals, now)
         if len(self._buckets) > MAX_ADDRESSES:
             del self._buckets[next(iter(self._buckets))]
-        return admitted
+        return verdict

@@ -56,20 +56,26 @@ class Frontend:
         from muxserve.serving.http.protocol import GuardedHttpProtocol
         from muxserve.serving.http.shedding import HeadAdmission
         from muxserve.serving.security import AccessPolicy
+        from muxserve.serving.syn_filter import SynBlocklist, listening_sockets
 
         s = self.settings
         await self.engine.start()
         admission = HeadAdmission(self.plane, AccessPolicy(s.api_key, s.open_endpoints))
-        connection_rate = ConnectionRate(s.client_connection_rate, s.client_connection_burst) if s.client_connection_rate else None
+        blocklist = SynBlocklist() if s.client_connection_rate and s.client_connection_block_s else None
+        connection_rate = ConnectionRate(s.client_connection_rate, s.client_connection_burst, blocklist=blocklist, block_s=s.client_connection_block_s) if s.client_connection_rate else None
         protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s, admission, connection_rate)
         config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         listener = shared_listener(s.host, s.http_port)
+        if blocklist is not None:
+            blocklist.add_sockets([listener])
         if s.grpc_port > 0:
             from muxserve.serving.grpc.server import create_grpc_server
 
             self.grpc = create_grpc_server(self.plane, f"{s.host}:{s.grpc_port}")
             await self.grpc.start()
+            if blocklist is not None:  # an address blocked for its HTTP connections is blocked on gRPC too
+                blocklist.add_sockets(listening_sockets(s.grpc_port))
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
         scheme = "https" if s.tls_certfile else "http"
         log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")

@@ -25,6 +25,7 @@ connection) never reaches the application.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import time
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from muxserve.serving.connection_rate import Verdict
 from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
 from muxserve.serving.http.wire import error_body
 
@@ -106,12 +108,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle.on_response()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        if self.connection_rate is not None and not self.connection_rate.admit(transport.get_extra_info("peername")):
-            self._refused = True
-            self.transport = transport
-            transport.write(CONNECTION_RATE_RESPONSE)
-            transport.close()  # reads nothing more: what the client sent is never parsed
-            return
+        if self.connection_rate is not None:
+            verdict = self.connection_rate.admit(transport.get_extra_info("peername"))
+            if verdict is not Verdict.ADMIT:
+                self._refused = True
+                self.transport = transport
+                if verdict is Verdict.REFUSE:
+                    transport.write(CONNECTION_RATE_RESPONSE)
+                    transport.close()  # reads nothing more: what the client sent is never parsed
+                else:
+                    self._reset()
+                return
         super().connection_made(transport)
         self._arm_head_timer()
 
@@ -152,12 +159,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._write_timer = None
         # its buffered responses will never be read: reset the connection (SO_LINGER 0) so that
         # the kernel drops them too, rather than holding them behind a FIN that cannot be sent
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         for cycle in [self.cycle, *self._running, *(c for c, _ in self.pipeline)]:
             if cycle is not None:
                 cycle.disconnected = True  # their handlers write nothing more
+        self._reset()
+
+    def _reset(self) -> None:
+        """Close the connection with a reset (SO_LINGER 0): nothing more is sent or kept."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.transport.abort()
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
