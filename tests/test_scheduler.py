@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from muxserve.serving.errors import InferenceFailed, NotReady, QueueFull
-from muxserve.serving.scheduler import BatchReport, DecayingRate, MuxScheduler, TokenBudget, choose_batch, fill_target
+from muxserve.serving.scheduler import BatchReport, DecayingRate, MuxScheduler, TokenBudget, choose_batch, fill_target, queue_share
 
 
 class FakeEngine:
@@ -280,6 +280,54 @@ def test_fill_target_is_what_arrives_while_the_other_instances_run_a_pass() -> N
     assert fill_target(arrivals_per_s=1000, pass_seconds=0.04, instances=1, cap=160) == 40
     assert fill_target(arrivals_per_s=10_000, pass_seconds=0.04, instances=2, cap=160) == 160  # at most a full batch
     assert fill_target(arrivals_per_s=0, pass_seconds=0.04, instances=2, cap=160) == 0  # nothing expected: no wait
+
+
+def test_queue_share_is_an_even_share_in_whole_mux_groups() -> None:
+    assert queue_share(64, free_instances=2, cap=160) == 32
+    assert queue_share(63, free_instances=2, cap=160) == 32  # the first share rounds up
+    assert queue_share(6, free_instances=2, cap=160, group=5) == 5  # whole groups of N = 5
+    assert queue_share(400, free_instances=2, cap=160) == 160  # at most a full batch
+    assert queue_share(64, free_instances=1, cap=160) == 160  # alone: the batch rule as ever
+    assert queue_share(64, free_instances=0, cap=160) == 160
+
+
+async def test_instances_free_together_share_the_queue() -> None:
+    """Texts queued while both engine instances are free run as two passes side by side, not
+    one pass of everything while the other instance idles."""
+    engine = FakeEngine(gated=True)
+    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    requests = [asyncio.create_task(s.submit([[i]])) for i in range(8)]  # queued before the batcher looks
+    await until(lambda: len(engine.batches) == 2, "both instances computing")
+    assert engine.batches == [[[i] for i in range(4)], [[i] for i in range(4, 8)]]
+    engine.release()
+    for i, got in enumerate(await asyncio.gather(*requests)):
+        np.testing.assert_array_equal(got, expected([[i]]))
+    await s.stop()
+
+
+async def test_a_lone_request_is_not_cut_between_free_instances() -> None:
+    engine = FakeEngine()
+    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    rows = [[i] for i in range(8)]
+    np.testing.assert_array_equal(await s.submit(rows), expected(rows))
+    assert engine.batches == [rows]
+    await s.stop()
+
+
+async def test_one_free_instance_takes_the_whole_batch() -> None:
+    """While the other instance computes, the free one takes everything queued, up to a batch."""
+    engine = FakeEngine(gated=True)
+    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    first = asyncio.create_task(s.submit([[100]]))
+    await until(lambda: len(engine.batches) == 1, "the first pass started")
+    rest = [s.enqueue([[i]]) for i in range(8)]  # at once, in one loop iteration
+    await until(lambda: len(engine.batches) == 2, "the second pass started")
+    assert engine.batches[1] == [[i] for i in range(8)]
+    engine.release()
+    await first
+    for i, request in enumerate(rest):
+        np.testing.assert_array_equal(await request.future, expected([[i]]))
+    await s.stop()
 
 
 def test_decaying_rate_follows_a_steady_arrival_rate() -> None:

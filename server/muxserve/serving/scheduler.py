@@ -4,11 +4,12 @@ One asyncio task owns the queue. A batch runs when an engine instance is free an
 full batch (``batch_texts`` = B groups x N slots, or a ``TokenBudget`` worth of tokens) is
 waiting or the oldest waiting text has waited ``max_queue_delay``; while another instance
 computes (the engine, not the arrivals, is the bottleneck), a short batch may wait up to
-``fill_wait_s`` more for the texts expected meanwhile (pass filling). Texts, not requests, fill
-slots; every text's result comes from its own row of the output. The queue is bounded in
-requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with QueueFull. A
-failing forward pass fails only the requests that had texts in it. A caller that goes away
-leaves its texts to be skipped.
+``fill_wait_s`` more for the texts expected meanwhile (pass filling). Instances that are free
+together share the queued requests' texts (``queue_share``) rather than one taking all. Texts,
+not requests, fill slots; every text's result comes from its own row of the output. The queue
+is bounded in requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with
+QueueFull. A failing forward pass fails only the requests that had texts in it. A caller that
+goes away leaves its texts to be skipped.
 """
 
 from __future__ import annotations
@@ -156,6 +157,18 @@ def fill_target(arrivals_per_s: float, pass_seconds: float, instances: int, cap:
     """The texts a pass gets when the engine is the bottleneck: what arrives while the other
     instances each run one pass (Little's law for back-to-back passes), at most ``cap``."""
     return min(cap, int(arrivals_per_s * pass_seconds / max(1, instances)))
+
+
+def queue_share(queued: int, free_instances: int, cap: int, group: int = 1) -> int:
+    """The most texts a pass takes while ``free_instances`` engine instances (its own included)
+    are free: an even share of the ``queued`` texts, in whole mux groups of ``group``, at most
+    ``cap``. Passes side by side end sooner than one pass of everything, and the callers of a
+    closed loop stay spread over the instances instead of moving as one cohort from one
+    instance to the next while the others idle."""
+    if free_instances <= 1:
+        return cap
+    share = -(-queued // free_instances)
+    return min(cap, -(-share // group) * group)
 
 
 def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T], bool], cap: int, length_aware: bool, budget: TokenBudget | None = None) -> tuple[list[T], list[T]]:
@@ -395,7 +408,11 @@ class MuxScheduler:
     def _split(self, queue: list[_Text]) -> tuple[list[_Text], list[_Text]]:
         """(next batch, what stays queued) by ``choose_batch``, both in arrival order."""
         deadline = time.monotonic() - self.max_queue_delay_s
-        return split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, self.batch_texts, self.length_aware, self.token_budget)
+        # the instances free now, this one included, share the queue (``queue_share``); a lone
+        # request is not cut in two (one pass: its answer waits for no second one)
+        sharing = min(self.engine_instances - len(self._inflight), self._queued_requests)
+        cap = queue_share(len(queue), sharing, self.batch_texts, self.num_instances)
+        return split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, cap, self.length_aware, self.token_budget)
 
     async def _execute(self, batch: list[_Text]) -> None:
         start = time.monotonic()
