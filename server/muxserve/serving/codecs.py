@@ -84,9 +84,10 @@ def decode_raw(datatype: str, buffer: bytes | memoryview, count: int | None = No
     return np.frombuffer(buffer, dtype=dtype)
 
 
-def encode_raw(datatype: str, data: np.ndarray) -> bytes:
+def encode_raw(datatype: str, data: np.ndarray | list[bytes]) -> bytes:
+    """An output tensor's raw bytes (BYTES: ``data`` lists the elements in row-major order)."""
     if datatype == "BYTES":
-        return encode_bytes_tensor([_as_bytes(x) for x in data.reshape(-1)])
+        return encode_bytes_tensor(data)
     return np.ascontiguousarray(data, dtype=NUMPY_DTYPES[datatype]).tobytes()
 
 
@@ -151,13 +152,8 @@ def flatten_json_data(data: Any, count: int | None = None) -> list[Any]:
     return flat
 
 
-def json_data(datatype: str, data: np.ndarray) -> list[Any]:
+def json_data(datatype: str, data: np.ndarray | list[bytes]) -> list[Any]:
     """An output tensor as a flat JSON list (BYTES as UTF-8 strings)."""
-    flat = data.reshape(-1)
     if datatype == "BYTES":
-        return [_as_bytes(x).decode("utf-8", errors="replace") for x in flat]
-    return flat.tolist()
-
-
-def _as_bytes(x: Any) -> bytes:
-    return x if isinstance(x, bytes) else str(x).encode("utf-8")
+        return [x.decode("utf-8", errors="replace") for x in data]
+    return data.ravel().tolist()

@@ -265,13 +265,8 @@ class DataPlane:
             raise BadRequest(f"input '{TEXT}' has shape {list(tensor.shape)} ({batch} elements) but {len(tensor.data)} values")
         texts = []
         for i, item in enumerate(tensor.data):
-            if isinstance(item, bytes | bytearray):
-                try:
-                    item = bytes(item).decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise BadRequest(f"input '{TEXT}' element {i} is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
-            elif not isinstance(item, str):
-                raise BadRequest(f"input '{TEXT}' element {i} is not a string")
+            if type(item) is not str:
+                item = _decoded_text(i, item)
             if not item.strip():
                 raise BadRequest(f"input '{TEXT}' element {i} is empty")
             texts.append(item)
@@ -296,12 +291,12 @@ class DataPlane:
         if k > 0:  # Triton's classification extension: "score:index:label", best first
             k = min(k, logits.shape[1])
             order = np.argsort(-logits, axis=1)[:, :k]
-            rows = [[f"{logits[b, c]:f}:{c}:{_label(served, c)}".encode() for c in order[b]] for b in range(batch)]
-            return OutputTensor(name, "BYTES", [batch, k], np.array(rows, dtype=object).reshape(batch, k))
+            entries = [f"{logits[b, c]:f}:{c}:{_label(served, c)}".encode() for b in range(batch) for c in order[b]]
+            return OutputTensor(name, "BYTES", [batch, k], entries)
         if name == LOGITS:
             return OutputTensor(LOGITS, "FP32", [batch, logits.shape[1]], logits.astype(np.float32, copy=False))
         names = served.label_bytes
-        labels = np.array([names[i] if i < len(names) else str(i).encode() for i in logits.argmax(-1).tolist()], dtype=object).reshape(batch, 1)
+        labels = [names[i] if i < len(names) else str(i).encode() for i in logits.argmax(-1).tolist()]
         return OutputTensor(LABEL, "BYTES", [batch, 1], labels)
 
 
@@ -361,6 +356,18 @@ def request_options(served: ServedModel, parameters: dict[str, Any]) -> RequestO
     if limit and not served.is_family and limit < served.num_instances:
         raise BadRequest(f"model '{served.name}' serves at N={served.num_instances}, above max_num_instances {limit} (a model family can serve at a narrower N)")
     return RequestOptions(ensemble=ensemble, max_num_instances=limit)
+
+
+def _decoded_text(i: int, item: Any) -> str:
+    """Element ``i`` of the TEXT input that is not a ``str``: UTF-8 bytes, or refused."""
+    if isinstance(item, bytes | bytearray):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRequest(f"input '{TEXT}' element {i} is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
+    if isinstance(item, str):
+        return item
+    raise BadRequest(f"input '{TEXT}' element {i} is not a string")
 
 
 def _label(served: ServedModel, index: int) -> str:

@@ -77,6 +77,7 @@ class ModelIndex(ModelCatalog[ModelView]):
         super().__init__()
         self.known = False
         self.unloaded_models: list[str] = []
+        self._current: dict[str, ModelView] = {}  # name -> the version a request without one gets
         self._tokenizers: dict[tuple[str, int], TextTokenizer] = {}
 
     def update(self, index: ipc.Index) -> None:
@@ -91,12 +92,18 @@ class ModelIndex(ModelCatalog[ModelView]):
         self.models = models
         self.unloaded_models = index.unloaded
         self.known = True
+        # a view's state changes only with a new index: every request's lookup is one get until then
+        self._current = {name: ModelCatalog.find(self, name) for name in models}
 
     def unloaded(self) -> list[str]:
         """Models in the repository that are not loaded (explicit mode, or ``--models``)."""
         return self.unloaded_models
 
     def find(self, name: str, version: str = "") -> ModelView:
+        if not version:
+            current = self._current.get(name)
+            if current is not None:
+                return current
         if not self.known:
             raise errors.NotReady(ENGINE_GONE)
         return super().find(name, version)

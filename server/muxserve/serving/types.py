@@ -41,7 +41,7 @@ class OutputTensor:
     name: str
     datatype: str
     shape: list[int]
-    data: np.ndarray  # FP32 array, or an object array of bytes for BYTES
+    data: np.ndarray | list[bytes]  # a numeric array, or BYTES: the elements in row-major order
     parameters: dict[str, Any] = field(default_factory=dict)
 
 

@@ -97,13 +97,61 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
             raise BadRequest(f"invalid {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
         json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     else:
-        json_part, binary = body, memoryview(b"")
+        json_part, binary = body, None
     try:
         doc = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"malformed JSON in request body: {exc}") from None
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise BadRequest("request body must be a JSON object")
+    inputs = _plain_text_input(doc, check) if binary is None else None
+    if inputs is None:
+        inputs = _inputs(doc, binary if binary is not None else memoryview(b""), check)
+    outputs = None
+    if doc.get("outputs") is not None:
+        if type(doc["outputs"]) is not list:
+            raise BadRequest("'outputs' must be a list")
+        outputs = []
+        for raw in doc["outputs"]:
+            if type(raw) is not dict or type(raw.get("name")) is not str:
+                raise BadRequest("each requested output must be an object with a 'name'")
+            params = raw.get("parameters") or {}
+            if type(params) is not dict:
+                raise BadRequest(f"output '{raw['name']}': 'parameters' must be an object")
+            outputs.append(RequestedOutput(raw["name"], params))
+    params = doc.get("parameters") or {}
+    if type(params) is not dict:
+        raise BadRequest("'parameters' must be an object")
+    request_id = doc.get("id", "")
+    return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
+
+
+def _plain_text_input(doc: dict, check: Callable[[Sequence[Declared]], None] | None) -> list[InputTensor] | None:
+    """The inputs of the common request, read without the general walk: one input of exactly
+    name, datatype, shape [n] or [n, 1] and a flat list of n strings. None for any other
+    request: ``_inputs`` reads it, with every check and error."""
+    raw_inputs = doc.get("inputs")
+    if type(raw_inputs) is not list or len(raw_inputs) != 1:
+        return None
+    raw = raw_inputs[0]
+    if type(raw) is not dict or len(raw) != 4:
+        return None
+    name, datatype, shape, data = raw.get("name"), raw.get("datatype"), raw.get("shape"), raw.get("data")
+    if type(name) is not str or type(datatype) is not str or type(shape) is not list or type(data) is not list:
+        return None
+    n = len(data)
+    if not (len(shape) == 1 or (len(shape) == 2 and type(shape[1]) is int and shape[1] == 1)) or type(shape[0]) is not int or shape[0] != n:
+        return None
+    for text in data:
+        if type(text) is not str:
+            return None
+    if check is not None:
+        check(((name, datatype, shape),))
+    return [InputTensor(name, datatype, shape, data, {})]
+
+
+def _inputs(doc: dict, binary: memoryview, check: Callable[[Sequence[Declared]], None] | None) -> list[InputTensor]:
+    """Every input of a request, JSON data or binary (``binary``: the tail after the JSON)."""
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("request must have a non-empty 'inputs' list")
@@ -122,10 +170,12 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
     inputs, offset = [], 0
     for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
         params = raw.get("parameters") or {}
+        if type(params) is not dict:
+            raise BadRequest(f"input '{name}': 'parameters' must be an object")
         size = params.get("binary_data_size")
         count = element_count(shape)
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            if type(size) is not int or size < 0 or offset + size > len(binary):
                 raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
             data = decode_raw(datatype, binary[offset : offset + size], count)
             offset += size
@@ -136,20 +186,7 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
         inputs.append(InputTensor(name, datatype, shape, data, params))
     if offset != len(binary):
         raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    outputs = None
-    if doc.get("outputs") is not None:
-        if not isinstance(doc["outputs"], list):
-            raise BadRequest("'outputs' must be a list")
-        outputs = []
-        for raw in doc["outputs"]:
-            if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-                raise BadRequest("each requested output must be an object with a 'name'")
-            outputs.append(RequestedOutput(raw["name"], raw.get("parameters") or {}))
-    params = doc.get("parameters") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("'parameters' must be an object")
-    request_id = doc.get("id", "")
-    return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
+    return inputs
 
 
 def encode_infer_response(resp: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
