@@ -29,7 +29,6 @@ import functools
 import json
 import math
 import os
-import select
 import shlex
 import socket
 import statistics
@@ -427,12 +426,11 @@ STORM_THREADS = 4
 # microseconds unless the server's kernel dropped the SYN (a blocked address), and the storm
 # goes on at once with its next connection, as fast as a client that does not wait would
 STORM_CONNECT_TIMEOUT_S = 0.05
-STORM_HOLD_S = 0.005  # the longest a storm connection waits for the server to take it up before its reset
 
 
 def _storm(port: int, opening: bytes, stop: threading.Event, tally: dict, rate: float = 0.0) -> None:
-    """Connections to ``port`` from the abusers' address, each sending ``opening`` and reset as
-    soon as the server has taken it up (STORM_HOLD_S at most), from STORM_THREADS threads, ``rate`` a second in all (0: as fast as they can).
+    """Connections to ``port`` from the abusers' address, each sending ``opening`` and reset at
+    once, from STORM_THREADS threads, ``rate`` a second in all (0: as fast as they can).
     ``tally``: connections tried (``sent``), and those whose SYN went unanswered (``dropped``)."""
     tally.setdefault("dropped", 0)
 
@@ -452,10 +450,6 @@ def _storm(port: int, opening: bytes, stop: threading.Event, tally: dict, rate: 
                 continue  # reset by the server before the connect call returned
             try:
                 sock.sendall(opening)
-                # until the server has taken the connection up (its answer, a refusal or its close;
-                # gRPC: its SETTINGS), so that every one costs it an accept whatever the race
-                # between its accept and the reset
-                select.select([sock], [], [], STORM_HOLD_S)
             except OSError:
                 pass  # the server refused the connection (its address's connection rate) before it was sent
             with contextlib.suppress(OSError):

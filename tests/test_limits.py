@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from muxserve.bench.run import parse_counts
 from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, Verdict, client_key
 from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
-from muxserve.serving.syn_filter import attach, listening_sockets, syn_filter_program
+from muxserve.serving.syn_filter import attach, listening_sockets, save_syns, saved_syn_source, syn_filter_program
 
 pytestmark = pytest.mark.slow
 
@@ -593,6 +593,28 @@ def test_syn_filter_drops_the_blocked_addresses_only():
     listener.close()
 
 
+def _reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+def test_a_connection_reset_before_it_is_taken_up_is_counted_by_its_syn():
+    """A connection its client reset before the server took it up has no peer name any more;
+    the SYN the listener kept still gives its address (IPv4, and IPv6 on a dual-stack socket)."""
+    listener = socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True)
+    save_syns(listener)
+    port = listener.getsockname()[1]
+    for host, source in (("127.0.0.1", "127.0.0.9"), ("::1", "::1")):
+        client = socket.create_connection((host, port), source_address=(source, 0))
+        _reset(client)
+        accepted = listener.accept()[0]
+        with pytest.raises(OSError):
+            accepted.getpeername()
+        assert saved_syn_source(accepted) == (source, 0)
+        accepted.close()
+    listener.close()
+
+
 def test_an_address_far_past_its_rate_is_dropped_by_the_kernel_on_both_ports(repository, tmp_path):
     """An address that goes on opening connections well past its 429s is blocked: its new
     connections to the HTTP and the gRPC port are dropped by the kernel (their SYNs go
@@ -622,6 +644,15 @@ def test_an_address_far_past_its_rate_is_dropped_by_the_kernel_on_both_ports(rep
             _read_all(again)
         assert not _connects("127.0.0.4", server.http_port)
         assert server.log().count("blocking new connections from 127.0.0.4 for 2 s") == 2
+        # a storm of connections reset as soon as they are made is counted too, and blocked
+        for _ in range(10_000):
+            sock = _connection_from("127.0.0.6", server.http_port)
+            if sock is None:
+                break
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            _reset(sock)
+        assert sock is None and "blocking new connections from 127.0.0.6" in server.log()
+        assert _connects("127.0.0.5", server.http_port)
 
 
 # ---------------------------------------------------------------------------- SIGTERM under load

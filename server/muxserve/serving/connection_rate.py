@@ -73,8 +73,10 @@ class ConnectionRate:
         self.blocked = 0
         self._logged = (-LOG_EVERY_S, 0)  # (when, refused then): one warning per LOG_EVERY_S at most
 
-    def admit(self, peername: Any) -> Verdict:
-        """What to do with a connection just accepted from ``peername`` (takes a token)."""
+    def admit(self, peername: Any, gone: bool = False) -> Verdict:
+        """What to do with a connection just accepted from ``peername`` (takes a token).
+        ``gone``: its client has reset it already; it is counted all the same (a storm of
+        connections reset at once costs the server their accepts) and reset."""
         key = client_key(peername)
         if key is None:
             return Verdict.RESET  # gone already: nothing to serve, no address to count
@@ -104,4 +106,4 @@ class ConnectionRate:
         self._buckets[key] = (tokens, refusals, now)
         if len(self._buckets) > MAX_ADDRESSES:
             del self._buckets[next(iter(self._buckets))]
-        return verdict
+        return Verdict.RESET if gone else verdict

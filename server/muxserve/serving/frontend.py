@@ -56,7 +56,7 @@ class Frontend:
         from muxserve.serving.http.protocol import GuardedHttpProtocol
         from muxserve.serving.http.shedding import HeadAdmission
         from muxserve.serving.security import AccessPolicy
-        from muxserve.serving.syn_filter import SynBlocklist, listening_sockets
+        from muxserve.serving.syn_filter import SynBlocklist, listening_sockets, save_syns
 
         s = self.settings
         await self.engine.start()
@@ -67,6 +67,8 @@ class Frontend:
         config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
         self.http = _UvicornServer(config)
         listener = shared_listener(s.host, s.http_port)
+        if connection_rate is not None:
+            save_syns(listener)  # the address of a connection reset before it is taken up
         if blocklist is not None:
             blocklist.add_sockets([listener])
         if s.grpc_port > 0:

@@ -19,6 +19,7 @@ among the process's file descriptors by their port, so they get the same filter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import ipaddress
 import logging
@@ -27,10 +28,12 @@ import socket
 import struct
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 log = logging.getLogger("muxserve")
 
 SO_ATTACH_FILTER = 26  # Linux, <asm-generic/socket.h>
+TCP_SAVE_SYN, TCP_SAVED_SYN = 27, 28  # Linux, <linux/tcp.h>
 SKF_NET_OFF = -0x100000  # load relative to the IP header (a TCP socket's filter starts at the TCP header)
 TCP_FLAGS = 13  # offset of the flags byte in the TCP header
 TCP_SYN = 0x02
@@ -86,6 +89,29 @@ def attach(sock: socket.socket, program: bytes) -> None:
     """Make ``program`` the socket filter of ``sock`` (replacing any before it, atomically)."""
     code = ctypes.create_string_buffer(program)
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, struct.pack("HL", len(program) // 8, ctypes.addressof(code)))
+
+
+def save_syns(listener: socket.socket) -> None:
+    """Have the kernel keep each new connection's SYN (``TCP_SAVE_SYN``), for ``saved_syn_source``."""
+    with contextlib.suppress(OSError):
+        listener.setsockopt(socket.IPPROTO_TCP, TCP_SAVE_SYN, 1)
+
+
+def saved_syn_source(sock: Any) -> tuple[str, int] | None:
+    """The source address of the SYN that opened ``sock`` (accepted from a ``save_syns``
+    listener), as a peername: a connection its client reset before the server took it up has
+    no peer name any more, and this is how its address is still counted."""
+    if sock is None:
+        return None
+    try:
+        syn = sock.getsockopt(socket.IPPROTO_TCP, TCP_SAVED_SYN, 512)
+    except OSError:
+        return None
+    if len(syn) >= 20 and syn[0] >> 4 == 4:
+        return (socket.inet_ntop(socket.AF_INET, syn[12:16]), 0)
+    if len(syn) >= 40 and syn[0] >> 4 == 6:
+        return (socket.inet_ntop(socket.AF_INET6, syn[8:24]), 0)
+    return None
 
 
 def listening_sockets(port: int) -> list[socket.socket]:

@@ -36,6 +36,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from muxserve.serving.connection_rate import Verdict
 from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
 from muxserve.serving.http.wire import error_body
+from muxserve.serving.syn_filter import saved_syn_source
 
 if TYPE_CHECKING:
     from muxserve.serving.connection_rate import ConnectionRate
@@ -109,7 +110,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.connection_rate is not None:
-            verdict = self.connection_rate.admit(transport.get_extra_info("peername"))
+            peer = transport.get_extra_info("peername")
+            gone = peer is None  # reset by its client before this: its address from its SYN
+            verdict = self.connection_rate.admit(saved_syn_source(transport.get_extra_info("socket")) if gone else peer, gone)
             if verdict is not Verdict.ADMIT:
                 self._refused = True
                 self.transport = transport
