@@ -69,33 +69,57 @@ def _parse(message_class: Any) -> Callable[[bytes], Any]:
 
 def decode_infer_request(req: pb.ModelInferRequest, check: Callable[[Sequence[Declared]], None] | None = None) -> InferRequest:
     """ModelInferRequest -> InferRequest; ``check`` sees every input's declaration (name,
-    datatype, shape) before any is decoded."""
-    raw = req.raw_input_contents
-    if raw and len(raw) != len(req.inputs):
-        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs: send every input raw or none")
-    declared = [(t.name, t.datatype, list(t.shape)) for t in req.inputs]
+    datatype, shape) before any is decoded. (Each field of the message is read once: every
+    read of a protobuf field makes a new Python object.)"""
+    tensors, raw = req.inputs, req.raw_input_contents
+    if raw and len(raw) != len(tensors):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(tensors)} inputs: send every input raw or none")
+    declared = [(t.name, t.datatype, list(t.shape)) for t in tensors]
     if check is not None:
         check(declared)
     inputs = []
-    for i, (tensor, (name, datatype, shape)) in enumerate(zip(req.inputs, declared, strict=True)):
+    for i, (tensor, (name, datatype, shape)) in enumerate(zip(tensors, declared, strict=True)):
         params = parameters_from_proto(tensor.parameters)
-        if "shared_memory_region" in params:
+        if params and "shared_memory_region" in params:
             raise BadRequest(f"input '{name}': shared memory is not supported")
         count = element_count(shape)
         data = decode_raw(datatype, raw[i], count) if raw else decode_contents(datatype, tensor.contents, count)
         inputs.append(InputTensor(name, datatype, shape, data, params))
     outputs = None
-    if req.outputs:
+    requested = req.outputs
+    if requested:
         outputs = []
-        for out in req.outputs:
+        for out in requested:
             params = parameters_from_proto(out.parameters)
-            if "shared_memory_region" in params:
+            if params and "shared_memory_region" in params:
                 raise BadRequest(f"output '{out.name}': shared memory is not supported")
             outputs.append(RequestedOutput(out.name, params))
     return InferRequest(req.model_name, inputs, req.model_version, req.id, outputs, parameters_from_proto(req.parameters))
 
 
-def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+# field tags (number << 3 | length-delimited) of ModelInferResponse: id, raw_output_contents
+_ID_TAG, _RAW_TAG = b"\x1a", b"\x32"
+
+
+def encode_infer_response(resp: InferResponse) -> bytes:
+    """The serialized ModelInferResponse. A protobuf message may arrive as parts one after
+    the other (singular fields set once, repeated and map fields adding up), so the part that
+    every answer of a model version with these output shapes shares is made once
+    (``_response_head``), and the rest is appended to it."""
+    outputs = resp.outputs
+    if any(out.parameters for out in outputs):
+        return _response_message(resp).SerializeToString()
+    parts = [_response_head(resp.model_name, resp.model_version, tuple((out.name, out.datatype, tuple(out.shape)) for out in outputs))]
+    if resp.id:
+        parts.append(_length_delimited(_ID_TAG, resp.id.encode()))
+    for key, value in resp.parameters.items():
+        parts.append(_parameter_entry(key, value))
+    for out in outputs:
+        parts.append(_length_delimited(_RAW_TAG, encode_raw(out.datatype, out.data)))
+    return b"".join(parts)
+
+
+def _response_message(resp: InferResponse) -> pb.ModelInferResponse:
     msg = pb.ModelInferResponse(model_name=resp.model_name, model_version=resp.model_version, id=resp.id)
     for out in resp.outputs:
         tensor = msg.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
@@ -103,6 +127,35 @@ def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
         msg.raw_output_contents.append(encode_raw(out.datatype, out.data))
     parameters_to_proto(resp.parameters, msg.parameters)
     return msg
+
+
+@functools.lru_cache(maxsize=1024)
+def _response_head(model_name: str, model_version: str, outputs: tuple[tuple[str, str, tuple[int, ...]], ...]) -> bytes:
+    """Model name, version and output tensors (name, datatype, shape) of a response, serialized."""
+    msg = pb.ModelInferResponse(model_name=model_name, model_version=model_version)
+    for name, datatype, shape in outputs:
+        msg.outputs.add(name=name, datatype=datatype, shape=shape)
+    return msg.SerializeToString()
+
+
+@functools.lru_cache(maxsize=1024, typed=True)  # typed: True and 1 are different parameters
+def _parameter_entry(key: str, value: Any) -> bytes:
+    """One entry of a response's ``parameters`` map, serialized."""
+    msg = pb.ModelInferResponse()
+    parameters_to_proto({key: value}, msg.parameters)
+    return msg.SerializeToString()
+
+
+def _length_delimited(tag: bytes, data: bytes) -> bytes:
+    size = len(data)
+    if size < 0x80:
+        return tag + bytes((size,)) + data
+    prefix = bytearray(tag)
+    while size >= 0x80:
+        prefix.append(size & 0x7F | 0x80)
+        size >>= 7
+    prefix.append(size)
+    return bytes(prefix) + data
 
 
 # ---------------------------------------------------------------------------- the service
@@ -203,14 +256,14 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await asyncio.sleep(delay)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
-    async def _infer(self, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, req: pb.ModelInferRequest) -> bytes:
         served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
         async with self.plane.counting_failures(served):
             request = decode_infer_request(req, functools.partial(self.plane.check_inputs, served))
         return encode_infer_response(await self.plane.infer(request, served=served))
 
     @_unary
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
         return await self._infer(request)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
@@ -225,7 +278,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
-                msg = pb.ModelStreamInferResponse(infer_response=await self._infer(req))
+                msg = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(await self._infer(req)))
             except ServingError as exc:
                 msg = self._stream_error(req, exc.message)
             except Exception:
@@ -278,6 +331,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unsupported("LogSettings", "changing log settings at run time (use --log-level)")
 
 
+def _serialized(message: bytes | Any) -> bytes:
+    """ModelInfer's answer: serialized already (``encode_infer_response``), or a message."""
+    return message if type(message) is bytes else message.SerializeToString()
+
+
 def _method_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     """The service's handlers as gRPC's generated code makes them, but with requests parsed by
     ``_parse`` (malformed messages reach the servicer as ``Malformed``)."""
@@ -286,7 +344,7 @@ def _method_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
     for method in service.methods:
         behavior = getattr(servicer, method.name)
         parse = _parse(getattr(pb, method.input_type.name))
-        serialize = getattr(pb, method.output_type.name).SerializeToString
+        serialize = _serialized if method.name == "ModelInfer" else getattr(pb, method.output_type.name).SerializeToString
         make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
         handlers[method.name] = make(behavior, request_deserializer=parse, response_serializer=serialize)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
