@@ -13,6 +13,8 @@ served rate of two source trees side by side; the figures behind docs/reliabilit
               element counts, slowloris, disconnect storm, invalid protobuf flood, gRPC
               connection storm; at --abuser-nice, from an address of their own), alone again:
               its p99 beside each over the mean of its two p99s alone
+    storm-cost  the frontend's CPU per connection of each storm (--abuser), nothing else sent,
+              against each server --variant, at --storm-rate
     hotpath   closed-loop served req/s of source trees (--tree NAME=DIR, each a checkout's
               server/ folder), alternating --rounds times in one run
 
@@ -334,20 +336,11 @@ def abuse_once(a: argparse.Namespace, texts: list[str], name: str = "abuse", ser
 
         alone, cores = victim()
         out: dict = {"server_args": list(server_args), "capacity_requests_per_s": round(c, 1), "victim_requests_per_s": round(rate, 1), "abuser_nice": a.abuser_nice, "storm_rate": a.storm_rate, "alone": {**alone.summary(), "cores_used": cores}, "abusers": {}}
-        for name, abuser in ABUSERS.items():
+        for name in ABUSERS:
             if a.abuser and name not in a.abuser:
                 continue
-            stop = threading.Event()
-            tally = {"sent": 0}
-            if name == "disconnect_storm" and a.storm_rate:
-                abuser = functools.partial(abuser, rate=a.storm_rate)
-            thread = threading.Thread(target=niced, args=(a.abuser_nice, abuser, server, a.model, stop, tally), daemon=True)
-            thread.start()
-            try:
+            with abusing(a, name, server) as tally:
                 beside, cores = victim()
-            finally:
-                stop.set()
-                thread.join()
             alive = httpx.get(f"http://{server.http_url}/v2/health/live", timeout=30).status_code == 200
             out["abusers"][name] = {"victim": beside.summary(), "abuse": tally, "server_live_after": alive, "cores_used": cores}
         # alone once more at the end: the reference is the mean of the two p99s alone
@@ -358,6 +351,47 @@ def abuse_once(a: argparse.Namespace, texts: list[str], name: str = "abuse", ser
     for entry in out["abusers"].values():
         entry["p99_over_alone"] = round(entry["victim"]["p99_ms"] / reference, 3)
     return out
+
+
+@contextmanager
+def abusing(a: argparse.Namespace, name: str, server: ServerHandle) -> Iterator[dict]:
+    """The abuser ``name`` running (at --abuser-nice; storms at --storm-rate) while the block
+    runs; yields its tally, complete once the block is over."""
+    abuser = ABUSERS[name]
+    if name in STORMS and a.storm_rate:
+        abuser = functools.partial(abuser, rate=a.storm_rate)
+    stop = threading.Event()
+    tally = {"sent": 0}
+    thread = threading.Thread(target=niced, args=(a.abuser_nice, abuser, server, a.model, stop, tally), daemon=True)
+    thread.start()
+    try:
+        yield tally
+    finally:
+        stop.set()
+        thread.join()
+
+
+def storm_cost(a: argparse.Namespace, texts: list[str]) -> dict:
+    """The frontend's CPU per storm connection, with nothing else sent: each storm (--abuser,
+    default both) against a fresh server of each --variant, for --seconds at --storm-rate,
+    alternating --rounds times. CPU seconds do not depend on what else the machine runs, as
+    latencies do."""
+    variants = dict((v.split("=", 1) + [""])[:2] for v in a.variant) or {"default": ""}
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in variants}
+    for _ in range(a.rounds):
+        for name, args in variants.items():
+            for storm in a.abuser or list(STORMS):
+                with serving(a, f"storm-{name}", *shlex.split(args)) as server:
+                    cpu0, t0 = cpu_by_role(server.proc.pid), time.monotonic()
+                    with abusing(a, storm, server) as tally:
+                        time.sleep(a.seconds)
+                    seconds = time.monotonic() - t0
+                    frontend = cpu_by_role(server.proc.pid)["frontend"] - cpu0["frontend"]
+                    runs[name].setdefault(storm, []).append({
+                        **tally, "per_s": round(tally["sent"] / seconds), "frontend_cores": round(frontend / seconds, 3),
+                        "frontend_us_per_connection": round(1e6 * frontend / max(1, tally["sent"]), 1),
+                    })
+    return {"variants": variants, "storm_rate": a.storm_rate, "abuser_nice": a.abuser_nice, "runs": runs}
 
 
 def hotpath(a: argparse.Namespace, texts: list[str]) -> dict:
@@ -422,10 +456,10 @@ def _disconnect_storm(server: ServerHandle, model: str, stop: threading.Event, t
 
 
 STORM_THREADS = 4
-# how long a storm's connect waits for the server's SYN-ACK: on loopback it comes within
-# microseconds unless the server's kernel dropped the SYN (a blocked address), and the storm
-# goes on at once with its next connection, as fast as a client that does not wait would
-STORM_CONNECT_TIMEOUT_S = 0.05
+# how long a storm's connect waits for the server's SYN-ACK: on loopback the handshake is done
+# within the connect call unless the server's kernel dropped the SYN (a blocked address), and
+# the storm goes on with its next connection, as a client that does not wait for one would
+STORM_CONNECT_TIMEOUT_S = 0.002
 
 
 def _storm(port: int, opening: bytes, stop: threading.Event, tally: dict, rate: float = 0.0) -> None:
@@ -466,10 +500,10 @@ def _storm(port: int, opening: bytes, stop: threading.Event, tally: dict, rate: 
 HTTP2_OPENING = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # client preface, empty SETTINGS
 
 
-def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Event, tally: dict, rate: float = 0.0) -> None:
     """gRPC connections opened (the HTTP/2 preface and SETTINGS sent) and reset at once, from 4
-    threads, as fast as they can, from the abusers' address."""
-    _storm(server.grpc_port, HTTP2_OPENING, stop, tally)
+    threads, from the abusers' address; ``rate`` a second in all (0: as fast as they can)."""
+    _storm(server.grpc_port, HTTP2_OPENING, stop, tally, rate)
 
 
 def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
@@ -493,6 +527,7 @@ ABUSERS: dict[str, Callable[[ServerHandle, str, threading.Event, dict], None]] =
     "huge_element_counts": _huge_elements, "slowloris": _slowloris, "disconnect_storm": _disconnect_storm, "invalid_protobuf_flood": _invalid_protobuf,
     "grpc_connection_storm": _grpc_connection_storm,
 }
+STORMS = ("disconnect_storm", "grpc_connection_storm")
 
 
 # ---------------------------------------------------------------------------- main
@@ -514,7 +549,7 @@ def serving(a: argparse.Namespace, name: str, *extra: str, pythonpath: str = "")
         server.stop()
 
 
-RUNS = {"overload": overload, "soak": soak, "abuse": abuse, "hotpath": hotpath}
+RUNS = {"overload": overload, "soak": soak, "abuse": abuse, "storm-cost": storm_cost, "hotpath": hotpath}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -531,11 +566,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--warmup-s", type=float, default=60.0, help="soak: seconds at the soak load before the RSS baseline")
     p.add_argument("--victim-load", type=float, default=0.2, help="abuse: the well-behaved client's load over capacity")
     p.add_argument("--abuser-nice", type=int, default=19, help="abuse: the abusers' nice value (19: they use only CPU the server and the victim leave idle; 0: they compete for it)")
-    p.add_argument("--storm-rate", type=float, default=0.0, help="abuse: the disconnect storm's connections a second (0: as fast as it can)")
-    p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse: only these abusers (repeatable; default: all)")
+    p.add_argument("--storm-rate", type=float, default=0.0, help="abuse, storm-cost: the storms' connections a second (0: as fast as they can)")
+    p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse, storm-cost: only these abusers (repeatable; default: all, storm-cost: the two storms)")
     p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
-    p.add_argument("--rounds", type=int, default=2, help="hotpath, abuse with --variant: alternations")
-    p.add_argument("--variant", action="append", default=[], help="abuse: NAME=SERVER ARGS, a server variant to run the abuse against (repeatable; alternating --rounds times)")
+    p.add_argument("--rounds", type=int, default=2, help="hotpath, storm-cost, abuse with --variant: alternations")
+    p.add_argument("--variant", action="append", default=[], help="abuse, storm-cost: NAME=SERVER ARGS, a server variant to run against (repeatable; alternating --rounds times)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for muxserve serve (repeatable)")
     p.add_argument("--log-dir", default="results/reliability")
     p.add_argument("--out", default="")
