@@ -72,6 +72,7 @@ class ConnectionRate:
         self.refused = 0
         self.blocked = 0
         self._logged = (-LOG_EVERY_S, 0)  # (when, refused then): one warning per LOG_EVERY_S at most
+        self._block_logged = (-LOG_EVERY_S, 0)  # (when, blocked then): the same for blocks
 
     def admit(self, peername: Any, gone: bool = False) -> Verdict:
         """What to do with a connection just accepted from ``peername`` (takes a token).
@@ -96,9 +97,11 @@ class ConnectionRate:
             self.refused += 1
             if refusals < 0.0 and self.block_s > 0 and self.blocklist is not None and self.blocklist.enabled:
                 verdict = Verdict.RESET
-                self.blocked += 1
-                self.blocklist.block(key, self.block_s)
-                log.warning("blocking new connections from %s for %g s: more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, self.burst, self.per_second)
+                if self.blocklist.block(key, self.block_s):
+                    self.blocked += 1
+                    if now - self._block_logged[0] >= LOG_EVERY_S:
+                        log.warning("blocking new connections from %s for %g s (%d blocks since the last line): more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, self.blocked - self._block_logged[1], self.burst, self.per_second)
+                        self._block_logged = (now, self.blocked)
                 tokens, refusals, now = 0.0, 0.0, now + self.block_s  # after the block: the rate, no burst
             elif now - self._logged[0] >= LOG_EVERY_S:
                 log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", self.refused - self._logged[1], key, self.per_second, self.burst)

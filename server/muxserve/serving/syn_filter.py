@@ -158,12 +158,15 @@ class SynBlocklist:
     def is_blocked(self, key: str) -> bool:
         return key in self._blocked
 
-    def block(self, key: str, seconds: float) -> None:
-        """Drop ``key``'s new connections for ``seconds`` (called on the event loop)."""
+    def block(self, key: str, seconds: float) -> bool:
+        """Drop ``key``'s new connections for ``seconds`` (called on the event loop); False when
+        it cannot be (MAX_BLOCKED addresses are blocked already: it is reset connection by
+        connection meanwhile)."""
         if key in self._blocked or len(self._blocked) >= MAX_BLOCKED:
-            return
+            return False
         self._blocked[key] = asyncio.get_running_loop().call_later(seconds, self._unblock, key)
         self._install(self._sockets)
+        return self.enabled
 
     def _unblock(self, key: str) -> None:
         if self._blocked.pop(key, None) is not None:
