@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 import torch
 from muxtiny import random_batch, save_tiny, tiny_model
 
 from muxserve.model.export import export_torchscript
-from muxserve.serving.engine import SWITCH_INTERVAL_S, Engine, EngineOptions
+from muxserve.serving.engine import Engine, EngineOptions
 
 
 def rows_of(n_texts: int, length: int, seed: int) -> list[list[int]]:
@@ -48,17 +46,3 @@ def test_group_padding_mask_makes_served_logits_independent_of_the_batch(tmp_pat
         np.testing.assert_allclose(batched[:2], alone, atol=1e-5, rtol=0)
     finally:
         engine.close()
-
-
-def test_a_process_with_engine_instances_switches_the_gil_often(tmp_path) -> None:
-    """The instances' threads and the event loop share the GIL: an engine shortens the switch
-    interval so that none of them waits Python's default 5 ms to get it back."""
-    folder = save_tiny(tiny_model(num_instances=2), tmp_path / "m")
-    before = sys.getswitchinterval()
-    try:
-        sys.setswitchinterval(0.005)
-        engine = Engine.load(folder, EngineOptions(kind="eager", precision="fp32", threads=1, instances=2))
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_S)
-        engine.close()
-    finally:
-        sys.setswitchinterval(before)

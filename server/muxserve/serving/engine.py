@@ -10,7 +10,6 @@ pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets)
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -30,13 +29,6 @@ __all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward",
 # [MASK] of BERT vocabularies: the echo engine fails any forward pass holding it
 ECHO_FAIL_TOKEN_ID = 103
 
-
-# the interpreter's GIL switch interval in a process that runs engine instances (Python's default:
-# 5 ms). The instances' threads hand the GIL back and forth around every operator of a pass, and
-# the event loop needs it between passes: at the default a thread that wants it back can wait
-# for the interval while another holds it, which left instance threads off the CPU for half of
-# each served pass (docs/bench/engine.md)
-SWITCH_INTERVAL_S = 0.0005
 
 # the automatic layout on a CPU: one single-thread instance per core up to this many; past it
 # the extra cores become intra-op threads of these instances (docs/bench/engine.md)
@@ -117,7 +109,6 @@ class Engine:
         self.name = name
         self.device = torch.device(options.device)
         self.threads = options.threads or default_threads(options.instances)
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._executor = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix=f"engine-{name}", initializer=self._init_thread)
 
     @classmethod
