@@ -295,7 +295,7 @@ async def test_instances_free_together_share_the_queue() -> None:
     """Texts queued while both engine instances are free run as two passes side by side, not
     one pass of everything while the other instance idles."""
     engine = FakeEngine(gated=True)
-    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    s = make(engine, num_instances=2, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
     requests = [asyncio.create_task(s.submit([[i]])) for i in range(8)]  # queued before the batcher looks
     await until(lambda: len(engine.batches) == 2, "both instances computing")
     assert engine.batches == [[[i] for i in range(4)], [[i] for i in range(4, 8)]]
@@ -305,9 +305,21 @@ async def test_instances_free_together_share_the_queue() -> None:
     await s.stop()
 
 
+async def test_a_plain_model_does_not_share_the_queue() -> None:
+    """N = 1: the free instance takes a full batch, as Triton's instances do."""
+    engine = FakeEngine(gated=True)
+    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    requests = [asyncio.create_task(s.submit([[i]])) for i in range(8)]
+    await until(lambda: len(engine.batches) == 1, "a pass started")
+    assert engine.batches == [[[i] for i in range(8)]]
+    engine.release()
+    await asyncio.gather(*requests)
+    await s.stop()
+
+
 async def test_a_lone_request_is_not_cut_between_free_instances() -> None:
     engine = FakeEngine()
-    s = make(engine, num_instances=1, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
+    s = make(engine, num_instances=2, batch_texts=16, max_queue_delay_s=0.0, engine_instances=2)
     rows = [[i] for i in range(8)]
     np.testing.assert_array_equal(await s.submit(rows), expected(rows))
     assert engine.batches == [rows]

@@ -4,9 +4,9 @@ One asyncio task owns the queue. A batch runs when an engine instance is free an
 full batch (``batch_texts`` = B groups x N slots, or a ``TokenBudget`` worth of tokens) is
 waiting or the oldest waiting text has waited ``max_queue_delay``; while another instance
 computes (the engine, not the arrivals, is the bottleneck), a short batch may wait up to
-``fill_wait_s`` more for the texts expected meanwhile (pass filling). Instances that are free
-together share the queued requests' texts (``queue_share``) rather than one taking all. Texts,
-not requests, fill slots; every text's result comes from its own row of the output. The queue
+``fill_wait_s`` more for the texts expected meanwhile (pass filling). Instances of a mux
+model that are free together share the queued requests' texts (``queue_share``), not one
+taking all. Texts, not requests, fill slots; every text's result comes from its own row of the output. The queue
 is bounded in requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with
 QueueFull. A failing forward pass fails only the requests that had texts in it. A caller that
 goes away leaves its texts to be skipped.
@@ -409,8 +409,10 @@ class MuxScheduler:
         """(next batch, what stays queued) by ``choose_batch``, both in arrival order."""
         deadline = time.monotonic() - self.max_queue_delay_s
         # the instances free now, this one included, share the queue (``queue_share``); a lone
-        # request is not cut in two (one pass: its answer waits for no second one)
-        sharing = min(self.engine_instances - len(self._inflight), self._queued_requests)
+        # request is not cut in two (one pass: its answer waits for no second one). Mux models
+        # only: a plain model's passes take long enough for its callers to stay spread, and
+        # sharing measured no faster there (docs/bench/engine.md)
+        sharing = min(self.engine_instances - len(self._inflight), self._queued_requests) if self.num_instances > 1 else 1
         cap = queue_share(len(queue), sharing, self.batch_texts, self.num_instances)
         return split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, cap, self.length_aware, self.token_budget)
 
