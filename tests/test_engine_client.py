@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import pytest
 
 from muxserve.serving import ipc
 from muxserve.serving.dataplane import FailureCount
@@ -81,29 +82,18 @@ async def test_a_cancel_that_arrives_after_the_answer_is_not_counted_again():
     assert counts.failures == []
 
 
-async def test_a_cancel_after_an_uncounted_error_is_counted_once_by_the_frontend():
+@pytest.mark.parametrize(("kind", "counted", "frontend_counts"), [("ModelNotFound", False, ["cancelled"]), ("QueueFull", True, [])])
+async def test_a_cancel_after_an_error_is_counted_once(kind: str, counted: bool, frontend_counts: list[str]):
     """An error the engine did not count (say, the version was unloaded since the frontend
-    looked): the frontend counts the request, once, as cancelled."""
+    looked) is the frontend's to count, once, as cancelled; one the engine counted (the queue
+    was full) is not counted again."""
     client, sent = _client()
     counts = RecordingEngine()
     task = asyncio.ensure_future(_request(client, counts))
     await asyncio.sleep(0)
     (infer,) = sent
-    client._handle(b"", [ipc.Error(infer.id, "ModelNotFound", "gone", False)])
+    client._handle(b"", [ipc.Error(infer.id, kind, "refused", counted)])
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await _settle()
-    assert counts.failures == ["cancelled"]
-
-
-async def test_a_cancel_after_a_counted_error_is_not_counted_again():
-    client, sent = _client()
-    counts = RecordingEngine()
-    task = asyncio.ensure_future(_request(client, counts))
-    await asyncio.sleep(0)
-    (infer,) = sent
-    client._handle(b"", [ipc.Error(infer.id, "QueueFull", "full", True)])
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await _settle()
-    assert counts.failures == []
+    assert counts.failures == frontend_counts
