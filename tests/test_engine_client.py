@@ -82,6 +82,23 @@ async def test_a_cancel_that_arrives_after_the_answer_is_not_counted_again():
     assert counts.failures == []
 
 
+async def test_an_answer_that_arrives_after_the_cancel_is_not_counted_again():
+    """The caller's cancellation lands first (the waiting future is cancelled), the engine's
+    answer in the same loop iteration, before the task resumes: the engine counted it."""
+    client, sent = _client()
+    counts = RecordingEngine()
+    task = asyncio.ensure_future(_request(client, counts))
+    await asyncio.sleep(0)
+    (infer,) = sent
+    task.cancel()
+    logits = np.zeros((1, 2), dtype=np.float32)
+    client._handle(b"", [ipc.Result(infer.id, logits.tobytes(), 2, [1], "1")])
+    await asyncio.gather(task, return_exceptions=True)
+    await _settle()
+    assert task.cancelled() and counts.failures == []
+    assert client._answered_late == {}
+
+
 @pytest.mark.parametrize(("kind", "counted", "frontend_counts"), [("ModelNotFound", False, ["cancelled"]), ("QueueFull", True, [])])
 async def test_a_cancel_after_an_error_is_counted_once(kind: str, counted: bool, frontend_counts: list[str]):
     """An error the engine did not count (say, the version was unloaded since the frontend

@@ -116,6 +116,9 @@ class EngineClient:
         self.connected = False
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
+        # requests whose caller's cancellation came first and whose answer came before the
+        # caller's task resumed: whether the engine counted them (the task takes its entry)
+        self._answered_late: dict[int, bool] = {}
         self._channel: ipc.Channel | None = None
         self._monitor: zmq.Socket | None = None
         self._first_index = asyncio.Event()
@@ -162,11 +165,15 @@ class EngineClient:
                 if self.connected:
                     self._channel.send(b"", ipc.Cancel(request_id))
                     exc.counted = True  # the engine counts it when it drops the texts
-            elif future.done() and not future.cancelled():
-                # the answer came in before this task resumed: the engine counted the request
-                # then (as answered, or as the failure it reported as counted)
-                failure = future.exception()
-                exc.counted = failure is None or getattr(failure, "counted", False)
+            else:
+                # the engine's answer came in before this task resumed (before or after the
+                # cancellation): the engine counted the request then, as answered or as the
+                # failure it reported counted
+                counted = self._answered_late.pop(request_id, None)
+                if counted is None and future.done() and not future.cancelled():
+                    failure = future.exception()
+                    counted = failure is None or getattr(failure, "counted", False)
+                exc.counted = bool(counted)
             raise
 
     async def report_failure(self, model: ModelView, reason: str, seconds: float) -> None:
@@ -211,14 +218,20 @@ class EngineClient:
             kind = type(m)
             if kind is ipc.Result:
                 future = pending.pop(m.id, None)
-                if future is not None and not future.done():
-                    future.set_result((np.frombuffer(m.logits, dtype=np.float32).reshape(-1, m.columns), m.num_instances, m.version))
+                if future is not None:
+                    if future.done():  # cancelled, its task not yet resumed: see infer
+                        self._answered_late[m.id] = True
+                    else:
+                        future.set_result((np.frombuffer(m.logits, dtype=np.float32).reshape(-1, m.columns), m.num_instances, m.version))
             elif kind is ipc.Error:
                 future = pending.pop(m.id, None)
-                if future is not None and not future.done():
-                    exc = getattr(errors, m.kind, errors.InferenceFailed)(m.message)
-                    exc.counted = m.counted
-                    future.set_exception(exc)
+                if future is not None:
+                    if future.done():
+                        self._answered_late[m.id] = m.counted
+                    else:
+                        exc = getattr(errors, m.kind, errors.InferenceFailed)(m.message)
+                        exc.counted = m.counted
+                        future.set_exception(exc)
             elif kind is ipc.Reply:
                 future = pending.pop(m.id, None)
                 if future is not None and not future.done():
