@@ -45,58 +45,47 @@ async def _request(client: EngineClient, counts: RecordingEngine) -> None:
         await client.infer(MODEL, "", [[101, 102]], 0.0, 0.0, RequestOptions())
 
 
-async def _settle() -> None:
-    for _ in range(3):  # FailureCount reports a cancellation from a task of its own
-        await asyncio.sleep(0)
-
-
-async def test_a_cancel_while_queued_is_sent_to_the_engine_which_counts_it():
+async def _cancelled(answer: ipc.Result | ipc.Error | None = None, answer_first: bool = True) -> tuple[EngineClient, list[Any], RecordingEngine, asyncio.Task]:
+    """One request sent to the engine, then cancelled by its caller; ``answer`` (its id filled
+    in), if given, reaches the client in the same loop iteration as the cancellation, before or
+    after it, so the waiting task sees neither first. Returns once everything has settled."""
     client, sent = _client()
     counts = RecordingEngine()
     task = asyncio.ensure_future(_request(client, counts))
     await asyncio.sleep(0)
     (infer,) = sent
+    if answer is not None and answer_first:
+        answer.id = infer.id
+        client._handle(b"", [answer])
     task.cancel()
+    if answer is not None and not answer_first:
+        answer.id = infer.id
+        client._handle(b"", [answer])
     await asyncio.gather(task, return_exceptions=True)
-    await _settle()
-    assert [type(m) for m in sent] == [ipc.Infer, ipc.Cancel] and sent[1].id == infer.id
+    for _ in range(3):  # FailureCount reports a cancellation from a task of its own
+        await asyncio.sleep(0)
+    return client, sent, counts, task
+
+
+def _result() -> ipc.Result:
+    return ipc.Result(0, np.zeros((1, 2), dtype=np.float32).tobytes(), 2, [1], "1")
+
+
+async def test_a_cancel_while_queued_is_sent_to_the_engine_which_counts_it():
+    client, sent, counts, _ = await _cancelled()
+    assert [type(m) for m in sent] == [ipc.Infer, ipc.Cancel] and sent[1].id == sent[0].id
     assert counts.failures == []  # the engine counts it when it drops the texts
     assert client.pending == 0
 
 
-async def test_a_cancel_that_arrives_after_the_answer_is_not_counted_again():
+@pytest.mark.parametrize("answer_first", [True, False], ids=["answer-then-cancel", "cancel-then-answer"])
+async def test_a_cancel_that_meets_the_answer_is_not_counted_again(answer_first: bool):
     """The engine counted the request as answered when it sent the result; the caller's
-    cancellation lands before the waiting task resumes: no Cancel, and no second count."""
-    client, sent = _client()
-    counts = RecordingEngine()
-    task = asyncio.ensure_future(_request(client, counts))
-    await asyncio.sleep(0)
-    (infer,) = sent
-    logits = np.zeros((1, 2), dtype=np.float32)
-    client._handle(b"", [ipc.Result(infer.id, logits.tobytes(), 2, [1], "1")])
-    task.cancel()  # the same loop iteration: the task has not seen its answer
-    await asyncio.gather(task, return_exceptions=True)
-    await _settle()
-    assert task.cancelled()
-    assert [type(m) for m in sent] == [ipc.Infer]
-    assert counts.failures == []
-
-
-async def test_an_answer_that_arrives_after_the_cancel_is_not_counted_again():
-    """The caller's cancellation lands first (the waiting future is cancelled), the engine's
-    answer in the same loop iteration, before the task resumes: the engine counted it."""
-    client, sent = _client()
-    counts = RecordingEngine()
-    task = asyncio.ensure_future(_request(client, counts))
-    await asyncio.sleep(0)
-    (infer,) = sent
-    task.cancel()
-    logits = np.zeros((1, 2), dtype=np.float32)
-    client._handle(b"", [ipc.Result(infer.id, logits.tobytes(), 2, [1], "1")])
-    await asyncio.gather(task, return_exceptions=True)
-    await _settle()
+    cancellation and the answer meet before the waiting task resumes, in either order: no
+    second count (and no Cancel for an answered request)."""
+    client, sent, counts, task = await _cancelled(_result(), answer_first)
     assert task.cancelled() and counts.failures == []
-    assert client._answered_late == {}
+    assert sent[-1].id == sent[0].id and client._answered_late == {}
 
 
 @pytest.mark.parametrize(("kind", "counted", "frontend_counts"), [("ModelNotFound", False, ["cancelled"]), ("QueueFull", True, [])])
@@ -104,13 +93,5 @@ async def test_a_cancel_after_an_error_is_counted_once(kind: str, counted: bool,
     """An error the engine did not count (say, the version was unloaded since the frontend
     looked) is the frontend's to count, once, as cancelled; one the engine counted (the queue
     was full) is not counted again."""
-    client, sent = _client()
-    counts = RecordingEngine()
-    task = asyncio.ensure_future(_request(client, counts))
-    await asyncio.sleep(0)
-    (infer,) = sent
-    client._handle(b"", [ipc.Error(infer.id, kind, "refused", counted)])
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
-    await _settle()
+    _, _, counts, _ = await _cancelled(ipc.Error(0, kind, "refused", counted))
     assert counts.failures == frontend_counts
