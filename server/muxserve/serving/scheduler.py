@@ -6,10 +6,10 @@ waiting or the oldest waiting text has waited ``max_queue_delay``; while another
 computes (the engine, not the arrivals, is the bottleneck), a short batch may wait up to
 ``fill_wait_s`` more for the texts expected meanwhile (pass filling). Instances of a mux
 model that are free together share the queued requests' texts (``queue_share``), not one
-taking all. Texts, not requests, fill slots; every text's result comes from its own row of the output. The queue
-is bounded in requests (Triton's ``max_queue_size``): past it ``submit`` fails at once with
-QueueFull. A failing forward pass fails only the requests that had texts in it. A caller that
-goes away leaves its texts to be skipped.
+taking all. Texts, not requests, fill slots; every text's result comes from its own row of
+the output. The queue is bounded in requests (Triton's ``max_queue_size``): past it
+``submit`` fails at once with QueueFull. A failing forward pass fails only the requests that
+had texts in it. A caller that goes away leaves its texts to be skipped.
 """
 
 from __future__ import annotations

@@ -256,15 +256,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await asyncio.sleep(delay)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
 
-    async def _infer(self, req: pb.ModelInferRequest) -> bytes:
+    async def _infer(self, req: pb.ModelInferRequest) -> InferResponse:
         served = self.plane.registry.find(req.model_name, req.model_version)  # 404 before decoding for nothing
         async with self.plane.counting_failures(served):
             request = decode_infer_request(req, functools.partial(self.plane.check_inputs, served))
-        return encode_infer_response(await self.plane.infer(request, served=served))
+        return await self.plane.infer(request, served=served)
 
     @_unary
     async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> bytes:
-        return await self._infer(request)
+        return encode_infer_response(await self._infer(request))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[pb.ModelInferRequest | Malformed], context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently, at most ``max_stream_inflight`` of them: a request holds
@@ -278,7 +278,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest) -> None:
             try:
-                msg = pb.ModelStreamInferResponse(infer_response=pb.ModelInferResponse.FromString(await self._infer(req)))
+                msg = pb.ModelStreamInferResponse(infer_response=_response_message(await self._infer(req)))
             except ServingError as exc:
                 msg = self._stream_error(req, exc.message)
             except Exception:
