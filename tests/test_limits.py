@@ -391,6 +391,7 @@ def test_slowloris_and_slow_bodies_time_out_while_others_are_served(server, base
         sock.close()
     reply = _read_all(body)
     assert reply.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 1 s" in reply
+    assert b"\r\nconnection: close\r\n" in reply.lower()  # and closed, not kept alive with half a body on it
     body.close()
     served_well(base, echo)
 

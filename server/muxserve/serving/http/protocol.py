@@ -95,6 +95,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         cycle.response_started = True
         cycle.waiting_for_100_continue = False
+        if cycle.more_body:
+            cycle.keep_alive = False  # answered before its body was all in (408, 413): see on_response_complete
         content = [STATUS_LINE[status]]
         for name, value in (*cycle.default_headers, *headers):
             content += (name, b": ", value, b"\r\n")
@@ -145,6 +147,15 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(TIMEOUT_RESPONSE)
             self.transport.close()
+
+    def on_response_complete(self) -> None:
+        # A request answered before its whole body arrived (a body timeout, a body over the limit,
+        # a refusal from its head) leaves the rest of that body on the connection: it is closed
+        # rather than kept alive to read and discard it (RFC 9110: 408 closes the connection).
+        cycle = self.cycle  # the request being read; a pipelined one behind it is not yet answered
+        if cycle is not None and cycle.response_complete and cycle.more_body and not self.transport.is_closing():
+            self.transport.close()
+        super().on_response_complete()
 
     # -- write timeout
 
