@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 import struct
 import time
@@ -24,7 +25,9 @@ from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from muxserve.bench.run import parse_counts
+from muxserve.serving.codecs import BytesTensorWalk, decode_bytes_tensor
 from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, Verdict, client_key
+from muxserve.serving.errors import BadRequest
 from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
 from muxserve.serving.syn_filter import attach, listening_sockets, save_syns, saved_syn_source, syn_filter_program
 
@@ -132,6 +135,83 @@ def test_huge_element_counts_are_refused_and_counted(base, echo, shape, status, 
     after = counts(base, ECHO)
     assert after["failure:bad_request"] - before["failure:bad_request"] == 1
     served_well(base, echo)
+
+
+def _binary_head(model: str, body: bytes, headers: dict[str, str]) -> bytes:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return f"POST /v2/models/{model}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode()
+
+
+PAST_ITS_SIZE = struct.pack("<I", 20_000_000) + bytes(len(ONE_BYTE_TEXTS) - 4)  # one prefix that points past binary_data_size
+
+
+@pytest.mark.parametrize(
+    ("shape", "tail", "status", "message"),
+    [
+        ([1, 1], ONE_BYTE_TEXTS, b"400", "more elements than the 1 its shape declares"),
+        ([1, 1], PAST_ITS_SIZE, b"400", "element runs past the end of the buffer"),
+        ([MAX_BATCH + 1, 1], ONE_BYTE_TEXTS, b"400", "max_batch_size"),
+        ([2_000_000, 1], ONE_BYTE_TEXTS, b"413", "max_tensor_elements"),
+    ],
+    ids=["more-elements", "prefix-past-its-size", "over-max-batch", "huge-shape"],
+)
+def test_a_binary_request_is_refused_from_the_start_of_its_body(server, base, echo, shape, tail, status, message):
+    """A 10 MB binary request whose client sends its head, JSON header and first 4 KB of the
+    binary tail and then nothing: the answer it would get once read comes from what arrived
+    (not the 408 of the 1-s body timeout), the connection is closed, and the refusal is
+    counted as the model's bad request."""
+    before = counts(base, ECHO)
+    body, headers = binary_body(shape, tail)
+    sent = int(headers["Inference-Header-Content-Length"]) + 4096
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(_binary_head(ECHO, body, headers) + body[:sent])
+        reply = _read_all(sock)  # until the server closes the connection
+    assert reply.startswith(b"HTTP/1.1 " + status + b" "), reply[:300]
+    assert message.encode() in reply
+    assert b"\r\nconnection: close\r\n" in reply.lower()
+    assert counts(base, ECHO)["failure:bad_request"] - before["failure:bad_request"] == 1
+    served_well(base, echo)
+
+
+def test_a_large_binary_request_sent_in_pieces_is_served(server, echo):
+    """A binary request of 2 MB (one long text among short ones) arrives in many pieces:
+    its length prefixes are walked as they arrive and it is read in full and served."""
+    texts = ["a long text " * 170_000, *TEXTS(2)]
+    body, headers = binary_body([3, 1], [t.encode() for t in texts])
+    with socket.create_connection(("127.0.0.1", server.http_port)) as sock:
+        sock.sendall(_binary_head(ECHO, body, {**headers, "Connection": "close"}) + body)
+        reply = _read_all(sock)
+    head, _, payload = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), reply[:300]
+    rows = np.array(json.loads(payload)["outputs"][0]["data"], dtype=np.float32).reshape(3, -1)
+    np.testing.assert_array_equal(rows, echo.rows(texts))
+
+
+def test_bytes_tensor_walk_refuses_what_decoding_refuses():
+    """Fed in pieces of any size, the walk refuses a BYTES tensor with the message
+    ``decode_bytes_tensor`` gives it, and passes every tensor that decodes."""
+    rng = random.Random(20)
+    for _ in range(5000):
+        items = [bytes(rng.randint(0, 3)) for _ in range(rng.randint(0, 5))]
+        buffer = b"".join(struct.pack("<I", len(x)) + x for x in items)
+        buffer = buffer[: rng.randint(0, len(buffer))] + bytes(rng.choice([0, 0, rng.randint(1, 6)]))
+        count = rng.randint(0, 6)
+        try:
+            decode_bytes_tensor(buffer, count)
+            expected = None
+        except BadRequest as exc:
+            expected = exc.message
+        at = 0
+        try:
+            walk = BytesTensorWalk(len(buffer), count)
+            while not walk.done:
+                assert at < len(buffer), "every byte fed and still undecided"
+                step = rng.randint(1, 7)
+                walk.feed(memoryview(buffer)[at : at + step])
+                at += step
+            assert expected is None, (buffer, count)
+        except BadRequest as exc:
+            assert exc.message == expected, (buffer, count)
 
 
 def test_huge_element_counts_over_grpc(server, client):

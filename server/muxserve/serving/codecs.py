@@ -51,16 +51,67 @@ def decode_bytes_tensor(buffer: bytes | memoryview, count: int | None = None) ->
     offset = 0
     while offset < len(view):
         if count is not None and len(items) == count:
-            raise BadRequest(f"malformed BYTES tensor: more elements than the {count} its shape declares")
+            raise more_elements(count)
         if offset + 4 > len(view):
-            raise BadRequest("malformed BYTES tensor: truncated length prefix")
+            raise BadRequest(TRUNCATED_PREFIX)
         (length,) = struct.unpack_from("<I", view, offset)
         offset += 4
         if offset + length > len(view):
-            raise BadRequest("malformed BYTES tensor: element runs past the end of the buffer")
+            raise BadRequest(PAST_THE_END)
         items.append(bytes(view[offset : offset + length]))
         offset += length
     return items
+
+
+TRUNCATED_PREFIX = "malformed BYTES tensor: truncated length prefix"
+PAST_THE_END = "malformed BYTES tensor: element runs past the end of the buffer"
+
+
+def more_elements(count: int) -> BadRequest:
+    return BadRequest(f"malformed BYTES tensor: more elements than the {count} its shape declares")
+
+
+class BytesTensorWalk:
+    """``decode_bytes_tensor``'s refusals of a BYTES tensor of ``size`` bytes and ``count``
+    elements, found from its bytes as they arrive: ``feed`` each piece in order; BadRequest as
+    soon as what has arrived shows that decoding the whole tensor would refuse it, ``done`` once
+    it shows that it would not. Only the length prefixes are read (no element is copied) and at
+    most ``count`` + 1 of them, whatever the tensor holds."""
+
+    def __init__(self, size: int, count: int) -> None:
+        self.size, self.count = size, count
+        self.arrived = 0  # bytes of the tensor fed so far
+        self.next = 0  # where the next length prefix starts
+        self.elements = 0  # length prefixes read
+        self.prefix = b""  # the start of a length prefix split between pieces
+        self.done = False
+        self._decide()
+
+    def feed(self, piece: memoryview) -> None:
+        start = self.arrived
+        self.arrived += len(piece)
+        while not self.done:
+            end = self.next + 4
+            if end > self.arrived:
+                self.prefix += piece[max(self.next - start, 0) :]
+                return
+            (length,) = struct.unpack("<I", self.prefix + piece[max(self.next - start, 0) : end - start])
+            self.prefix = b""
+            self.next = end + length
+            self.elements += 1
+            if self.next > self.size:
+                raise BadRequest(PAST_THE_END)
+            self._decide()
+
+    def _decide(self) -> None:
+        """What the position of the next prefix decides with no more bytes, in the order
+        ``decode_bytes_tensor`` checks it."""
+        if self.next == self.size:
+            self.done = True
+        elif self.elements == self.count:
+            raise more_elements(self.count)
+        elif self.next + 4 > self.size:
+            raise BadRequest(TRUNCATED_PREFIX)
 
 
 def encode_bytes_tensor(items: list[bytes]) -> bytes:

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import orjson
 
-from muxserve.serving.dataplane import DataPlane
+from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import ClientClosed, ServingError, Unauthenticated
 from muxserve.serving.http.wire import HEADER_LENGTH, compress, encode_infer_response, error_answer, error_body, parse_classify, parse_infer_request, receive_body
 from muxserve.serving.security import AccessPolicy
@@ -130,9 +130,9 @@ class InferenceRoutes:
         plane = self.plane
         served = plane.registry.find(model, version)  # 404 before reading a body for nothing
         async with plane.counting_failures(served):
-            body = await self._body(scope, receive, headers)
             header_length = headers.get(_HEADER_LENGTH)
             check = functools.partial(plane.check_inputs, served)
+            body = await self._body(scope, receive, headers, header_length, check)
             request, binary_default = parse_infer_request(model, version, body, header_length.decode("latin-1") if header_length is not None else None, check)
         response = await self._unless_gone(scope, receive, plane.infer(request, scope.get(ARRIVED), served))
         payload, json_length = encode_infer_response(response, request, binary_default)
@@ -145,8 +145,10 @@ class InferenceRoutes:
                 extra.append((b"content-encoding", encoding.encode()))
         return payload, extra
 
-    def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes]) -> Awaitable[bytes]:
-        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False))
+    def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes], header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> Awaitable[bytes]:
+        """The request's body; with ``header_length`` and ``check``, a binary-extension request
+        that arrives in pieces is refused from its first pieces where it would be refused anyway."""
+        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False), header_length, check)
 
     async def _unless_gone(self, scope: dict, receive: Any, work: Awaitable[T]) -> T:
         """``work``, cancelled if the client goes away first (its queued texts are then skipped,

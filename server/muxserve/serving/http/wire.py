@@ -13,12 +13,14 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
-from muxserve.serving.codecs import decode_raw, element_count, encode_raw, flatten_json_data, json_data
+from muxserve.serving.codecs import BytesTensorWalk, decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import Declared
 from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, ServingError
 from muxserve.serving.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+# the largest JSON header that is read before the rest of its body (``ArrivingBinaryRequest``)
+EARLY_HEADER_LIMIT = 64 * 1024
 
 
 class ClassifyRequest(BaseModel):
@@ -33,18 +35,22 @@ class ClassifyResult(BaseModel):
     num_instances: int = Field(description="the mux width N that served this text")
 
 
-async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None, arrived: bool = False) -> bytes:
+async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None, arrived: bool = False, header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> bytes:
     """``read_body`` on a bare ASGI ``receive``, with the request's Content-Length and
     Content-Encoding headers; ClientClosed if the client goes away before its body is in.
-    ``arrived``: the server says the whole body is in (nothing to wait for, no timer)."""
+    ``arrived``: the server says the whole body is in (nothing to wait for, no timer).
+    ``header_length`` (``Inference-Header-Content-Length``) and ``check`` (as for
+    ``parse_infer_request``): a binary-extension request that arrives in pieces is refused
+    from its first pieces where they show it would be refused once read (``ArrivingBinaryRequest``)."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"request body of {int(content_length)} bytes exceeds the limit of {limit} bytes")
     if arrived:
         message, body = await _receive_all(receive, limit)
     else:
+        early = ArrivingBinaryRequest.of(header_length, content_length, content_encoding, check) if header_length is not None else None
         try:
             async with asyncio.timeout(timeout):
-                message, body = await _receive_all(receive, limit)
+                message, body = await _receive_all(receive, limit, early)
         except TimeoutError:
             raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
     if message["type"] == "http.disconnect":
@@ -56,12 +62,15 @@ async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: s
     return body
 
 
-async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int) -> tuple[dict, bytes]:
-    """(the last ASGI message, the body); 413 as soon as it passes ``limit``."""
+async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int, early: ArrivingBinaryRequest | None = None) -> tuple[dict, bytes]:
+    """(the last ASGI message, the body); 413 as soon as it passes ``limit``; ``early`` sees
+    each piece of a body that arrives in more than one, until it has decided."""
     message = await receive()
     body = message.get("body", b"")
     if message.get("more_body"):
         chunks, size = [body], len(body)
+        if early is not None and early.feed(body):
+            early = None
         while message.get("more_body"):
             message = await receive()
             chunk = message.get("body", b"")
@@ -69,8 +78,66 @@ async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int) -> tu
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
+            if early is not None and early.feed(chunk):
+                early = None
         body = b"".join(chunks)
     return message, body
+
+
+class ArrivingBinaryRequest:
+    """A binary-extension inference request (``Inference-Header-Content-Length``) refused from
+    the part of its body that has arrived, with the answer ``parse_infer_request`` would give
+    once it was all read: as soon as its JSON header is in, the header is parsed and its inputs'
+    declarations checked; then the length prefixes of its first input, a BYTES tensor in the
+    binary tail, are walked as they arrive (``BytesTensorWalk``), so that 10 MB of one-byte
+    elements under a shape of one is refused from its first bytes, not after all of them.
+
+    Only where that answer cannot depend on what has not arrived: a body of known length
+    (Content-Length), not compressed, with a header of at most ``EARLY_HEADER_LIMIT`` bytes.
+    Nothing of the body is kept but the pieces of the header until it is whole."""
+
+    def __init__(self, header_length: int, body_length: int, check: Callable[[Sequence[Declared]], None] | None) -> None:
+        self.header_length, self.body_length, self.check = header_length, body_length, check
+        self.arrived = 0
+        self.header: list[memoryview] = []
+        self.tensor: BytesTensorWalk | None = None
+
+    @classmethod
+    def of(cls, header_length: bytes, content_length: str | bytes | None, content_encoding: str | bytes, check: Callable[[Sequence[Declared]], None] | None) -> ArrivingBinaryRequest | None:
+        """The watch for a request with these headers; None where its answer could depend on
+        more than what arrives first."""
+        if content_encoding or content_length is None or not content_length.isdigit() or not header_length.isdigit():
+            return None
+        length, total = int(header_length), int(content_length)
+        return cls(length, total, check) if length <= min(total, EARLY_HEADER_LIMIT) else None
+
+    def feed(self, piece: bytes) -> bool:
+        """The next piece of the body: BadRequest (or the check's refusal) where the request
+        is refused; True once it is known not to be refused here (nothing more to watch)."""
+        start = self.arrived
+        self.arrived += len(piece)
+        if self.tensor is None:
+            self.header.append(memoryview(piece)[: self.header_length - start])
+            if self.arrived < self.header_length:
+                return False
+            if not self._read_header(b"".join(self.header)):
+                return True
+            self.header = []
+        tensor = self.tensor
+        low, high = max(self.header_length - start, 0), min(self.header_length + tensor.size - start, len(piece))
+        if low < high:
+            tensor.feed(memoryview(piece)[low:high])
+        return tensor.done
+
+    def _read_header(self, json_part: bytes) -> bool:
+        """Parse and check the header; whether its first input is a BYTES tensor to walk."""
+        raw_inputs, declared = _declarations(_document(json_part), self.check)
+        name, datatype, shape = declared[0]
+        _, count, size = _binary_layout(name, raw_inputs[0], shape, 0, self.body_length - self.header_length)
+        if size is None or datatype != "BYTES":
+            return False
+        self.tensor = BytesTensorWalk(size, count)
+        return not self.tensor.done
 
 
 def decompress(body: bytes, content_encoding: str, limit: int) -> bytes:
@@ -98,12 +165,7 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
         json_part, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     else:
         json_part, binary = body, None
-    try:
-        doc = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"malformed JSON in request body: {exc}") from None
-    if type(doc) is not dict:
-        raise BadRequest("request body must be a JSON object")
+    doc = _document(json_part)
     inputs = _plain_text_input(doc, check) if binary is None else None
     if inputs is None:
         inputs = _inputs(doc, binary if binary is not None else memoryview(b""), check)
@@ -124,6 +186,16 @@ def parse_infer_request(model: str, version: str, body: bytes, header_length: st
         raise BadRequest("'parameters' must be an object")
     request_id = doc.get("id", "")
     return InferRequest(model, inputs, version, str(request_id) if request_id is not None else "", outputs, params), bool(params.get("binary_data_output", False))
+
+
+def _document(json_part: bytes | memoryview) -> dict:
+    try:
+        doc = orjson.loads(json_part)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"malformed JSON in request body: {exc}") from None
+    if type(doc) is not dict:
+        raise BadRequest("request body must be a JSON object")
+    return doc
 
 
 def _plain_text_input(doc: dict, check: Callable[[Sequence[Declared]], None] | None) -> list[InputTensor] | None:
@@ -152,6 +224,26 @@ def _plain_text_input(doc: dict, check: Callable[[Sequence[Declared]], None] | N
 
 def _inputs(doc: dict, binary: memoryview, check: Callable[[Sequence[Declared]], None] | None) -> list[InputTensor]:
     """Every input of a request, JSON data or binary (``binary``: the tail after the JSON)."""
+    raw_inputs, declared = _declarations(doc, check)
+    inputs, offset = [], 0
+    for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
+        params, count, size = _binary_layout(name, raw, shape, offset, len(binary))
+        if size is not None:
+            data = decode_raw(datatype, binary[offset : offset + size], count)
+            offset += size
+        elif "data" in raw:
+            data = flatten_json_data(raw["data"], count)
+        else:
+            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
+        inputs.append(InputTensor(name, datatype, shape, data, params))
+    if offset != len(binary):
+        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+    return inputs
+
+
+def _declarations(doc: dict, check: Callable[[Sequence[Declared]], None] | None) -> tuple[list[dict], list[Declared]]:
+    """The request's inputs and their declarations (name, datatype, shape), which ``check``
+    has passed."""
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list) or not raw_inputs:
         raise BadRequest("request must have a non-empty 'inputs' list")
@@ -167,26 +259,20 @@ def _inputs(doc: dict, binary: memoryview, check: Callable[[Sequence[Declared]],
         declared.append((name, datatype, shape))
     if check is not None:
         check(declared)
-    inputs, offset = [], 0
-    for raw, (name, datatype, shape) in zip(raw_inputs, declared, strict=True):
-        params = raw.get("parameters") or {}
-        if type(params) is not dict:
-            raise BadRequest(f"input '{name}': 'parameters' must be an object")
-        size = params.get("binary_data_size")
-        count = element_count(shape)
-        if size is not None:
-            if type(size) is not int or size < 0 or offset + size > len(binary):
-                raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({len(binary) - offset} bytes left)")
-            data = decode_raw(datatype, binary[offset : offset + size], count)
-            offset += size
-        elif "data" in raw:
-            data = flatten_json_data(raw["data"], count)
-        else:
-            raise BadRequest(f"input '{name}' has neither 'data' nor binary_data_size")
-        inputs.append(InputTensor(name, datatype, shape, data, params))
-    if offset != len(binary):
-        raise BadRequest(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
-    return inputs
+    return raw_inputs, declared
+
+
+def _binary_layout(name: str, raw: dict, shape: list[int], offset: int, binary_length: int) -> tuple[dict, int, int | None]:
+    """An input's parameters, its declared element count and its ``binary_data_size`` (None:
+    no binary data), which must fit the ``binary_length`` bytes of binary data from ``offset``."""
+    params = raw.get("parameters") or {}
+    if type(params) is not dict:
+        raise BadRequest(f"input '{name}': 'parameters' must be an object")
+    size = params.get("binary_data_size")
+    count = element_count(shape)
+    if size is not None and (type(size) is not int or size < 0 or offset + size > binary_length):
+        raise BadRequest(f"input '{name}': binary_data_size {size} does not fit the binary data ({binary_length - offset} bytes left)")
+    return params, count, size
 
 
 def encode_infer_response(resp: InferResponse, request: InferRequest, binary_default: bool) -> tuple[bytes, int | None]:
