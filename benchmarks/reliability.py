@@ -12,7 +12,8 @@ served rate of two source trees side by side; the figures behind docs/reliabilit
     abuse     a well-behaved client paced at --victim-load x C, alone, beside each abuser (huge
               element counts, slowloris, disconnect storm, invalid protobuf flood, gRPC
               connection storm; at --abuser-nice, from an address of their own), alone again:
-              its p99 beside each over the mean of its two p99s alone
+              its p99 beside each over the mean of its two p99s alone; with --variant (server
+              arguments) or --tree (source trees), once per variant, alternating --rounds times
     storm-cost  the frontend's CPU per connection of each storm (--abuser), nothing else sent,
               against each server --variant, at --storm-rate
     hotpath   closed-loop served req/s of source trees (--tree NAME=DIR, each a checkout's
@@ -305,22 +306,25 @@ def soak(a: argparse.Namespace, texts: list[str]) -> dict:
 
 
 def abuse(a: argparse.Namespace, texts: list[str]) -> dict:
-    """The abuse run; with --variant, the whole run once per variant (its own server, capacity
-    and reference), alternating --rounds times, and each variant's ratios side by side."""
-    if not a.variant:
+    """The abuse run; with --variant (server arguments) or --tree (source trees), the whole run
+    once per variant (its own server, capacity and reference), alternating --rounds times, and
+    each variant's ratios and frontend cores side by side."""
+    variants = {name: (args, "") for name, args in ((v.split("=", 1) + [""])[:2] for v in a.variant)}
+    variants.update((name, ("", src)) for name, src in (t.split("=", 1) for t in a.tree))
+    if not variants:
         return abuse_once(a, texts)
-    variants = dict((v.split("=", 1) + [""])[:2] for v in a.variant)
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(a.rounds):
-        for name, args in variants.items():
-            runs[name].append(abuse_once(a, texts, name, shlex.split(args)))
+        for name, (args, src) in variants.items():
+            runs[name].append(abuse_once(a, texts, name, shlex.split(args), src))
     ratios = {name: {abuser: [r["abusers"][abuser]["p99_over_alone"] for r in rs] for abuser in rs[0]["abusers"]} for name, rs in runs.items()}
-    return {"variants": variants, "p99_over_alone": ratios, "runs": runs}
+    cores = {name: {abuser: [r["abusers"][abuser]["cores_used"]["frontend"] for r in rs] for abuser in rs[0]["abusers"]} for name, rs in runs.items()}
+    return {"variants": {name: args or f"tree {src}" for name, (args, src) in variants.items()}, "p99_over_alone": ratios, "frontend_cores": cores, "runs": runs}
 
 
-def abuse_once(a: argparse.Namespace, texts: list[str], name: str = "abuse", server_args: Sequence[str] = ()) -> dict:
+def abuse_once(a: argparse.Namespace, texts: list[str], name: str = "abuse", server_args: Sequence[str] = (), pythonpath: str = "") -> dict:
     load = http_load("json", a.model, texts)
-    with serving(a, name, *server_args) as server:
+    with serving(a, name, *server_args, pythonpath=pythonpath) as server:
         c = capacity(server, load).requests_per_s
         rate = a.victim_load * c
 
@@ -414,14 +418,19 @@ def hotpath(a: argparse.Namespace, texts: list[str]) -> dict:
 
 
 def _huge_elements(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
-    """10 MB binary requests carrying 2,000,000 one-byte texts under a shape of one, back to back."""
+    """10 MB binary requests carrying 2,000,000 one-byte texts under a shape of one, back to
+    back; ``tally``: the answers by status, and ``reset``: connections reset before an answer."""
     raw = b"\x01\x00\x00\x00x" * 2_000_000
     header = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1, 1], "parameters": {"binary_data_size": len(raw)}}]}).encode()
     body = header + raw
     with httpx.Client(base_url=f"http://{server.http_url}", timeout=60) as http:
         while not stop.is_set():
-            http.post(f"/v2/models/{model}/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))})
+            try:
+                answer = str(http.post(f"/v2/models/{model}/infer", content=body, headers={"Inference-Header-Content-Length": str(len(header))}).status_code)
+            except httpx.TransportError:
+                answer = "reset"
             tally["sent"] += 1
+            tally[answer] = tally.get(answer, 0) + 1
 
 
 def _slowloris(server: ServerHandle, model: str, stop: threading.Event, tally: dict, connections: int = 200) -> None:
@@ -568,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     p.add_argument("--abuser-nice", type=int, default=19, help="abuse: the abusers' nice value (19: they use only CPU the server and the victim leave idle; 0: they compete for it)")
     p.add_argument("--storm-rate", type=float, default=0.0, help="abuse, storm-cost: the storms' connections a second (0: as fast as they can)")
     p.add_argument("--abuser", action="append", default=[], choices=list(ABUSERS), help="abuse, storm-cost: only these abusers (repeatable; default: all, storm-cost: the two storms)")
-    p.add_argument("--tree", action="append", default=[], help="hotpath: NAME=DIR, a checkout's server/ folder (repeatable; the first is the reference)")
+    p.add_argument("--tree", action="append", default=[], help="hotpath, abuse: NAME=DIR, a checkout's server/ folder (repeatable; hotpath: the first is the reference)")
     p.add_argument("--rounds", type=int, default=2, help="hotpath, storm-cost, abuse with --variant: alternations")
     p.add_argument("--variant", action="append", default=[], help="abuse, storm-cost: NAME=SERVER ARGS, a server variant to run against (repeatable; alternating --rounds times)")
     p.add_argument("--server-arg", action="append", default=[], help="extra argument for muxserve serve (repeatable)")
