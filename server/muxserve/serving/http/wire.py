@@ -1,5 +1,6 @@
 """The HTTP wire format of the inference routes: bodies (limits, timeouts, gzip/deflate), KServe v2
-JSON with Triton's binary tensor data extension (``Inference-Header-Content-Length``), the
+JSON with Triton's binary tensor data extension (``Inference-Header-Content-Length``; a binary
+request that arrives in pieces is refused from its first pieces where they decide it), the
 ``/v1/classify`` body, and error bodies."""
 
 from __future__ import annotations
