@@ -58,6 +58,20 @@ class Verdict(enum.Enum):
     RESET = "reset"  # far over it, or gone already: reset, nothing written
 
 
+class ThrottledCount:
+    """A count logged at most once per LOG_EVERY_S: ``due(now, total)`` is how many were counted
+    since the last line when a line is due now (and takes the line), else None."""
+
+    def __init__(self) -> None:
+        self._at, self._total = -LOG_EVERY_S, 0
+
+    def due(self, now: float, total: int) -> int | None:
+        if now - self._at < LOG_EVERY_S:
+            return None
+        since, self._at, self._total = total - self._total, now, total
+        return since
+
+
 class ConnectionRate:
     """Token buckets of new connections, one per client address (``client_key``)."""
 
@@ -71,8 +85,8 @@ class ConnectionRate:
         self._buckets: dict[str, tuple[float, float, float]] = {}
         self.refused = 0
         self.blocked = 0
-        self._logged = (-LOG_EVERY_S, 0)  # (when, refused then): one warning per LOG_EVERY_S at most
-        self._block_logged = (-LOG_EVERY_S, 0)  # (when, blocked then): the same for blocks
+        self._refusals_logged = ThrottledCount()
+        self._blocks_logged = ThrottledCount()
 
     def admit(self, peername: Any, gone: bool = False) -> Verdict:
         """What to do with a connection just accepted from ``peername`` (takes a token).
@@ -99,13 +113,11 @@ class ConnectionRate:
                 verdict = Verdict.RESET
                 if self.blocklist.block(key, self.block_s):
                     self.blocked += 1
-                    if now - self._block_logged[0] >= LOG_EVERY_S:
-                        log.warning("blocking new connections from %s for %g s (%d blocks since the last line): more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, self.blocked - self._block_logged[1], self.burst, self.per_second)
-                        self._block_logged = (now, self.blocked)
+                    if (blocks := self._blocks_logged.due(now, self.blocked)) is not None:
+                        log.warning("blocking new connections from %s for %g s (%d blocks since the last line): more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, blocks, self.burst, self.per_second)
                 tokens, refusals, now = 0.0, 0.0, now + self.block_s  # after the block: the rate, no burst
-            elif now - self._logged[0] >= LOG_EVERY_S:
-                log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", self.refused - self._logged[1], key, self.per_second, self.burst)
-                self._logged = (now, self.refused)
+            elif (refused := self._refusals_logged.due(now, self.refused)) is not None:
+                log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", refused, key, self.per_second, self.burst)
         self._buckets[key] = (tokens, refusals, now)
         if len(self._buckets) > MAX_ADDRESSES:
             del self._buckets[next(iter(self._buckets))]
