@@ -11,8 +11,9 @@ side where it moved.
 
     python benchmarks/serving_stack.py --rev before=REV --rev after=HEAD --model sst2-mux5 --out docs/bench/serving_stack
 
-``--grpc-floor`` measures instead what grpc.aio itself costs under the same h2load load: a
-server on uvloop whose ModelInfer handler returns a fixed reply and does nothing else.
+``--grpc-floor`` measures instead what grpcio itself costs under the same h2load load: a server
+whose ModelInfer handler returns a fixed reply and does nothing else, on grpc.aio (uvloop, as
+muxserve serves gRPC) and on grpcio's synchronous server (a thread pool), in turns.
 """
 
 from __future__ import annotations
@@ -68,17 +69,23 @@ def measure(server, model: str, texts: list[str], protocol: str, concurrency: in
     return {"protocol": protocol, "requests_per_s": load.requests_per_s, "p50_ms": load.p50_ms, "p99_ms": load.p99_ms, "errors": load.errors, "cpu_ms_per_request": sum(split.values()), "cpu_ms_by_process": split}
 
 
-def serve_fixed_grpc_reply(port: int) -> None:
-    """A grpc.aio server (uvloop) answering every ModelInfer with the same serialized reply."""
-
-    import grpc
-    import uvloop
+def fixed_reply() -> bytes:
+    """A serialized ModelInferResponse as the echo engine would answer one text."""
     from tritonclient.grpc import service_pb2 as pb
 
     reply = pb.ModelInferResponse(model_name=ECHO_MODEL, model_version="1")
     reply.outputs.add(name="LABEL", datatype="BYTES", shape=[1, 1])
     reply.raw_output_contents.append(b"\x08\x00\x00\x00positive")
-    body = reply.SerializeToString()
+    return reply.SerializeToString()
+
+
+def serve_fixed_grpc_reply(port: int) -> None:
+    """A grpc.aio server (uvloop) answering every ModelInfer with the same serialized reply."""
+
+    import grpc
+    import uvloop
+
+    body = fixed_reply()
 
     async def infer(request: bytes, context: object) -> bytes:
         return body
@@ -94,7 +101,22 @@ def serve_fixed_grpc_reply(port: int) -> None:
     uvloop.run(serve())
 
 
-def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: float) -> dict:
+def serve_fixed_grpc_reply_sync(port: int, workers: int = 4) -> None:
+    """The same on grpcio's synchronous server: handlers on a pool of ``workers`` threads."""
+    from concurrent import futures
+
+    import grpc
+
+    body = fixed_reply()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+    handlers = {"ModelInfer": grpc.unary_unary_rpc_method_handler(lambda request, context: body)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("inference.GRPCInferenceService", handlers),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: float, serve=serve_fixed_grpc_reply) -> dict:
     import multiprocessing
     import socket
     import time
@@ -102,7 +124,7 @@ def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: floa
     from muxserve.launch import free_port
 
     port = free_port()
-    proc = multiprocessing.get_context("spawn").Process(target=serve_fixed_grpc_reply, args=(port,), daemon=True)
+    proc = multiprocessing.get_context("spawn").Process(target=serve, args=(port,), daemon=True)
     proc.start()
     try:
         while True:
@@ -140,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--repository", default="model_repository")
     ap.add_argument("--out", default="", help="write NAME.json and NAME.md here (a path without suffix)")
-    ap.add_argument("--grpc-floor", action="store_true", help="only measure grpc.aio with a handler that returns a fixed reply")
+    ap.add_argument("--grpc-floor", action="store_true", help="only measure grpcio (grpc.aio and the sync server) with a handler that returns a fixed reply")
     args = ap.parse_args(argv)
 
     texts = load_texts(default_sst2_dev())
     if args.grpc_floor:
-        for _ in range(args.repeat):
-            p = grpc_floor(texts, args.concurrency, args.duration, args.warmup)
-            print(f"grpc.aio, fixed reply: {p['requests_per_s']:.1f} req/s, CPU {p['cpu_ms_per_request']:.3f} ms/request", flush=True)
+        servers = [("grpc.aio", serve_fixed_grpc_reply), ("grpc sync, 4 threads", serve_fixed_grpc_reply_sync)]
+        for rep in range(args.repeat):
+            for name, serve in servers if rep % 2 == 0 else servers[::-1]:
+                p = grpc_floor(texts, args.concurrency, args.duration, args.warmup, serve)
+                print(f"{name}, fixed reply: {p['requests_per_s']:.1f} req/s, CPU {p['cpu_ms_per_request']:.3f} ms/request", flush=True)
         return 0
     protocols = args.protocols.split(",")
     points: list[dict] = []

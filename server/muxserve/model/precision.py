@@ -2,10 +2,11 @@
 
 ``auto`` resolves to the fastest type that holds accuracy on the device: fp16 on CUDA; bf16 on a
 CPU with bf16 matrix units (AMX ``amx_bf16`` or ``avx512_bf16``, read from ``/proc/cpuinfo``),
-where oneDNN runs the forward pass 2-3x faster than in fp32; fp32 on any other CPU. Half
-precision casts the weights (``model.to(dtype)``) rather than running fp32 weights under
-autocast: on CPU the cast model measured 1.2-1.4x faster (``benchmarks/precision_modes.py``,
-docs/bench/engine.md) and holds SST-2 dev accuracy within 0.2 points of fp32
+where oneDNN runs the forward pass 2.2-4.6x faster than in fp32 with AMX and 2.0-2.5x with
+AVX512-BF16 alone (docs/bench/engine.md); fp32 on any other CPU. Half precision casts the
+weights (``model.to(dtype)``) rather than running fp32 weights under autocast: on CPU the cast
+model measured 1.2-1.4x faster (``benchmarks/precision_modes.py``, docs/bench/engine.md) and
+holds SST-2 dev accuracy within 0.2 points of fp32
 (``model_repository/MODELS.json``).
 """
 
