@@ -9,7 +9,9 @@ served throughput, for every bundled model. Run it on any machine with a GPU:
    and of a fixed 320 texts at length 64, fp16 on CUDA, interleaved rounds;
 3. served throughput: ``muxserve serve --device cuda --precision fp16``, closed loop of wrk
    (``muxserve.bench.native``: 256 connections, one text per request on ``/v1/classify``) per
-   model, with the server's CPU per request.
+   model, with the server's CPU per request; with ``--engines eager,compiled``, once more with
+   ``--engine compiled`` (``torch.compile`` of the forward pass; its compilation adds a minute or
+   two to the server's start).
 
 ``--device cpu`` runs the same script on the CPU (a smoke test of the script itself).
 """
@@ -64,12 +66,14 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--protocol", default="classify", choices=native.PROTOCOLS)
     p.add_argument("--client-threads", type=int, default=4, help="wrk threads (a divisor of --concurrency)")
+    p.add_argument("--engines", default="eager", help="served with each of these engine kinds (eager, compiled), comma-separated")
     p.add_argument("--out")
     a = p.parse_args()
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --device cpu for a smoke test")
     t0 = time.time()
-    repository = scan(a.model_repository)
+    # the models that have weights (a family such as sst2 serves these, and has none of its own)
+    repository = {m: entry for m, entry in scan(a.model_repository).items() if not entry.is_family}
     instances = {m: int(entry.parameter("num_instances", "1") or 1) for m, entry in repository.items()}
     models = sorted(repository, key=lambda m: (instances[m], m))
     texts = read_tsv_sentences(a.data) if Path(a.data).exists() else [f"a sentence number {i} about a film" for i in range(512)]
@@ -100,16 +104,17 @@ def main() -> None:
     # the paper's setting: 32·N texts at length 128, per model
     section("forward_paper", lambda: [r for m in models for r in bench_models(a.model_repository, [m], seq_len=128, batch_texts=32 * instances[m], seconds=a.seconds, rounds=1, device=a.device, precision=precision)])
 
-    def served() -> list[dict]:
+    def served(engine: str) -> list[dict]:
         extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
-        server = start_server(a.model_repository, models, out.with_suffix(".server.log"), extra=extra)
+        server = start_server(a.model_repository, models, out.with_suffix(f".server-{engine}.log"), extra=(*extra, "--engine", engine))
         try:
             runs = {m: native.drive(a.protocol, server.http_url, server.grpc_url, m, texts, 1, a.concurrency, a.client_threads) for m in models}
-            return [{"model": m, "protocol": a.protocol, **native.measure(server.proc.pid, runs[m], a.serve_seconds, warmup_s=2).summary()} for m in models]
+            return [{"model": m, "protocol": a.protocol, "engine": engine, **native.measure(server.proc.pid, runs[m], a.serve_seconds, warmup_s=2).summary()} for m in models]
         finally:
             server.stop()
 
-    section("served", served)
+    for engine in a.engines.split(","):
+        section("served" if engine == "eager" else f"served_{engine}", lambda engine=engine: served(engine))
     report["wall_seconds"] = round(time.time() - t0, 1)
     if a.out:
         out.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""The engine: eager and TorchScript give the same logits as served, short groups included."""
+"""The engine: eager, compiled and TorchScript give the same logits as served, short groups included."""
 
 from __future__ import annotations
 
@@ -31,6 +31,26 @@ def test_torchscript_engine_fills_short_groups_by_the_models_policy(tmp_path, po
     finally:
         eager.close()
         traced.close()
+
+
+def test_compiled_engine_serves_the_eager_logits_at_every_batch_shape(tmp_path) -> None:
+    """torch.compile'd predict: the eager engine's logits for passes of one mux group, of
+    several with a short last group, and at lengths it was not compiled at."""
+    folder = save_tiny(tiny_model(num_instances=2, short_group_policy="copy"), tmp_path / "m")
+    eager = Engine.load(folder, EngineOptions(kind="eager", precision="fp32", threads=1))
+    compiled = Engine.load(folder, EngineOptions(kind="compiled", precision="fp32", threads=1, instances=2))
+    try:
+        for seed, (texts, length) in enumerate([(1, 5), (2, 14), (7, 30), (16, 9), (3, 32)]):
+            rows = rows_of(texts, length, seed=seed)
+            got, want = compiled.infer(rows), eager.infer(rows)
+            assert got.shape == want.shape == (texts, 2)
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+        batches = [rows_of(texts, 20, seed=10 + texts) for texts in (4, 6, 10, 12)]
+        for got, rows in zip(compiled.infer_all(batches), batches, strict=True):  # instances side by side
+            np.testing.assert_allclose(got, eager.infer(rows), atol=1e-4, rtol=0)
+    finally:
+        eager.close()
+        compiled.close()
 
 
 def test_group_padding_mask_makes_served_logits_independent_of_the_batch(tmp_path) -> None:

@@ -2,14 +2,16 @@
 
 An engine takes token-id rows (a batch of texts, mux groups already laid out slot by slot),
 pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets), runs the model
-(eager or TorchScript, CPU or CUDA) at the serving precision (``muxserve.model.precision``:
-``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32) and returns float32 logits
-``[T, C]`` as numpy.
+(eager, compiled by ``torch.compile``, or TorchScript; CPU or CUDA) at the serving precision
+(``muxserve.model.precision``: ``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, else
+fp32) and returns float32 logits ``[T, C]`` as numpy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -66,6 +68,24 @@ class Forward(Protocol):
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor: ...
 
 
+def compiled_predict(model: torch.nn.Module) -> Forward:
+    """``model.predict`` compiled by TorchInductor with frozen weights: inductor prepacks the
+    weights for oneDNN itself and fuses the elementwise work between the matmuls (bias, GELU,
+    residual adds, layer norms) into generated kernels, where the eager engine runs each as an
+    operator of its own. Shapes are dynamic, so one graph serves the passes' varying rows and
+    lengths. Needs a C++ compiler at load time (CPU). ``Engine.load`` compiles it (tens of
+    seconds) before the instances run passes side by side."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # served weights never change: constants to the graph
+    dynamo_config.capture_dynamic_output_shape_ops = True  # the packed forward's nonzero()
+    # predict without its inference_mode (the engine calls it under no_grad): inductor's graphs
+    # set version counters, which inference tensors refuse
+    predict = functools.partial(inspect.unwrap(type(model).predict), model)
+    return torch.compile(predict, dynamic=True)
+
+
 class EchoForward:
     """Diagnostic engine: each text's "logits" encode its own token ids, not a prediction.
 
@@ -93,7 +113,7 @@ class EchoForward:
 class EngineOptions:
     device: str = "cpu"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only), see muxserve.model.precision
-    kind: str = "eager"  # eager | torchscript | echo (diagnostic)
+    kind: str = "eager"  # eager | compiled (torch.compile) | torchscript | echo (diagnostic)
     threads: int = 0  # 0: default_threads()
     instances: int = 1  # engine threads (instance_group count)
     pad_multiple: int = PAD_MULTIPLE  # 0: pad to LENGTH_BUCKETS
@@ -128,9 +148,21 @@ class Engine:
             forward = traced.to(dtype=dtype).eval() if dtype != torch.float32 else traced.eval()
         elif options.kind == "eager":
             model.freeze_for_serving()  # served weights never change: predict keeps its fastest layouts
+        elif options.kind == "compiled":
+            forward = compiled_predict(model)
         else:
-            raise ValueError(f"unknown engine kind {options.kind!r} (eager | torchscript | echo)")
-        return cls(forward, model.config, options, name)
+            raise ValueError(f"unknown engine kind {options.kind!r} (eager | compiled | torchscript | echo)")
+        engine = cls(forward, model.config, options, name)
+        if options.kind == "compiled":
+            engine._compile()
+        return engine
+
+    def _compile(self) -> None:
+        """Compile the forward pass on one instance's thread, before any run side by side: a pass
+        of one mux group and one of several (sizes of 1 get graphs of their own)."""
+        n = self.config.num_instances
+        for groups, length in ((1, 16), (3, 24)):
+            self._executor.submit(self.infer, self.sample_rows(groups * n, length)).result()
 
     def _init_thread(self) -> None:
         torch.set_num_threads(self.threads)
@@ -153,7 +185,9 @@ class Engine:
     def infer(self, rows: list[list[int]]) -> np.ndarray:
         """Synchronous forward pass: logits float32 [len(rows), C]."""
         ids, mask = self.pad(rows)
-        with torch.inference_mode():
+        # a compiled graph cannot take inference tensors everywhere (inductor sets their version
+        # counters): plain no_grad for it
+        with torch.no_grad() if self.options.kind == "compiled" else torch.inference_mode():
             logits = self.forward_fn(ids.to(self.device), mask.to(self.device))
         return logits[: len(rows)].float().cpu().numpy()
 
@@ -168,7 +202,8 @@ class Engine:
 
     def sample_rows(self, count: int, length: int) -> list[list[int]]:
         """``count`` token rows of ``length`` ids, [CLS] ... [SEP]: for warmup and timing."""
-        return [[self.config.cls_token_id] + [1000] * (length - 2) + [self.config.sep_token_id]] * count
+        filler = min(1000, self.config.vocab_size - 1)  # an ordinary word piece of a BERT vocabulary
+        return [[self.config.cls_token_id] + [filler] * (length - 2) + [self.config.sep_token_id]] * count
 
     def warmup(self) -> None:
         """One pass per common padded length, so the first requests do not pay for allocation

@@ -22,7 +22,7 @@ class Settings(BaseModel):
     repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between scans of the repository")
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
     precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32")
-    engine: str = Field("", description="override: eager | torchscript")
+    engine: str = Field("", description="override: eager | compiled | torchscript | echo")
     instances: int = Field(0, description="engine instances per model (passes run side by side); 0: config.pbtxt instance_group count, else automatic")
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
     pass_fill_ms: float | None = Field(None, ge=0, description="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off; None: config.pbtxt pass_fill_microseconds, else automatic")
