@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     texts = load_texts(default_sst2_dev())
     results = []
+    repository = scan(args.repository)
     for model in args.models.split(","):
-        entry = scan(args.repository)[model]
+        entry = repository[model]
         folder = resolve_model_dir(args.repository, model)
         base = engine_options(entry, Settings(instances=args.instances, threads=args.threads))
         engines = {}

@@ -38,8 +38,10 @@ def test_compiled_engine_serves_the_eager_logits_at_every_batch_shape(tmp_path) 
     several with a short last group, and at lengths it was not compiled at."""
     folder = save_tiny(tiny_model(num_instances=2, short_group_policy="copy"), tmp_path / "m")
     eager = Engine.load(folder, EngineOptions(kind="eager", precision="fp32", threads=1))
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = Engine.load(folder, EngineOptions(kind="compiled", precision="fp32", threads=1, instances=2))
     try:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # dynamo captured it
         for seed, (texts, length) in enumerate([(1, 5), (2, 14), (7, 30), (16, 9), (3, 32)]):
             rows = rows_of(texts, length, seed=seed)
             got, want = compiled.infer(rows), eager.infer(rows)

@@ -129,6 +129,9 @@ class Engine:
         self.name = name
         self.device = torch.device(options.device)
         self.threads = options.threads or default_threads(options.instances)
+        # a compiled graph cannot take inference tensors everywhere (inductor sets their version
+        # counters): plain no_grad for it
+        self._grad_mode = torch.no_grad if options.kind == "compiled" else torch.inference_mode
         self._executor = ThreadPoolExecutor(max_workers=options.instances, thread_name_prefix=f"engine-{name}", initializer=self._init_thread)
 
     @classmethod
@@ -185,9 +188,7 @@ class Engine:
     def infer(self, rows: list[list[int]]) -> np.ndarray:
         """Synchronous forward pass: logits float32 [len(rows), C]."""
         ids, mask = self.pad(rows)
-        # a compiled graph cannot take inference tensors everywhere (inductor sets their version
-        # counters): plain no_grad for it
-        with torch.no_grad() if self.options.kind == "compiled" else torch.inference_mode():
+        with self._grad_mode():
             logits = self.forward_fn(ids.to(self.device), mask.to(self.device))
         return logits[: len(rows)].float().cpu().numpy()
 
