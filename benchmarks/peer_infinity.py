@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from muxserve.bench import native
-from muxserve.bench.run import load_texts, machine_info, repository_models
+from muxserve.bench.run import load_texts, machine_info, repository_models, units_text
 from muxserve.bench.serve import SweepOptions, cell, run_sweep, strict_json
 from muxserve.launch import free_port, wait_until_ready
 
@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# Served throughput against the forward pass and against a stock peer",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}. muxserve at commit {report['code']}. Date: {report['date']}. Total time {report['seconds']:.0f} s.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {units_text(m)}, torch {m['torch']}. muxserve at commit {report['code']}. Date: {report['date']}. Total time {report['seconds']:.0f} s.",
         f"Load: wrk (a native client, {s['client_threads']} thread) in a closed loop at {max(s['concurrency'])} connections, {s['warmup']:g} s unmeasured then {s['duration']:g} s measured per point, real sentences (SST-2 dev, {report['texts']}), "
         f"muxserve on `{report['protocol_route']}`, infinity-emb {report['peer_version']} on `POST /classify` (`--engine torch`, the same all-MiniLM-L6-v2 backbone as a 2-label BertForSequenceClassification). "
         "Server CPU: user + system time of all the server's processes (from /proc) over the measured run, per request. "

@@ -184,9 +184,31 @@ async def test_length_aware_batches_pick_similar_lengths_in_arrival_order() -> N
     await until(lambda: s.queue_depth == len(lengths), "the queue filled")
     engine.release()
     await asyncio.gather(blocker, *tasks)
-    # closest to the oldest text (length 7), kept in arrival order (groups are not sorted)
+    # closest to the oldest text (length 7), kept in arrival order: a pass picked by length from
+    # a longer queue is not sorted into groups
     assert [len(r) for r in engine.batches[1]] == [7, 5, 8, 6]
     assert [len(r) for r in engine.batches[2]] == [60, 61, 62, 63]
+    await s.stop()
+
+
+@pytest.mark.parametrize("length_aware", [True, False])
+async def test_a_pass_of_the_whole_queue_fills_its_groups_by_length(length_aware: bool) -> None:
+    """Consecutive texts share a mux group, so a pass that takes every waiting text sorts them
+    by length (length-aware batching on); each caller still gets its own row."""
+    engine = FakeEngine(gated=True)
+    s = make(engine, batch_texts=6, max_queue_delay_s=3600.0, length_aware=length_aware)
+    blocker = asyncio.create_task(s.submit([[1]] * 6))
+    await until(lambda: len(engine.batches) == 1, "the engine busy")
+    requests = [[[3] * 7, [4] * 2], [[5] * 9], [[6] * 4, [7] * 1, [8] * 5]]
+    tasks = [asyncio.create_task(s.submit(r)) for r in requests]
+    await until(lambda: s.queue_depth == 6, "the queue filled")
+    engine.release()
+    results = await asyncio.gather(*tasks)
+    await blocker
+    lengths = [len(r) for r in engine.batches[1]]
+    assert lengths == ([1, 2, 4, 5, 7, 9] if length_aware else [7, 2, 9, 4, 1, 5])
+    for rows, got in zip(requests, results, strict=True):
+        np.testing.assert_array_equal(got, expected(rows))
     await s.stop()
 
 

@@ -56,6 +56,7 @@ def load_texts(source: str | Path | None = None) -> list[str]:
 def machine_info() -> dict:
     import torch
 
+    from muxserve.model.precision import BF16_CPU_FLAGS, cpu_flags, resolve_precision
     from muxserve.serving.cpus import available_cores
     from muxserve.serving.engine import default_threads
 
@@ -67,7 +68,17 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": available_cores(), "engine_threads": default_threads(), "python": platform.python_version(), "torch": torch.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    # what decides the CPU's serving precision (``auto``): bf16 matrix units, or none (fp32)
+    bf16_units = sorted(BF16_CPU_FLAGS & cpu_flags())
+    return {"platform": platform.platform(), "cpu": cpu, "cores": available_cores(), "bf16_units": bf16_units, "cpu_precision": resolve_precision("auto", "cpu"), "engine_threads": default_threads(), "python": platform.python_version(), "torch": torch.__version__, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+
+
+def units_text(machine: dict) -> str:
+    """The CPU's bf16 matrix units and the precision ``auto`` serves on it, for a report."""
+    units = machine.get("bf16_units")
+    if units is None:  # a report made before these were recorded
+        return "bf16 units not recorded"
+    return f"bf16 units: {', '.join(units) or 'none'}, CPU precision {machine.get('cpu_precision')}"
 
 
 # ---------------------------------------------------------------------------- the server's own numbers
@@ -220,7 +231,7 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
     from muxserve.serving.engine import Engine
     from muxserve.serving.registry import batch_texts, engine_options, max_texts, token_budget
     from muxserve.serving.repository import resolve_model_dir, scan
-    from muxserve.serving.scheduler import split_queue
+    from muxserve.serving.scheduler import order_groups, split_queue
     from muxserve.serving.settings import Settings
 
     settings = settings if isinstance(settings, Settings) else Settings()
@@ -237,6 +248,7 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
         batches, queue = [], list(rows)
         while queue:
             batch, queue = split_queue(queue, len, lambda _: False, cap, settings.length_aware, budget)
+            order_groups(batch, len, not queue, settings.length_aware)
             batches.append(batch)
         # every batch shape once on every instance: the first pass at a new shape builds its kernels
         engine.infer_all(b for b in batches for _ in range(engine.options.instances))

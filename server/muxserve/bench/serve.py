@@ -45,6 +45,7 @@ from muxserve.bench.run import (
     physical_limit,
     server_counts,
     stats_delta,
+    units_text,
 )
 from muxserve.launch import ServerHandle, start_server
 
@@ -288,7 +289,7 @@ def markdown(report: dict) -> str:
     lines = [
         "# muxserve: served throughput, latency and accuracy",
         "",
-        f"Machine: {m['cpu']} ({m['cores']} cores available, engine threads {m['engine_threads']}), {m['platform']}, Python {m['python']}, torch {m['torch']}; load average at start {m.get('load_average')}.",
+        f"Machine: {m['cpu']} ({m['cores']} cores available, {units_text(m)}, engine threads {m['engine_threads']}), {m['platform']}, Python {m['python']}, torch {m['torch']}; load average at start {m.get('load_average')}.",
         f"Date: {report['date']}. Native load generators in a closed loop (wrk with a Lua script over HTTP, h2load over gRPC, {s['client_threads']} client thread(s)): {s['warmup']:g} s unmeasured, then {s['duration']:g} s measured per point; texts: {Path(report['texts']['source']).name} ({report['texts']['count']}). Server CPU: all its processes, from /proc. Total time {report['seconds']['total']:.0f} s.",
         "",
         f"Command: `{report['command']}`" if report.get("command") else "",

@@ -18,6 +18,7 @@ so that its checkpoints convert by renaming only: ``bert.embeddings.*``,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -199,8 +200,20 @@ class BertEncoder(nn.Module):
         return x
 
 
+# packed rows are padded to a multiple of this for oneDNN's prepacked (bf16) matmuls, which build
+# a kernel per row count; to a multiple of PLAIN_ROWS_MULTIPLE for the plain ones (MKL fp32, cuBLAS),
+# which build none: there the padding rows are only work (25-text passes of sst2-mux5 in fp32 ran
+# 10% faster at 8 than at 64, docs/bench/engine.md)
 PACKED_ROWS_MULTIPLE = 64
+PLAIN_ROWS_MULTIPLE = 8
 ATTENTION_MULTIPLE = 16
+
+
+@functools.cache
+def onednn_bf16_available() -> bool:
+    """oneDNN's prepacked bf16 matmul runs on this CPU (it needs AVX512BW/VL/DQ or AVX-NE-CONVERT;
+    elsewhere a bf16 model keeps the plain layout)."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class InferenceLinear:
@@ -212,7 +225,7 @@ class InferenceLinear:
     def __init__(self, *linears: nn.Linear, pack: bool = False) -> None:
         weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
         self.bias = torch.cat([lin.bias.detach() for lin in linears]) if len(linears) > 1 else linears[0].bias.detach()
-        self.onednn = pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+        self.onednn = pack and weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and onednn_bf16_available()
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None) if self.onednn else weight
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -264,9 +277,10 @@ def packed_cls_states(layers: list[InferenceLayer], x: torch.Tensor, valid: torc
     bias = padding_bias(valid, x.dtype)
     h = x.reshape(b * length, d).index_select(0, flat)
     # oneDNN builds a kernel for every new row count of a matmul, which costs more than the
-    # matmul itself: the packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
+    # matmul itself: its packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
     # passes share a few row counts (and their cached kernels); the padding rows are dropped
-    h = F.pad(h, (0, 0, 0, -len(flat) % PACKED_ROWS_MULTIPLE))
+    multiple = PACKED_ROWS_MULTIPLE if layers and layers[0].qkv.onednn else PLAIN_ROWS_MULTIPLE
+    h = F.pad(h, (0, 0, 0, -len(flat) % multiple))
     for i, layer in enumerate(layers):
         h = _packed_layer(layer, h, flat, b, length, bias, first if i == len(layers) - 1 else None)
     return h.view(b, 1, d)

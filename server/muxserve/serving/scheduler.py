@@ -180,6 +180,24 @@ def split_queue(queue: list[T], length: Callable[[T], int], overdue: Callable[[T
     return [window[i] for i in picked], [t for i, t in enumerate(window) if i not in taken] + queue[len(window) :]
 
 
+def order_groups(batch: list[T], length: Callable[[T], int], whole_queue: bool, length_aware: bool) -> None:
+    """Puts a pass's texts (in place) in the order that fills its mux groups (consecutive texts
+    share one).
+
+    A pass that took the whole queue holds texts of any lengths in arrival order; sorted by
+    length, each group holds texts of similar length, and a group computes as many tokens as its
+    longest text (``packed_cls_states``): 25-text passes of sst2-mux5 ran 1.2x faster, at level
+    accuracy (``benchmarks/served_grouping.py --batch-texts 25``, docs/models.md). A pass picked by
+    length from a longer queue keeps arrival order: its texts are alike in length already, and
+    sorting them measured 0.7 points lower on sst2-mux5. Without ``length_aware``: arrival order."""
+    if length_aware and whole_queue:
+        batch.sort(key=length)
+
+
+def _text_length(text: _Text) -> int:
+    return len(text.ids)
+
+
 def _ensembled(text: _Text) -> bool:
     return text.request.options is not None and text.request.options.ensemble
 
@@ -390,6 +408,7 @@ class MuxScheduler:
         """Take the next batch off the queue (``_split``)."""
         queue = [t for t in self._queue if not t.request.cancelled]
         batch, rest = self._split(queue)
+        order_groups(batch, _text_length, not rest, self.length_aware)
         self._queue = rest
         self._queued_tokens = sum(len(t.ids) for t in rest)
         # a request leaves the queue when its last text is taken
@@ -414,7 +433,7 @@ class MuxScheduler:
         # sharing measured no faster there (docs/bench/engine.md)
         sharing = min(self.engine_instances - len(self._inflight), self._queued_requests) if self.num_instances > 1 else 1
         cap = queue_share(len(queue), sharing, self.batch_texts, self.num_instances)
-        return split_queue(queue, lambda t: len(t.ids), lambda t: t.enqueued <= deadline, cap, self.length_aware, self.token_budget)
+        return split_queue(queue, _text_length, lambda t: t.enqueued <= deadline, cap, self.length_aware, self.token_budget)
 
     async def _execute(self, batch: list[_Text]) -> None:
         start = time.monotonic()

@@ -33,7 +33,7 @@ RESTART_DELAY_S = 0.5
 # each, PyTorch's default): building a kernel costs more than a serving pass's matmul, so a cache
 # too small for the shapes traffic brings rebuilds kernels on every pass (16 entries served
 # sst2-mux5 at 0.7x the rate of 1024). The serving forward pads its packed token rows to a few
-# row counts (``PACKED_ROWS_MULTIPLE``), so the shapes, and the caches' memory, stay bounded.
+# row counts (``PACKED_ROWS_MULTIPLE`` for oneDNN), so the shapes, and the caches' memory, stay bounded.
 # OpenMP's idle intra-op threads sleep at once instead of
 # spinning for the next parallel region (OMP_WAIT_POLICY=PASSIVE): the forward pass runs as
 # fast, for a quarter to a third less CPU, which the frontends sharing the cores get instead.
