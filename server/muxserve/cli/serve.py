@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine instance (default: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic: the cores split over the instances)")
     p.add_argument("--pass-fill-ms", type=float, default=None, help="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off (default: config.pbtxt pass_fill_microseconds, else 10)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of a forward pass, mux groups x padded length; 0: fixed batches of the preferred size (default: config.pbtxt max_batch_tokens, else automatic)")
-    p.add_argument("--no-length-aware", action="store_true", help="batch in arrival order")
+    p.add_argument("--no-length-aware", action="store_true", help="batch, and fill mux groups, in arrival order")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-shadow", action="store_true", help="disable shadow sampling")
     p.add_argument("--max-request-bytes", type=int, default=None)

@@ -99,10 +99,7 @@ def choose_batch(lengths: Sequence[int], overdue: Sequence[bool], cap: int, leng
 
     Arrival order: the oldest ``cap``. Length-aware: overdue texts first (oldest first), then
     those closest in length to the oldest text, so the batch's padded length stays short. The
-    batch keeps arrival order and consecutive texts fill a mux group, as the mux models are
-    trained (groups of texts drawn at random); sorting the batch into groups of nearly equal
-    length measured level as served (``benchmarks/served_grouping.py``) and buys nothing, since
-    the batch runs as one pass at its longest text's length either way.
+    batch keeps arrival order; which texts share a mux group is ``order_groups``' choice.
 
     With a ``budget``, texts join in that order of priority while the pass's cost stays within
     it (in arrival order, or while overdue texts are being placed, the first that does not fit

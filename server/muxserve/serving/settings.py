@@ -27,7 +27,7 @@ class Settings(BaseModel):
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
     pass_fill_ms: float | None = Field(None, ge=0, description="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off; None: config.pbtxt pass_fill_microseconds, else automatic")
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
-    length_aware: bool = Field(True, description="group texts of similar length (less padding)")
+    length_aware: bool = Field(True, description="batch texts of similar length, and fill mux groups by length when a pass takes the whole queue (less padding)")
     warmup: bool = True
     max_request_bytes: int = Field(16 * 1024 * 1024, description="HTTP bodies and gRPC messages larger than this are refused (413 / RESOURCE_EXHAUSTED)")
     max_text_chars: int = Field(100_000, description="longer texts are cut before tokenizing (they are truncated to max_seq_length anyway)")
