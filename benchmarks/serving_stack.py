@@ -11,16 +11,18 @@ side where it moved.
 
     python benchmarks/serving_stack.py --rev before=REV --rev after=HEAD --model sst2-mux5 --out docs/bench/serving_stack
 
-``--grpc-floor`` measures instead what grpcio itself costs under the same h2load load: a server
-whose ModelInfer handler returns a fixed reply and does nothing else, on grpc.aio (uvloop, as
-muxserve serves gRPC) and on grpcio's synchronous server (a thread pool), in turns.
+``--grpc-floor`` measures instead what a gRPC server itself costs under the same h2load load: a
+server whose ModelInfer handler returns a fixed reply and does nothing else, on grpc.aio (uvloop),
+on grpcio's synchronous server (a thread pool) and on muxserve's own HTTP/2 transport, in turns.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -116,6 +118,28 @@ def serve_fixed_grpc_reply_sync(port: int, workers: int = 4) -> None:
     server.wait_for_termination()
 
 
+def serve_fixed_grpc_reply_native(port: int) -> None:
+    """The same on muxserve's own HTTP/2 transport (``muxserve.serving.grpc.http2``, uvloop)."""
+    import socket
+
+    import uvloop
+
+    from muxserve.serving.grpc.http2 import GrpcServer, Method
+
+    body = fixed_reply()
+
+    async def infer(request: bytes, context: object) -> bytes:
+        return body
+
+    async def serve() -> None:
+        listener = socket.create_server(("127.0.0.1", port), backlog=2048)
+        server = GrpcServer({"/inference.GRPCInferenceService/ModelInfer": Method(infer, bytes, bytes, False)}, listener)
+        await server.start()
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
 def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: float, serve=serve_fixed_grpc_reply) -> dict:
     import multiprocessing
     import socket
@@ -153,7 +177,7 @@ def export_tree(rev: str, into: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rev", action="append", default=[], help="LABEL=REV (a git revision, or . for the working tree); repeatable")
+    ap.add_argument("--rev", action="append", default=[], help="'LABEL=REV [SERVER FLAG...]': a git revision, or . for the working tree, and flags for its servers (e.g. 'grpcio=. --grpc-transport grpcio'); repeatable")
     ap.add_argument("--protocols", default=",".join(native.PROTOCOLS))
     ap.add_argument("--model", default="", help="also serve this model over /v1/classify (e.g. sst2-mux5)")
     ap.add_argument("--concurrency", type=int, default=64)
@@ -162,12 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--repository", default="model_repository")
     ap.add_argument("--out", default="", help="write NAME.json and NAME.md here (a path without suffix)")
-    ap.add_argument("--grpc-floor", action="store_true", help="only measure grpcio (grpc.aio and the sync server) with a handler that returns a fixed reply")
+    ap.add_argument("--grpc-floor", action="store_true", help="only measure the gRPC servers (grpc.aio, grpcio's sync server, muxserve's transport) with a handler that returns a fixed reply")
     args = ap.parse_args(argv)
 
     texts = load_texts(default_sst2_dev())
     if args.grpc_floor:
-        servers = [("grpc.aio", serve_fixed_grpc_reply), ("grpc sync, 4 threads", serve_fixed_grpc_reply_sync)]
+        servers = [("grpc.aio", serve_fixed_grpc_reply), ("grpc sync, 4 threads", serve_fixed_grpc_reply_sync), ("muxserve native HTTP/2", serve_fixed_grpc_reply_native)]
         for rep in range(args.repeat):
             for name, serve in servers if rep % 2 == 0 else servers[::-1]:
                 p = grpc_floor(texts, args.concurrency, args.duration, args.warmup, serve)
@@ -176,13 +200,16 @@ def main(argv: list[str] | None = None) -> int:
     protocols = args.protocols.split(",")
     points: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="muxserve-stack-") as tmp:
-        trees = [(label, export_tree(rev, Path(tmp) / label)) for label, _, rev in (r.partition("=") for r in args.rev)]
+        trees = []
+        for label, _, spec in (r.partition("=") for r in args.rev):
+            rev, *flags = spec.split()
+            trees.append((label, export_tree(rev, Path(tmp) / label), flags))
         for rep in range(args.repeat):
-            for label, tree in trees if rep % 2 == 0 else trees[::-1]:
+            for label, tree, flags in trees if rep % 2 == 0 else trees[::-1]:
                 os.environ["PYTHONPATH"] = str(tree)  # the server's processes import this tree
-                runs = [("echo", ECHO_MODEL, ["--engine", "echo"], protocols)]
+                runs = [("echo", ECHO_MODEL, ["--engine", "echo", *flags], protocols)]
                 if args.model:
-                    runs.append(("model", args.model, [], ["classify"]))
+                    runs.append(("model", args.model, flags, ["classify"]))
                 for engine, model, extra, served in runs:
                     server = start_server(args.repository, [model], Path(tmp) / f"{label}-{engine}.log", extra=extra)
                     try:
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"{label} {engine} {model} {protocol}: {p['requests_per_s']:.1f} req/s, p50 {p['p50_ms']:.1f} ms, CPU {p['cpu_ms_per_request']:.3f} ms/request ({split})", file=sys.stderr, flush=True)
                     finally:
                         server.stop()
-    report = {"machine": machine_info(), "command": "python benchmarks/serving_stack.py " + " ".join(argv if argv is not None else sys.argv[1:]), "revs": args.rev, "points": points, "summary": summarize(points, [label for label, _ in trees])}
+    report = {"machine": machine_info(), "command": "python benchmarks/serving_stack.py " + shlex.join(argv if argv is not None else sys.argv[1:]), "revs": args.rev, "points": points, "summary": summarize(points, [label for label, _, _ in trees])}
     print(markdown(report))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

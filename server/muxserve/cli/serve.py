@@ -23,6 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=None, help="default: 0.0.0.0")
     p.add_argument("--http-port", type=int, default=None, help="default: 8000")
     p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
+    p.add_argument("--grpc-transport", default=None, choices=["native", "grpcio"], help="native (default): muxserve's own HTTP/2 transport, a tenth of grpcio's CPU per call; grpcio: grpc.aio's server")
     p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, at least 1)")
     p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
     p.add_argument("--model-control-mode", default=None, choices=["none", "explicit", "poll"], help="none (default): load at start; explicit: POST /v2/repository/models/NAME/load|unload; poll: follow the repository's folders")
@@ -60,7 +61,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
             flags[name] = [v for v in flags[name].split(",") if v]
 
     return Settings.from_env(
-        model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, workers=a.workers,
+        model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, grpc_transport=a.grpc_transport, workers=a.workers,
         models=[m for m in a.models.split(",") if m] if a.models else None, model_control_mode=a.model_control_mode,
         load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
         engine=a.engine, instances=a.instances, threads=a.threads, pass_fill_ms=a.pass_fill_ms, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,

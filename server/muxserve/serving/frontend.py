@@ -74,10 +74,11 @@ class Frontend:
         if s.grpc_port > 0:
             from muxserve.serving.grpc.server import create_grpc_server
 
-            self.grpc = create_grpc_server(self.plane, f"{s.host}:{s.grpc_port}")
+            grpc_listener = shared_listener(s.host, s.grpc_port) if s.grpc_transport == "native" else None
+            self.grpc = create_grpc_server(self.plane, grpc_listener or (s.host, s.grpc_port), s.grpc_transport)
             await self.grpc.start()
             if blocklist is not None:  # an address blocked for its HTTP connections is blocked on gRPC too
-                blocklist.add_sockets(listening_sockets(s.grpc_port))
+                blocklist.add_sockets([grpc_listener] if grpc_listener is not None else listening_sockets(s.grpc_port))
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
         scheme = "https" if s.tls_certfile else "http"
         log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")

@@ -1,4 +1,5 @@
-"""gRPC adapter (grpc.aio): ``inference.GRPCInferenceService`` as Triton speaks it.
+"""gRPC adapter: ``inference.GRPCInferenceService`` as Triton speaks it, on this package's HTTP/2
+transport (``http2``) or on grpc.aio.
 
 A thin layer like the HTTP one: decode the protobuf into ``muxserve.serving.types``, call the data plane,
 encode the answer. Tensors come in ``raw_input_contents`` (tritonclient's way; BYTES with 4-byte
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,6 +31,7 @@ from tritonclient.grpc import service_pb2_grpc
 from muxserve.serving.codecs import decode_contents, decode_raw, element_count, encode_raw, parameters_from_proto, parameters_to_proto
 from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError, Unauthenticated
+from muxserve.serving.grpc.http2 import GrpcServer, Method, ssl_context
 from muxserve.serving.grpc.tarpit import MalformedPenalty
 from muxserve.serving.observability.stats import statistics_proto
 from muxserve.serving.security import AccessPolicy
@@ -336,17 +339,24 @@ def _serialized(message: bytes | Any) -> bytes:
     return message if type(message) is bytes else message.SerializeToString()
 
 
+def _methods(servicer: InferenceServicer) -> list[tuple[str, Any, Callable[[bytes], Any], Callable[[Any], bytes], bool]]:
+    """Each method of the service: (path, behavior, parse, serialize, client-streaming); requests
+    are parsed by ``_parse`` (malformed messages reach the servicer as ``Malformed``)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    methods = []
+    for method in service.methods:
+        serialize = _serialized if method.name == "ModelInfer" else getattr(pb, method.output_type.name).SerializeToString
+        methods.append((f"/{service.full_name}/{method.name}", getattr(servicer, method.name), _parse(getattr(pb, method.input_type.name)), serialize, method.client_streaming))
+    return methods
+
+
 def _method_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
-    """The service's handlers as gRPC's generated code makes them, but with requests parsed by
-    ``_parse`` (malformed messages reach the servicer as ``Malformed``)."""
+    """The service's handlers for grpc.aio, as gRPC's generated code makes them."""
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     handlers = {}
-    for method in service.methods:
-        behavior = getattr(servicer, method.name)
-        parse = _parse(getattr(pb, method.input_type.name))
-        serialize = _serialized if method.name == "ModelInfer" else getattr(pb, method.output_type.name).SerializeToString
-        make = grpc.stream_stream_rpc_method_handler if method.client_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(behavior, request_deserializer=parse, response_serializer=serialize)
+    for path, behavior, parse, serialize, streaming in _methods(servicer):
+        make = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+        handlers[path.rsplit("/", 1)[1]] = make(behavior, request_deserializer=parse, response_serializer=serialize)
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
@@ -384,12 +394,28 @@ def server_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
-def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
-    """A grpc.aio server on the running event loop; messages up to the HTTP body limit in, 64 MiB out.
-    Larger requests, and calls past ``max_concurrent_rpcs``, get RESOURCE_EXHAUSTED from gRPC itself.
-    TLS from the settings' certificate files; the API key, if set, checked by ``RequireApiKey``."""
+def create_grpc_server(plane: DataPlane, listener: socket.socket | tuple[str, int], transport: str = "native") -> GrpcServer | grpc.aio.Server:
+    """The gRPC server on ``listener``, a socket the frontends share by SO_REUSEPORT (grpcio: a
+    (host, port) address, where its C core opens such a socket of its own): messages up
+    to the HTTP body limit in; more than ``max_concurrent_streams`` calls on a connection are
+    refused, calls past ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED; TLS from the settings'
+    certificate files; the API key, if set, checked on every call. ``transport`` "native" is
+    this package's HTTP/2 transport (``http2``), "grpcio" grpc.aio's server."""
     settings = plane.settings
     policy = AccessPolicy(settings.api_key, settings.open_endpoints)
+    servicer = InferenceServicer(plane)
+    if isinstance(listener, tuple):
+        if transport != "grpcio":
+            raise ValueError("the native transport serves on a listening socket")
+        return _grpcio_server(servicer, policy, *listener)
+    methods = {path: Method(behavior, parse, serialize, streaming) for path, behavior, parse, serialize, streaming in _methods(servicer)}
+    tls = ssl_context(settings.tls_certfile, settings.tls_keyfile) if settings.tls_certfile else None
+    return GrpcServer(methods, listener, policy=policy, ssl_context=tls, max_message=settings.max_request_bytes, max_streams=settings.max_concurrent_streams, max_rpcs=settings.max_concurrent_rpcs, handshake_timeout=settings.header_timeout_s, idle_timeout=settings.idle_timeout_s)
+
+
+def _grpcio_server(servicer: InferenceServicer, policy: AccessPolicy, host: str, port: int) -> grpc.aio.Server:
+    """grpc.aio's server on host:port."""
+    settings = servicer.plane.settings
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_request_bytes),
@@ -402,11 +428,12 @@ def create_grpc_server(plane: DataPlane, address: str) -> grpc.aio.Server:
         maximum_concurrent_rpcs=settings.max_concurrent_rpcs or None,
         interceptors=[RequireApiKey(policy)] if policy.enabled else None,
     )
-    server.add_generic_rpc_handlers((_method_handlers(InferenceServicer(plane)),))
+    server.add_generic_rpc_handlers((_method_handlers(servicer),))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if settings.tls_certfile:
-        port = server.add_secure_port(address, server_credentials(settings.tls_certfile, settings.tls_keyfile))
+        bound = server.add_secure_port(address, server_credentials(settings.tls_certfile, settings.tls_keyfile))
     else:
-        port = server.add_insecure_port(address)
-    if port == 0:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
         raise OSError(f"gRPC cannot listen on {address}")
     return server
