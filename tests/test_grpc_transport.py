@@ -1,0 +1,225 @@
+"""muxserve's HTTP/2 transport for gRPC (``muxserve.serving.grpc.http2``) against a stock gRPC
+client (grpc.aio): handlers on loopback in this test's event loop, so that a test can see what
+its handler saw. Messages past every flow-control window in both directions, slow readers,
+deadlines and cancels reaching the handler, limits with their status, compression, a drain
+that finishes what it accepted, and a peer that does not speak HTTP/2. Then the real server on
+grpcio's transport (``--grpc-transport grpcio``) with stock tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
+
+from muxserve.serving.grpc.http2 import STREAM_WINDOW, Context, GrpcServer, Method
+from muxserve.serving.security import AccessPolicy
+
+SERVICE = "/test.Service/"
+TEXTS = TextSource(seed=31)
+
+
+class Handlers:
+    """Handlers that record what happened to them."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.release = asyncio.Event()
+        self.taken: list[int] = []
+
+    async def echo(self, request: bytes, context: Context) -> bytes:
+        return request[::-1]
+
+    async def grow(self, request: bytes, context: Context) -> bytes:
+        """A response ``int(request)`` bytes long."""
+        size = int(request)
+        return bytes(i % 251 for i in range(size))
+
+    async def hold(self, request: bytes, context: Context) -> bytes:
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return b"released"
+
+    async def refuse(self, request: bytes, context: Context) -> bytes:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no: ünïcode % and\nnewline")
+        return b""
+
+    async def fail(self, request: bytes, context: Context) -> bytes:
+        raise RuntimeError("a bug")
+
+    async def slow_stream(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+        """Reads a request only after yielding the answer to the one before, each a larger echo."""
+        async for request in requests:
+            self.taken.append(len(request))
+            yield request * 2
+
+
+def methods(h: Handlers) -> dict[str, Method]:
+    unary = {"Echo": h.echo, "Grow": h.grow, "Hold": h.hold, "Refuse": h.refuse, "Fail": h.fail}
+    table = {SERVICE + name: Method(fn, bytes, bytes, False) for name, fn in unary.items()}
+    table[SERVICE + "Stream"] = Method(h.slow_stream, bytes, bytes, True)
+    return table
+
+
+@pytest.fixture
+async def transport():
+    handlers = Handlers()
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = GrpcServer(methods(handlers), listener, max_message=8 << 20, max_streams=4, max_rpcs=6, policy=AccessPolicy("sekret", ["health"]))
+    await server.start()
+    yield server, handlers, f"127.0.0.1:{listener.getsockname()[1]}"
+    await server.stop(0)
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """A channel with a connection of its own (channels to one address share one by default)."""
+    return grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20), ("grpc.use_local_subchannel_pool", 1)])
+
+
+KEY = (("authorization", "Bearer sekret"),)
+
+
+async def test_messages_larger_than_every_window_both_ways(transport):
+    _, _, address = transport
+    async with channel(address) as ch:
+        echo = ch.unary_unary(SERVICE + "Echo")
+        grow = ch.unary_unary(SERVICE + "Grow")
+        big = bytes(range(256)) * (3 * STREAM_WINDOW // 256 + 7)  # 3 MiB and a bit: past the 1 MiB stream window
+        assert await echo(big, metadata=KEY) == big[::-1]
+        assert await grow(str(5 << 20).encode(), metadata=KEY) == bytes(i % 251 for i in range(5 << 20))
+        replies = await asyncio.gather(*(echo(str(i).encode() * 1000, metadata=KEY) for i in range(40)))
+        assert replies == [(str(i).encode() * 1000)[::-1] for i in range(40)]  # each call its own answer
+
+
+async def test_a_stream_of_messages_past_its_window_read_slowly(transport):
+    _, handlers, address = transport
+    messages = [bytes([i]) * 300_000 for i in range(12)]  # 3.6 MB sent, 7.2 MB answered
+
+    async def requests():
+        for m in messages:
+            yield m
+
+    async with channel(address) as ch:
+        call = ch.stream_stream(SERVICE + "Stream")(requests(), metadata=KEY)
+        replies = [r async for r in call]
+        assert await call.code() == grpc.StatusCode.OK
+    assert replies == [m * 2 for m in messages]
+    assert handlers.taken == [len(m) for m in messages]
+
+
+async def test_deadline_and_cancel_reach_the_handler(transport):
+    _, handlers, address = transport
+    async with channel(address) as ch:
+        hold = ch.unary_unary(SERVICE + "Hold")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await hold(b"", metadata=KEY, timeout=0.3)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await handlers.cancelled.wait()
+        handlers.started.clear()
+        handlers.cancelled.clear()
+        call = hold(b"", metadata=KEY)
+        await handlers.started.wait()
+        call.cancel()
+        await handlers.cancelled.wait()
+        assert await ch.unary_unary(SERVICE + "Echo")(b"abc", metadata=KEY) == b"cba"
+
+
+async def test_statuses(transport):
+    _, _, address = transport
+    async with channel(address) as ch:
+        cases = [
+            (SERVICE + "Refuse", b"", KEY, grpc.StatusCode.INVALID_ARGUMENT, "no: ünïcode % and\nnewline"),
+            (SERVICE + "Fail", b"", KEY, grpc.StatusCode.INTERNAL, "server log"),
+            (SERVICE + "Nope", b"", KEY, grpc.StatusCode.UNIMPLEMENTED, "unknown method /test.Service/Nope"),
+            (SERVICE + "Echo", b"x", (), grpc.StatusCode.UNAUTHENTICATED, ""),
+            (SERVICE + "Echo", b"x" * (9 << 20), KEY, grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
+        ]
+        for path, body, metadata, code, details in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary(path)(body, metadata=metadata)
+            assert info.value.code() == code and details in info.value.details(), (path, info.value)
+        assert await ch.unary_unary(SERVICE + "Echo")(b"still", metadata=KEY) == b"llits"
+
+
+async def test_compressed_requests(transport):
+    _, _, address = transport
+    body = b"a compressible text " * 10_000
+    for algorithm in (grpc.Compression.Gzip, grpc.Compression.Deflate):
+        async with grpc.aio.insecure_channel(address, compression=algorithm) as ch:
+            assert await ch.unary_unary(SERVICE + "Echo")(body, metadata=KEY) == body[::-1]
+    # 64 MiB of zeros travel as 64 KB: the server inflates no more than max_message of it
+    async with grpc.aio.insecure_channel(address, compression=grpc.Compression.Gzip, options=[("grpc.max_send_message_length", 128 << 20)]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await ch.unary_unary(SERVICE + "Echo")(b"\0" * (64 << 20), metadata=KEY)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "decompressed" in info.value.details()
+
+
+async def test_limits_on_streams_and_calls(transport):
+    server, handlers, address = transport
+    async with channel(address) as ch:
+        hold = ch.unary_unary(SERVICE + "Hold")
+        held = [asyncio.ensure_future(hold(b"", metadata=KEY)) for _ in range(6)]  # 4 streams a connection: the client queues 2
+        while server.active_rpcs < 4:
+            await asyncio.sleep(0.01)
+        async with channel(address) as other:  # a second connection: 2 more calls reach max_rpcs = 6
+            more = [asyncio.ensure_future(other.unary_unary(SERVICE + "Hold")(b"", metadata=KEY)) for _ in range(2)]
+            while server.active_rpcs < 6:
+                await asyncio.sleep(0.01)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await other.unary_unary(SERVICE + "Echo")(b"one too many", metadata=KEY)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            handlers.release.set()
+            assert await asyncio.gather(*held, *more) == [b"released"] * 8
+    assert server.active_rpcs == 0
+
+
+async def test_drain_finishes_accepted_calls_and_takes_no_new_ones(transport):
+    server, handlers, address = transport
+    async with channel(address) as ch:
+        call = asyncio.ensure_future(ch.unary_unary(SERVICE + "Hold")(b"", metadata=KEY))
+        await handlers.started.wait()
+        stopping = asyncio.ensure_future(server.stop(30))
+        await asyncio.sleep(0)
+        handlers.release.set()
+        assert await call == b"released"
+        await stopping
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(address.rsplit(":", 1)[1])), timeout=2).close()
+
+
+async def test_a_peer_that_does_not_speak_http2_is_closed(transport):
+    _, _, address = transport
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = await reader.read()  # the server's SETTINGS, then GOAWAY, then the end of the stream
+    assert data[3] == 4 and b"preface" in data
+    writer.close()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x04\x01\x05\x00\x00\x00\x01" + b"\xff\xff\xff\xff")  # HEADERS with a block that is not HPACK
+    assert b"header block" in await reader.read()
+    writer.close()
+    async with channel(address) as ch:
+        assert await ch.unary_unary(SERVICE + "Echo")(b"ok", metadata=KEY) == b"ko"
+
+
+def test_the_server_on_grpcio(tmp_path):
+    """``--grpc-transport grpcio``: the same service on grpc.aio, for stock tritonclient."""
+    repository = build_repository(tmp_path / "repo")
+    texts = TEXTS(5)
+    with serving(repository, tmp_path / "grpcio-server.log", "--grpc-transport", "grpcio") as server:
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:
+            assert client.is_server_ready()
+            tensor = grpcclient.InferInput("TEXT", [len(texts), 1], "BYTES")
+            tensor.set_data_from_numpy(text_array(texts))
+            np.testing.assert_array_equal(client.infer(ECHO, [tensor]).as_numpy("LOGITS"), Echo(repository).rows(texts))
