@@ -564,8 +564,8 @@ def _get(sock: socket.socket, path: str) -> bytes:
 def test_new_connections_past_an_address_rate_are_refused_at_once(repository, tmp_path):
     """One address opens connections past --client-connection-burst (the rate refills nothing
     within the test): each one past it is answered 429 and closed before the server reads a
-    byte of it, while the connections it was allowed stay served and another address's
-    client is served."""
+    byte of it (on the gRPC port: GOAWAY and the close), while the connections it was allowed
+    stay served and another address's client is served."""
     burst = 20
     with serving(repository, tmp_path / "connection-rate.log", "--client-connection-rate", "0.0001", "--client-connection-burst", str(burst)) as server:
         kept = [_connect_from("127.0.0.2", server.http_port) for _ in range(burst)]
@@ -575,6 +575,12 @@ def test_new_connections_past_an_address_rate_are_refused_at_once(repository, tm
             reply = _read_all(refused)  # sends nothing: the refusal comes unasked, then the close
             assert reply.startswith(b"HTTP/1.1 429 ") and b"retry-after: 1" in reply and b"keep connections alive" in reply
             refused.close()
+        refused = _connect_from("127.0.0.2", server.grpc_port)  # one budget for both ports
+        reply = _read_all(refused)  # SETTINGS, GOAWAY with ENHANCE_YOUR_CALM, the close
+        assert reply[3] == 4 and b"keep connections alive" in reply
+        refused.close()
+        with grpcclient.InferenceServerClient(server.grpc_url) as client:  # from 127.0.0.1: served
+            assert client.is_server_live()
         other = _connect_from("127.0.0.3", server.http_port)
         assert _get(other, "/v2/health/live") == b"HTTP/1.1 200 OK"
         for sock in kept:  # kept alive: still served

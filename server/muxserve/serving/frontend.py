@@ -75,8 +75,10 @@ class Frontend:
             from muxserve.serving.grpc.server import create_grpc_server
 
             grpc_listener = shared_listener(s.host, s.grpc_port) if s.grpc_transport == "native" else None
-            self.grpc = create_grpc_server(self.plane, grpc_listener or (s.host, s.grpc_port), s.grpc_transport)
+            self.grpc = create_grpc_server(self.plane, grpc_listener or (s.host, s.grpc_port), s.grpc_transport, connection_rate)
             await self.grpc.start()
+            if grpc_listener is not None and connection_rate is not None:
+                save_syns(grpc_listener)
             if blocklist is not None:  # an address blocked for its HTTP connections is blocked on gRPC too
                 blocklist.add_sockets([grpc_listener] if grpc_listener is not None else listening_sockets(s.grpc_port))
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))

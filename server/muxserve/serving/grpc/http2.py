@@ -3,7 +3,8 @@
 grpcio's server spends about 0.25 ms of CPU on every unary call before a handler runs (its C
 core hands each call to Python through a completion queue and several callbacks). This
 transport parses frames in the connection's ``data_received`` and writes a unary answer (its
-headers, message and trailers) in one ``write``: a tenth of that. It is the part of HTTP/2
+headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_stack.py
+--grpc-floor``). It is the part of HTTP/2
 (RFC 9113) and of gRPC's mapping onto it that gRPC clients use:
 
 - the connection: preface, SETTINGS, PING, GOAWAY, flow control both ways (windows are
@@ -15,7 +16,8 @@ headers, message and trailers) in one ``write``: a tenth of that. It is the part
 - limits: ``max_concurrent_streams`` per connection (more are refused with REFUSED_STREAM),
   ``max_concurrent_rpcs`` per process and ``max_request_bytes`` per message
   (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, and a drain that sends
-  GOAWAY and lets accepted calls finish.
+  GOAWAY and lets accepted calls finish; new connections per client address counted in the
+  frontend's ``ConnectionRate`` (the HTTP port's buckets: an address has one budget for both).
 
 Handlers are the servicer's methods, as grpc.aio would call them: ``(request, context)`` for a
 unary method, ``(request iterator, context)`` and an async generator of responses for a
@@ -25,9 +27,11 @@ streaming one. ``context.abort`` ends the call with a status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
+import struct
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -36,8 +40,10 @@ from typing import Any
 import grpc
 import hpack
 
+from muxserve.serving.connection_rate import ConnectionRate, Verdict
 from muxserve.serving.errors import Unauthenticated
 from muxserve.serving.security import AccessPolicy
+from muxserve.serving.syn_filter import saved_syn_source
 
 log = logging.getLogger("muxserve")
 
@@ -46,7 +52,7 @@ DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDO
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
 NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR = 0x6, 0x7, 0x8, 0x9
+FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 1, 3, 4, 5, 6
 
 DEFAULT_WINDOW = 65_535  # what either side may send before the other's SETTINGS say otherwise
@@ -55,6 +61,7 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 20  # the largest frame we accept (a client may send big messages in fewer frames)
 MAX_HEADER_LIST = 64 * 1024
 STREAM_HIGH_WATER = 1 << 20  # a streaming handler waits while this much of its output waits for the client's window
+CALM_DOWN = b"too many new connections from this address: keep connections alive and reuse them"
 MAX_MESSAGE_DETAILS = 4096  # grpc-message is cut here: the trailers fit in one frame
 
 OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 1, 2, 3, 4
@@ -247,6 +254,8 @@ class Http2Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport subclasses
+        if self.server.connection_rate is not None and not self._admitted():
+            return
         address = transport.get_extra_info("peername")
         if isinstance(address, tuple):
             self.peer = f"ipv6:[{address[0]}]:{address[1]}" if ":" in address[0] else f"ipv4:{address[0]}:{address[1]}"
@@ -263,6 +272,28 @@ class Http2Connection(asyncio.Protocol):
             self.handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         if self.server.idle_timeout:
             self.idle_timer = self.loop.call_later(self.server.idle_timeout, self._idle_check)
+
+    def _admitted(self) -> bool:
+        """The client address's bucket of new connections (shared with the HTTP port) has a
+        token; else GOAWAY (ENHANCE_YOUR_CALM) and close, or, far past the rate, a reset."""
+        transport = self.transport
+        assert transport is not None and self.server.connection_rate is not None
+        peer = transport.get_extra_info("peername")
+        gone = peer is None  # reset by its client before this: its address from its SYN
+        verdict = self.server.connection_rate.admit(saved_syn_source(transport.get_extra_info("socket")) if gone else peer, gone)
+        if verdict is Verdict.ADMIT:
+            return True
+        self.closed = True
+        if verdict is Verdict.REFUSE:
+            transport.write(frame(SETTINGS, 0, 0) + frame(GOAWAY, 0, 0, bytes(4) + ENHANCE_YOUR_CALM.to_bytes(4, "big") + CALM_DOWN))
+            transport.close()
+        else:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -311,6 +342,8 @@ class Http2Connection(asyncio.Protocol):
     # -- reading frames
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
         buffer = self.buffer
         buffer += data
         try:
@@ -735,13 +768,14 @@ class GrpcServer:
     """gRPC on one listening socket (shared with the other frontends by SO_REUSEPORT): ``start``,
     and ``stop(grace)``, which sends GOAWAY and waits up to ``grace`` for the calls in flight."""
 
-    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0) -> None:
+    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0, connection_rate: ConnectionRate | None = None) -> None:
         self.methods = methods
         self.listener = listener
         self.policy = policy if policy is not None and policy.enabled else None
         self.ssl_context = ssl_context
         self.max_message, self.max_streams, self.max_rpcs = max_message, max_streams, max_rpcs
         self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
+        self.connection_rate = connection_rate  # new connections per client address
         self.connections: set[Http2Connection] = set()
         self.active_rpcs = 0
         self.idle = asyncio.Event()  # set whenever a connection's last call ends

@@ -29,6 +29,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from muxserve.serving.codecs import decode_contents, decode_raw, element_count, encode_raw, parameters_from_proto, parameters_to_proto
+from muxserve.serving.connection_rate import ConnectionRate
 from muxserve.serving.dataplane import DataPlane, Declared
 from muxserve.serving.errors import BadRequest, ModelNotFound, ServingError, Unauthenticated
 from muxserve.serving.grpc.http2 import GrpcServer, Method, ssl_context
@@ -394,12 +395,13 @@ def server_credentials(certfile: str, keyfile: str) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(key.read(), cert.read())])
 
 
-def create_grpc_server(plane: DataPlane, listener: socket.socket | tuple[str, int], transport: str = "native") -> GrpcServer | grpc.aio.Server:
+def create_grpc_server(plane: DataPlane, listener: socket.socket | tuple[str, int], transport: str = "native", connection_rate: ConnectionRate | None = None) -> GrpcServer | grpc.aio.Server:
     """The gRPC server on ``listener``, a socket the frontends share by SO_REUSEPORT (grpcio: a
     (host, port) address, where its C core opens such a socket of its own): messages up
     to the HTTP body limit in; more than ``max_concurrent_streams`` calls on a connection are
     refused, calls past ``max_concurrent_rpcs`` get RESOURCE_EXHAUSTED; TLS from the settings'
-    certificate files; the API key, if set, checked on every call. ``transport`` "native" is
+    certificate files; the API key, if set, checked on every call; new connections per client
+    address counted in ``connection_rate`` (native transport). ``transport`` "native" is
     this package's HTTP/2 transport (``http2``), "grpcio" grpc.aio's server."""
     settings = plane.settings
     policy = AccessPolicy(settings.api_key, settings.open_endpoints)
@@ -410,7 +412,7 @@ def create_grpc_server(plane: DataPlane, listener: socket.socket | tuple[str, in
         return _grpcio_server(servicer, policy, *listener)
     methods = {path: Method(behavior, parse, serialize, streaming) for path, behavior, parse, serialize, streaming in _methods(servicer)}
     tls = ssl_context(settings.tls_certfile, settings.tls_keyfile) if settings.tls_certfile else None
-    return GrpcServer(methods, listener, policy=policy, ssl_context=tls, max_message=settings.max_request_bytes, max_streams=settings.max_concurrent_streams, max_rpcs=settings.max_concurrent_rpcs, handshake_timeout=settings.header_timeout_s, idle_timeout=settings.idle_timeout_s)
+    return GrpcServer(methods, listener, policy=policy, ssl_context=tls, max_message=settings.max_request_bytes, max_streams=settings.max_concurrent_streams, max_rpcs=settings.max_concurrent_rpcs, handshake_timeout=settings.header_timeout_s, idle_timeout=settings.idle_timeout_s, connection_rate=connection_rate)
 
 
 def _grpcio_server(servicer: InferenceServicer, policy: AccessPolicy, host: str, port: int) -> grpc.aio.Server:
