@@ -12,12 +12,13 @@ import socket
 from collections.abc import AsyncIterator
 
 import grpc
+import hpack
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
 
-from muxserve.serving.grpc.http2 import STREAM_WINDOW, Context, GrpcServer, Method
+from muxserve.serving.grpc.http2 import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, STREAM_WINDOW, Context, GrpcServer, Method, frame
 from muxserve.serving.security import AccessPolicy
 
 SERVICE = "/test.Service/"
@@ -35,6 +36,9 @@ class Handlers:
 
     async def echo(self, request: bytes, context: Context) -> bytes:
         return request[::-1]
+
+    async def meta(self, request: bytes, context: Context) -> bytes:
+        return dict(context.invocation_metadata())["x-call"].encode()
 
     async def grow(self, request: bytes, context: Context) -> bytes:
         """A response ``int(request)`` bytes long."""
@@ -65,7 +69,7 @@ class Handlers:
 
 
 def methods(h: Handlers) -> dict[str, Method]:
-    unary = {"Echo": h.echo, "Grow": h.grow, "Hold": h.hold, "Refuse": h.refuse, "Fail": h.fail}
+    unary = {"Echo": h.echo, "Meta": h.meta, "Grow": h.grow, "Hold": h.hold, "Refuse": h.refuse, "Fail": h.fail}
     table = {SERVICE + name: Method(fn, bytes, bytes, False) for name, fn in unary.items()}
     table[SERVICE + "Stream"] = Method(h.slow_stream, bytes, bytes, True)
     return table
@@ -99,6 +103,39 @@ async def test_messages_larger_than_every_window_both_ways(transport):
         assert await grow(str(5 << 20).encode(), metadata=KEY) == bytes(i % 251 for i in range(5 << 20))
         replies = await asyncio.gather(*(echo(str(i).encode() * 1000, metadata=KEY) for i in range(40)))
         assert replies == [(str(i).encode() * 1000)[::-1] for i in range(40)]  # each call its own answer
+
+
+async def test_every_call_sees_its_own_headers(transport):
+    """Header blocks repeat (kept decoded, ``_decode``) and change meaning when the client's
+    table changes: sent again, a new value is a reference to the table's newest entry, the same
+    bytes for every value. A client with an HPACK encoder (as nghttp2's, which indexes every
+    field) on a raw connection; each call gets the metadata it was sent with."""
+    _, _, address = transport
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    encoder = hpack.Encoder()
+    writer.write(PREFACE + frame(SETTINGS, 0, 0))
+    values = [f"value-{i // 2}" for i in range(40)]  # each value twice
+    blocks, answers = [], []
+    for i, value in enumerate(values):  # one call at a time (the server takes 4 streams at once)
+        stream_id = 2 * i + 1
+        fixed = [hpack.NeverIndexedHeaderTuple(k, v) for k, v in ((":path", SERVICE + "Meta"), (":authority", address), ("content-type", "application/grpc"), ("authorization", "Bearer sekret"))]
+        block = encoder.encode([(":method", "POST"), (":scheme", "http"), *fixed, ("x-call", value)])  # only x-call enters the table
+        blocks.append(block)
+        writer.write(frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, bytes(5)))
+        answer = None
+        while True:  # to the end of the call: its message, if any, then trailers with END_STREAM
+            head = await reader.readexactly(9)
+            payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+            if int.from_bytes(head[5:9], "big") == stream_id:
+                if head[3] == DATA:
+                    answer = payload[5:]
+                elif head[3] == HEADERS and head[4] & END_STREAM:
+                    break
+        answers.append(answer)
+    assert blocks[3] == blocks[5]  # value-1 and value-2, each sent the second time: the same bytes
+    writer.close()
+    assert answers == [v.encode() for v in values]
 
 
 async def test_a_stream_of_messages_past_its_window_read_slowly(transport):
