@@ -33,7 +33,7 @@ import socket
 import ssl
 import struct
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -831,7 +831,3 @@ def ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     context.load_cert_chain(certfile, keyfile)
     context.set_alpn_protocols(["h2"])
     return context
-
-
-AsyncHandler = Callable[[Any, Context], Awaitable[Any]]
-StreamHandler = Callable[[AsyncIterator[Any], Context], AsyncIterator[Any]]
