@@ -22,12 +22,17 @@ memory stays bounded whatever the number of addresses.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+
+from muxserve.serving.syn_filter import saved_syn_source
 
 if TYPE_CHECKING:
     from muxserve.serving.syn_filter import SynBlocklist
@@ -122,3 +127,20 @@ class ConnectionRate:
         if len(self._buckets) > MAX_ADDRESSES:
             del self._buckets[next(iter(self._buckets))]
         return Verdict.RESET if gone else verdict
+
+    def admit_transport(self, transport: Any) -> Verdict:
+        """``admit`` for a connection just made; one its client reset already is counted by
+        the address of its SYN."""
+        peer = transport.get_extra_info("peername")
+        if peer is None:
+            return self.admit(saved_syn_source(transport.get_extra_info("socket")), gone=True)
+        return self.admit(peer)
+
+
+def reset(transport: Any) -> None:
+    """Close a connection with a reset (SO_LINGER 0): nothing more is sent or kept."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

@@ -27,11 +27,9 @@ streaming one. ``context.abort`` ends the call with a status.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import ssl
-import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,10 +38,9 @@ from typing import Any
 import grpc
 import hpack
 
-from muxserve.serving.connection_rate import ConnectionRate, Verdict
+from muxserve.serving.connection_rate import ConnectionRate, Verdict, reset
 from muxserve.serving.errors import Unauthenticated
 from muxserve.serving.security import AccessPolicy
-from muxserve.serving.syn_filter import saved_syn_source
 
 log = logging.getLogger("muxserve")
 
@@ -51,8 +48,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0x0, 0x1, 0x2, 0x3
-FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x6, 0x7, 0x8, 0x9, 0xB
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x3, 0x6, 0x7, 0x9, 0xB
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 1, 3, 4, 5, 6
 
 DEFAULT_WINDOW = 65_535  # what either side may send before the other's SETTINGS say otherwise
@@ -65,8 +61,7 @@ STREAM_HIGH_WATER = 1 << 20  # a streaming handler waits while this much of its 
 CALM_DOWN = b"too many new connections from this address: keep connections alive and reuse them"
 MAX_MESSAGE_DETAILS = 4096  # grpc-message is cut here: the trailers fit in one frame
 
-OK, CANCELLED, UNKNOWN, INVALID_ARGUMENT, DEADLINE_EXCEEDED = 0, 1, 2, 3, 4
-RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, UNAUTHENTICATED = 8, 12, 13, 14, 16
+DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNIMPLEMENTED, INTERNAL, UNAUTHENTICATED = 4, 8, 12, 13, 16  # gRPC status codes
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
@@ -119,7 +114,7 @@ def parse_timeout(value: str) -> float | None:
 
 
 class Abort(Exception):
-    """Raised by ``Context.abort``: the call ends with this status."""
+    """The call ends with this status (``Context.abort``, or the transport refusing it)."""
 
     def __init__(self, code: int, details: str) -> None:
         super().__init__(details)
@@ -184,14 +179,6 @@ class Stream:
         self.drained: asyncio.Event | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False  # holds one of the process's max_concurrent_rpcs
-
-
-class StreamError(Exception):
-    """A call ends with this status before its handler runs."""
-
-    def __init__(self, code: int, details: str) -> None:
-        super().__init__(details)
-        self.code, self.details = code, details
 
 
 class ProtocolViolation(Exception):
@@ -268,8 +255,7 @@ class Http2Connection(asyncio.Protocol):
             except OSError:
                 pass
         self.server.connections.add(self)
-        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in ((SETTINGS_MAX_CONCURRENT_STREAMS, self.server.max_streams), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME), (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
-        transport.write(frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big")))
+        transport.write(self.server.preamble)
         if self.server.handshake_timeout:
             self.handshake_timer = self.loop.call_later(self.server.handshake_timeout, self._handshake_expired)
         if self.server.idle_timeout:
@@ -280,9 +266,7 @@ class Http2Connection(asyncio.Protocol):
         token; else GOAWAY (ENHANCE_YOUR_CALM) and close, or, far past the rate, a reset."""
         transport = self.transport
         assert transport is not None and self.server.connection_rate is not None
-        peer = transport.get_extra_info("peername")
-        gone = peer is None  # reset by its client before this: its address from its SYN
-        verdict = self.server.connection_rate.admit(saved_syn_source(transport.get_extra_info("socket")) if gone else peer, gone)
+        verdict = self.server.connection_rate.admit_transport(transport)
         if verdict is Verdict.ADMIT:
             return True
         self.closed = True
@@ -290,11 +274,7 @@ class Http2Connection(asyncio.Protocol):
             transport.write(frame(SETTINGS, 0, 0) + frame(GOAWAY, 0, 0, bytes(4) + ENHANCE_YOUR_CALM.to_bytes(4, "big") + CALM_DOWN))
             transport.close()
         else:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            transport.abort()
+            reset(transport)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -465,7 +445,7 @@ class Http2Connection(asyncio.Protocol):
         """The header block, decoded. A client sends the same block for call after call (the
         fields it repeats are references to its table): a block that left the table as it was
         decodes the same until the table changes, so it is kept (hpack's decoding in Python is
-        a fifth of a call's CPU otherwise)."""
+        a fifth of the frontend's CPU per call otherwise)."""
         known = self.header_blocks.get(block)
         if known is not None:
             return known
@@ -509,7 +489,7 @@ class Http2Connection(asyncio.Protocol):
         self.streams[stream_id] = stream
         try:
             self._start_call(stream, headers)
-        except StreamError as exc:
+        except Abort as exc:
             self._finish(stream, status_block(exc.code, exc.details))
             return
         if flags & END_STREAM:
@@ -539,20 +519,20 @@ class Http2Connection(asyncio.Protocol):
                 metadata.append((name, value))
         stream.path, stream.metadata = path, tuple(metadata)
         if method != "POST" or not content_type.startswith("application/grpc"):
-            raise StreamError(UNIMPLEMENTED, f"not a gRPC call ({method or 'no method'} {content_type or 'no content-type'})")
+            raise Abort(UNIMPLEMENTED, f"not a gRPC call ({method or 'no method'} {content_type or 'no content-type'})")
         target = self.server.methods.get(path)
         if target is None:
-            raise StreamError(UNIMPLEMENTED, f"unknown method {path}")
+            raise Abort(UNIMPLEMENTED, f"unknown method {path}")
         if stream.encoding not in ("identity", "gzip", "deflate"):
-            raise StreamError(UNIMPLEMENTED, f"grpc-encoding {stream.encoding} is not supported (gzip, deflate, identity)")
+            raise Abort(UNIMPLEMENTED, f"grpc-encoding {stream.encoding} is not supported (gzip, deflate, identity)")
         policy = self.server.policy
         if policy is not None:
             try:
                 policy.check_grpc(path, authorization)
             except Unauthenticated as exc:
-                raise StreamError(UNAUTHENTICATED, exc.message) from None
+                raise Abort(UNAUTHENTICATED, exc.message) from None
         if self.server.active_rpcs >= self.server.max_rpcs > 0:
-            raise StreamError(RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
+            raise Abort(RESOURCE_EXHAUSTED, "Concurrent RPC limit exceeded!")
         self.server.active_rpcs += 1
         stream.counted = True
         stream.method = target
@@ -571,7 +551,7 @@ class Http2Connection(asyncio.Protocol):
             self._write(frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - self.recv_window).to_bytes(4, "big")))
             self.recv_window = CONNECTION_WINDOW
         stream = self.streams.get(stream_id)
-        if stream is None or stream.method is None or stream.remote_closed:
+        if stream is None or stream.remote_closed:
             return  # a stream that ended (or was refused) on our side
         stream.recv_window -= length
         if stream.recv_window < 0:
@@ -612,7 +592,7 @@ class Http2Connection(asyncio.Protocol):
 
     def _remote_end(self, stream: Stream) -> None:
         stream.remote_closed = True
-        if stream.method is None or stream.id not in self.streams:
+        if stream.id not in self.streams:
             return
         if stream.requests is not None:
             stream.requests.put_nowait(None)
@@ -796,6 +776,8 @@ class GrpcServer:
         self.max_message, self.max_streams, self.max_rpcs = max_message, max_streams, max_rpcs
         self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
         self.connection_rate = connection_rate  # new connections per client address
+        settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in ((SETTINGS_MAX_CONCURRENT_STREAMS, max_streams), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME), (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
+        self.preamble = frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # what every connection is sent first
         self.connections: set[Http2Connection] = set()
         self.active_rpcs = 0
         self.idle = asyncio.Event()  # set whenever a connection's last call ends

@@ -25,18 +25,14 @@ connection) never reaches the application.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
-import struct
 import time
 from typing import TYPE_CHECKING, Any
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from muxserve.serving.connection_rate import Verdict
+from muxserve.serving.connection_rate import Verdict, reset
 from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
 from muxserve.serving.http.wire import error_body
-from muxserve.serving.syn_filter import saved_syn_source
 
 if TYPE_CHECKING:
     from muxserve.serving.connection_rate import ConnectionRate
@@ -112,9 +108,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.connection_rate is not None:
-            peer = transport.get_extra_info("peername")
-            gone = peer is None  # reset by its client before this: its address from its SYN
-            verdict = self.connection_rate.admit(saved_syn_source(transport.get_extra_info("socket")) if gone else peer, gone)
+            verdict = self.connection_rate.admit_transport(transport)
             if verdict is not Verdict.ADMIT:
                 self._refused = True
                 self.transport = transport
@@ -122,7 +116,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     transport.write(CONNECTION_RATE_RESPONSE)
                     transport.close()  # reads nothing more: what the client sent is never parsed
                 else:
-                    self._reset()
+                    reset(transport)
                 return
         super().connection_made(transport)
         self._arm_head_timer()
@@ -176,15 +170,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         for cycle in [self.cycle, *self._running, *(c for c, _ in self.pipeline)]:
             if cycle is not None:
                 cycle.disconnected = True  # their handlers write nothing more
-        self._reset()
-
-    def _reset(self) -> None:
-        """Close the connection with a reset (SO_LINGER 0): nothing more is sent or kept."""
-        sock = self.transport.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.transport.abort()
+        reset(self.transport)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
         self._running = [c for c in self._running if not c.response_complete]
