@@ -25,6 +25,7 @@ from serving import serving
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve.model.muxbert import onednn_bf16_available
+from muxserve.model.precision import cpu_has_fast_int8
 from muxserve.serving.repository import parse_config
 
 REPOSITORY = ROOT / "model_repository"
@@ -175,8 +176,22 @@ def test_card_accuracy_at_the_served_precision_is_within_a_fifth_of_a_point_of_f
     if not CARD.exists():
         pytest.skip("no model card")
     for model, card in json.loads(CARD.read_text()).items():
-        assert card["precision"] in ("fp32", "bf16"), model
+        assert card["precision"] in ("fp32", "bf16", "int8"), model
         assert abs(card["sst2_dev_accuracy_mean5"] - card["sst2_dev_accuracy_mean5_fp32"]) <= 0.002, model
+        assert abs(card["sst2_dev_accuracy_mean5_int8"] - card["sst2_dev_accuracy_mean5_fp32"]) <= 0.002, model
+
+
+@pytest.mark.skipif(not SST2_DEV.exists() or not CARD.exists(), reason="needs ../shared/data and model_repository/MODELS.json")
+@pytest.mark.skipif(not cpu_has_fast_int8(), reason="int8 is served on x86 CPUs with AVX2 (FBGEMM)")
+@pytest.mark.parametrize("model", WEIGHTED)
+def test_model_card_int8_accuracy_is_what_eval_measures(model: str) -> None:
+    """`muxserve eval --precision int8` (the precision an AVX2 CPU without bf16 units serves)
+    reproduces the card's int8 mean of 5 groupings."""
+    card = json.loads(CARD.read_text())[model]
+    out = subprocess.run([sys.executable, "-m", "muxserve", "eval", "--model-repository", str(REPOSITORY), "--model", model, "--data", str(SST2_DEV), "--repeats", "5", "--precision", "int8"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["precision"] == "int8" and result["n"] == 872
+    assert result["accuracy"] == pytest.approx(card["sst2_dev_accuracy_mean5_int8"], abs=0.002)
 
 
 MUX_MODELS = [m for m in WEIGHTED if m != "sst2-bert"]

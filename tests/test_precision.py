@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import ROOT, SST2_DEV
 
-from muxserve.model.precision import cpu_flags, cpu_has_fast_bf16, resolve_precision
+from muxserve.model.precision import cpu_flags, cpu_has_fast_bf16, cpu_has_fast_int8, resolve_precision
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.serving.engine import Engine, EngineOptions
 from muxserve.serving.repository import resolve_model_dir
@@ -18,6 +19,8 @@ from muxserve.training.data import read_tsv_sentences
 AMX = {"fpu", "avx512f", "amx_tile", "amx_bf16"}
 AVX512_BF16 = {"fpu", "avx512f", "avx512_bf16"}
 PLAIN = {"fpu", "sse4_2", "avx2", "avx512f"}
+NO_AVX2 = {"fpu", "sse4_2"}
+FBGEMM = "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path: Path) -> None:
@@ -34,9 +37,16 @@ def test_auto_is_bf16_on_cpus_with_bf16_units(flags: set[str]) -> None:
     assert resolve_precision(None, "cpu", flags) == "bf16"
 
 
+@pytest.mark.skipif(not FBGEMM, reason="torch built without FBGEMM (not an x86 wheel)")
+def test_auto_is_int8_on_avx2_cpus_without_bf16_units() -> None:
+    assert not cpu_has_fast_bf16(PLAIN) and cpu_has_fast_int8(PLAIN)
+    assert resolve_precision("auto", "cpu", PLAIN) == "int8"
+    assert resolve_precision("int8", "cpu", AMX) == "int8"  # asked for: served, though bf16 is faster there
+
+
 def test_auto_is_fp32_on_other_cpus_and_fp16_on_cuda() -> None:
-    assert not cpu_has_fast_bf16(PLAIN)
-    assert resolve_precision("auto", "cpu", PLAIN) == "fp32"
+    assert not cpu_has_fast_int8(NO_AVX2)
+    assert resolve_precision("auto", "cpu", NO_AVX2) == "fp32"
     assert resolve_precision("", "cpu", set()) == "fp32"
     assert resolve_precision("auto", "cuda", PLAIN) == "fp16"
     assert resolve_precision("auto", "cuda:1", AMX) == "fp16"
@@ -49,7 +59,9 @@ def test_explicit_precisions_are_checked_against_the_device() -> None:
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         resolve_precision("fp16", "cpu", AMX)
     with pytest.raises(ValueError, match="unknown precision"):
-        resolve_precision("int8", "cpu", AMX)
+        resolve_precision("int4", "cpu", AMX)
+    with pytest.raises(ValueError, match="int8 is for x86 CPUs"):
+        resolve_precision("int8", "cuda", PLAIN)
 
 
 BUNDLED = ROOT / "model_repository"
@@ -73,3 +85,37 @@ def test_bf16_engine_answers_as_fp32_on_a_bundled_model() -> None:
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert np.abs(got - ref).max() < 0.25  # bf16 keeps 8 bits of mantissa; logits span about +-5
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
+
+
+@pytest.mark.skipif(not FBGEMM, reason="torch built without FBGEMM (not an x86 wheel)")
+@pytest.mark.skipif(not (BUNDLED / "sst2-mux5").exists() or not SST2_DEV.exists(), reason="needs the bundled sst2-mux5 and SST-2 dev")
+def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
+    """The int8 engine (dynamic int8 projections past the first encoder layer) runs FBGEMM's
+    matmul and keeps the fp32 engine's labels but for a few texts near the boundary."""
+    directory = resolve_model_dir(BUNDLED, "sst2-mux5")
+    texts = read_tsv_sentences(SST2_DEV)[:320]
+    fp32 = Engine.load(directory, EngineOptions(precision="fp32", threads=1))
+    int8 = Engine.load(directory, EngineOptions(precision="int8", threads=1))
+    try:
+        assert int8.options.precision == "int8"
+        layers = int8.forward_fn.__self__.serving_layers  # type: ignore[attr-defined]
+        assert layers[0].qkv.int8 is None and all(layer.ffn_out.int8 is not None for layer in layers[1:])
+        rows = TextTokenizer(directory / "tokenizer.json", fp32.config.max_seq_length).encode(texts).ids
+        batches = [rows[i : i + 80] for i in range(0, len(rows), 80)]
+        ref = np.concatenate([fp32.infer(b) for b in batches])
+        got = np.concatenate([int8.infer(b) for b in batches])
+    finally:
+        fp32.close()
+        int8.close()
+    assert got.dtype == np.float32 and got.shape == ref.shape
+    assert not np.array_equal(got, ref)  # the quantized matmul ran
+    assert np.abs(got - ref).max() < 0.5
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
+
+
+@pytest.mark.skipif(not FBGEMM, reason="torch built without FBGEMM (not an x86 wheel)")
+@pytest.mark.skipif(not (BUNDLED / "sst2-mux2").exists(), reason="needs the bundled sst2-mux2")
+def test_int8_is_for_the_eager_engine() -> None:
+    directory = resolve_model_dir(BUNDLED, "sst2-mux2")
+    with pytest.raises(ValueError, match="int8 is served by the eager engine"):
+        Engine.load(directory, EngineOptions(precision="int8", kind="torchscript"))

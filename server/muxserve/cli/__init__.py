@@ -79,16 +79,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=1, help="mean over K draws of the grouping: file order then seeded random orders (ensembled: K scatter seeds)")
     p.add_argument("--limit", type=int)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16"], help="weights' precision (auto: as `muxserve serve` picks it)")
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "fp16", "int8"], help="serving precision (auto: as `muxserve serve` picks it)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
 
 
 def _run_eval(a: argparse.Namespace) -> int:
     import torch
 
-    from muxserve.model.precision import DTYPES, resolve_precision
+    from muxserve.model.precision import resolve_precision
     from muxserve.model.tokenizer import TextTokenizer
-    from muxserve.model.weights import TOKENIZER_FILE, load_model
+    from muxserve.model.weights import TOKENIZER_FILE, load_for_serving
     from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.data import read_tsv
     from muxserve.training.evaluate import accuracy
@@ -97,7 +97,7 @@ def _run_eval(a: argparse.Namespace) -> int:
         torch.set_num_threads(a.threads)
     directory = resolve_model_dir(a.model_repository, a.model, a.version)
     precision = resolve_precision(a.precision, a.device)
-    model = load_model(directory, device=a.device, dtype=DTYPES[precision]).freeze_for_serving()  # as the engine serves it
+    model = load_for_serving(directory, a.device, precision)  # as the engine serves it
     data = read_tsv(a.data, model.config.labels, a.limit)
     tok = TextTokenizer(directory / TOKENIZER_FILE, model.config.max_seq_length)
     result = accuracy(model, tok, data, a.batch_size, a.ensemble, a.repeats)

@@ -56,7 +56,7 @@ def bench_models(
     import torch
 
     from muxserve.model.precision import DTYPES, resolve_precision
-    from muxserve.model.weights import load_model
+    from muxserve.model.weights import load_for_serving
     from muxserve.serving.repository import resolve_model_dir
     from muxserve.training.evaluate import forward_throughput
 
@@ -72,7 +72,7 @@ def bench_models(
     for prec in precisions:
         for name in models:
             directory = resolve_model_dir(repository, name)
-            loaded.append((name, prec, directory, load_model(directory, device=device, dtype=DTYPES[prec])))
+            loaded.append((name, prec, directory, load_for_serving(directory, device, prec)))
     bad = sorted({f"{name} (N={m.config.num_instances})" for name, _, _, m in loaded if batch_texts % m.config.num_instances})
     if bad:
         lcm = math.lcm(*(m.config.num_instances for _, _, _, m in loaded))

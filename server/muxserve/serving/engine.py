@@ -3,8 +3,8 @@
 An engine takes token-id rows (a batch of texts, mux groups already laid out slot by slot),
 pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets), runs the model
 (eager, compiled by ``torch.compile``, or TorchScript; CPU or CUDA) at the serving precision
-(``muxserve.model.precision``: ``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, else
-fp32) and returns float32 logits ``[T, C]`` as numpy.
+(``muxserve.model.precision``: ``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, int8
+on other x86 CPUs with AVX2, else fp32) and returns float32 logits ``[T, C]`` as numpy.
 """
 
 from __future__ import annotations
@@ -139,6 +139,8 @@ class Engine:
         directory = Path(directory)
         options = replace(options, precision=resolve_precision(options.precision, options.device))
         dtype = DTYPES[options.precision]
+        if options.precision == "int8" and options.kind in ("compiled", "torchscript"):
+            raise ValueError(f"precision int8 is served by the eager engine, not {options.kind} (use --precision fp32 with it)")
         model = load_model(directory, device=options.device, dtype=dtype)
         forward: Forward = model.predict
         if options.kind == "echo":
@@ -150,7 +152,8 @@ class Engine:
             traced = torch.jit.load(str(path), map_location=options.device)
             forward = traced.to(dtype=dtype).eval() if dtype != torch.float32 else traced.eval()
         elif options.kind == "eager":
-            model.freeze_for_serving()  # served weights never change: predict keeps its fastest layouts
+            # served weights never change: predict keeps its fastest layouts
+            model.freeze_for_serving(int8=options.precision == "int8")
         elif options.kind == "compiled":
             forward = compiled_predict(model)
         else:

@@ -98,7 +98,8 @@ class ForwardThroughput:
 
 @torch.no_grad()
 def forward_throughput(model: MuxBertModel, batch_texts: int, seq_len: int, min_seconds: float = 3.0, warmup: int = 2, vocab_low: int = 1000, vocab_high: int = 20000, min_runs: int = 3) -> ForwardThroughput:
-    """Texts/s of the forward pass alone at a fixed batch of texts and sequence length.
+    """Texts/s of the serving forward pass alone (``model.predict``) at a fixed batch of texts
+    and sequence length.
 
     Random token ids in [vocab_low, vocab_high) (clamped to the model's vocabulary), no padding.
     On CUDA the device is synchronised after the warm-up and after every forward pass, before
@@ -117,11 +118,11 @@ def forward_throughput(model: MuxBertModel, batch_texts: int, seq_len: int, min_
             torch.cuda.synchronize(device)
 
     for _ in range(warmup):
-        model(ids, mask)
+        model.predict(ids, mask)
     sync()
     runs, start = 0, time.perf_counter()
     while True:
-        model(ids, mask)
+        model.predict(ids, mask)
         sync()
         runs += 1
         elapsed = time.perf_counter() - start
