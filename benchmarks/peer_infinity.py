@@ -127,6 +127,9 @@ def combine(sweep: dict, peer: list[dict], a: argparse.Namespace) -> dict:
     for tpr in a.texts_per_request:
         peer_rows = [p for p in peer if p["texts_per_request"] == tpr and p["concurrency"] == concurrency and p["error_count"] == 0]
         fastest = max(peer_rows, key=lambda p: p["requests_per_s"], default=None)
+        # the peer's fp32 too: its int8 (quantize_dynamic over every Linear, 7-bit activations)
+        # runs faster but costs accuracy that muxserve's int8 does not (docs/bench/int8.md)
+        fp32 = next((p for p in peer_rows if p["dtype"] == "float32"), None)
         for p in sweep["points"]:
             if p["protocol"] == protocol and p["texts_per_request"] == tpr and p["concurrency"] == concurrency:
                 info = sweep["models"][p["model"]]
@@ -136,6 +139,7 @@ def combine(sweep: dict, peer: list[dict], a: argparse.Namespace) -> dict:
                     "requests_per_s": p["requests_per_s"], "texts_per_s": p["texts_per_s"], "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "cpu_ms_per_request": p["cpu_ms_per_request"], "errors": p["error_count"],
                     "forward_texts_per_s": forward, "served_over_forward": p["texts_per_s"] / forward if forward else None,
                     "over_peer": p["requests_per_s"] / fastest["requests_per_s"] if fastest and fastest["requests_per_s"] else None,
+                    "over_peer_fp32": p["requests_per_s"] / fp32["requests_per_s"] if fp32 and fp32["requests_per_s"] else None,
                 })
         for p in peer_rows:
             rows.append({"server": "infinity-emb", "model": f"all-MiniLM-L6-v2 ({p['dtype']})", "num_instances": 1, "accuracy": None, "texts_per_request": tpr, "concurrency": concurrency, "requests_per_s": p["requests_per_s"], "texts_per_s": p["texts_per_s"], "p50_ms": p["p50_ms"], "p99_ms": p["p99_ms"], "cpu_ms_per_request": p["cpu_ms_per_request"], "errors": p["error_count"], "fastest_peer": p is fastest})
@@ -167,12 +171,12 @@ def markdown(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        "| server | model | N | texts/req | req/s | texts/s | p50 ms | p99 ms | server CPU ms/req | forward-only texts/s | served / forward | req/s × infinity-emb (fastest) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| server | model | N | texts/req | req/s | texts/s | p50 ms | p99 ms | server CPU ms/req | forward-only texts/s | served / forward | req/s × infinity-emb (fastest) | × infinity-emb (float32) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         name = r["model"] + (" **fastest**" if r.get("fastest_peer") else "")
-        lines.append(f"| {r['server']} | {name} | {r['num_instances']} | {r['texts_per_request']} | {cell(r['requests_per_s'])} | {cell(r['texts_per_s'])} | {cell(r['p50_ms'])} | {cell(r['p99_ms'])} | {cell(r['cpu_ms_per_request'], '.3f')} | {cell(r.get('forward_texts_per_s'))} | {cell(r.get('served_over_forward'), '.0%')} | {cell(r.get('over_peer'), '.2f', '×')} |")
+        lines.append(f"| {r['server']} | {name} | {r['num_instances']} | {r['texts_per_request']} | {cell(r['requests_per_s'])} | {cell(r['texts_per_s'])} | {cell(r['p50_ms'])} | {cell(r['p99_ms'])} | {cell(r['cpu_ms_per_request'], '.3f')} | {cell(r.get('forward_texts_per_s'))} | {cell(r.get('served_over_forward'), '.0%')} | {cell(r.get('over_peer'), '.2f', '×')} | {cell(r.get('over_peer_fp32'), '.2f', '×')} |")
     echo = report["muxserve"].get("echo", [])
     if echo:
         lines += ["", "The serving stack alone: the echo engine (no forward pass), 1 text per request.", "", "| protocol | req/s | p50 ms | p99 ms | server CPU ms/req |", "|---|---|---|---|---|"]
@@ -214,7 +218,7 @@ def main() -> None:
     p.add_argument("--infinity", required=True, help="the infinity_emb executable of its own virtual environment")
     p.add_argument("--model-repository", default="model_repository")
     p.add_argument("--models", default="", help="comma-separated (default: every model in the repository)")
-    p.add_argument("--peer-dtypes", default="bfloat16,float32", help="infinity-emb dtypes to run; ratios are against the fastest")
+    p.add_argument("--peer-dtypes", default="int8,bfloat16,float32", help="infinity-emb dtypes to run; ratios are against the fastest (and float32)")
     p.add_argument("--peer-batch-size", type=int, default=0, help="infinity-emb --batch-size (0: its default)")
     p.add_argument("--concurrency", default="64")
     p.add_argument("--texts-per-request", default="1,8")
