@@ -5,11 +5,12 @@ Schemes (FBGEMM's dynamic int8 matmul: weights quantized once, each pass's activ
 their own range):
 
 - ``fp32``: the served fp32 forward, the reference;
-- ``served``: what ``--precision int8`` serves: weights per output channel, activations on the
-  full 8 bits, the encoder's projections past its first layer (``INT8_FIRST_LAYER``);
-- ``all_layers``: the same on every encoder layer;
-- ``reduced_range``: ``served`` with activations on 7 bits (FBGEMM's advice against int16
-  saturation on CPUs without VNNI);
+- ``first_layer_fp32``: ``--precision int8`` for a model with ``int8_first_layer`` 1 (sst2-bert):
+  weights per output channel, activations on the full 8 bits, the encoder's projections past
+  its first layer;
+- ``all_layers``: the same on every encoder layer (``int8_first_layer`` 0: sst2-mux2, sst2-mux5);
+- ``reduced_range``: ``first_layer_fp32`` with activations on 7 bits (FBGEMM's advice against
+  int16 saturation on CPUs without VNNI);
 - ``quantize_dynamic``: ``torch.ao.quantization.quantize_dynamic`` with its defaults on every
   ``nn.Linear`` (weights per tensor, 7-bit activations), which is what infinity-emb's
   ``--dtype int8`` does to a model on CPU.
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 from muxserve.bench.run import load_texts, machine_info
 from muxserve.model import muxbert
-from muxserve.model.muxbert import MuxBertModel, inference_layers, int8_linear_weight
+from muxserve.model.muxbert import MuxBertModel, inference_layers
 from muxserve.model.tokenizer import TextTokenizer
 from muxserve.model.weights import TOKENIZER_FILE, load_for_serving, load_model
 from muxserve.serving.repository import resolve_model_dir
@@ -44,7 +45,7 @@ from muxserve.training.data import read_tsv
 from muxserve.training.evaluate import accuracy, predict
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMES = ("fp32", "served", "all_layers", "reduced_range", "quantize_dynamic")
+SCHEMES = ("fp32", "first_layer_fp32", "all_layers", "reduced_range", "quantize_dynamic")
 
 
 class ReducedRange:
@@ -61,21 +62,15 @@ class ReducedRange:
 def scheme_model(directory: Path, scheme: str) -> MuxBertModel:
     if scheme == "fp32":
         return load_for_serving(directory, "cpu", "fp32")
-    if scheme == "served":
-        return load_for_serving(directory, "cpu", "int8")
     model = load_model(directory)
     if scheme == "quantize_dynamic":
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         model.predict = model.forward  # the quantized modules replace the weights the packed forward reads
         return model
-    layers = inference_layers(model.bert.encoder, int8=True)
-    if scheme == "all_layers":
-        first = layers[0]
-        for attr in ("qkv", "attention_out", "ffn_in", "ffn_out"):
-            getattr(first, attr).int8 = int8_linear_weight(getattr(first, attr).weight, getattr(first, attr).bias)
-    elif scheme == "reduced_range":
+    layers = inference_layers(model.bert.encoder, int8=True, int8_first_layer=0 if scheme == "all_layers" else 1)
+    if scheme == "reduced_range":
         for layer in layers:
             for attr in ("qkv", "attention_out", "ffn_in", "ffn_out"):
                 if getattr(layer, attr).int8 is not None:
@@ -102,7 +97,7 @@ def measure(directory: Path, name: str, a: argparse.Namespace) -> list[dict]:
     train = read_tsv(a.train, config.labels)
     flip_texts = random.Random(1).sample(train.texts, min(a.flip_texts, len(train.texts)))
     reference = predict(models["fp32"], tok, flip_texts).argmax(-1)
-    rows = {s: {"model": name, "scheme": s} for s in SCHEMES}
+    rows = {s: {"model": name, "scheme": s, "int8_first_layer": config.int8_first_layer} for s in SCHEMES}
     for s, model in models.items():
         rows[s]["sst2_dev_accuracy_mean5"] = round(accuracy(model, tok, dev, repeats=5)["accuracy"], 4)
         rows[s]["label_flips_vs_fp32"] = round(float((predict(model, tok, flip_texts).argmax(-1) != reference).float().mean()), 4)

@@ -90,16 +90,18 @@ def test_bf16_engine_answers_as_fp32_on_a_bundled_model() -> None:
 @pytest.mark.skipif(not FBGEMM, reason="torch built without FBGEMM (not an x86 wheel)")
 @pytest.mark.skipif(not (BUNDLED / "sst2-mux5").exists() or not SST2_DEV.exists(), reason="needs the bundled sst2-mux5 and SST-2 dev")
 def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
-    """The int8 engine (dynamic int8 projections past the first encoder layer) runs FBGEMM's
-    matmul and keeps the fp32 engine's labels but for a few texts near the boundary."""
+    """The int8 engine (dynamic int8 projections from the model's ``int8_first_layer`` on: every
+    layer of sst2-mux5) runs FBGEMM's matmul and keeps the fp32 engine's labels but for a few
+    texts near the boundary."""
     directory = resolve_model_dir(BUNDLED, "sst2-mux5")
     texts = read_tsv_sentences(SST2_DEV)[:320]
     fp32 = Engine.load(directory, EngineOptions(precision="fp32", threads=1))
     int8 = Engine.load(directory, EngineOptions(precision="int8", threads=1))
     try:
         assert int8.options.precision == "int8"
-        layers = int8.forward_fn.__self__.serving_layers  # type: ignore[attr-defined]
-        assert layers[0].qkv.int8 is None and all(layer.ffn_out.int8 is not None for layer in layers[1:])
+        model = int8.forward_fn.__self__  # type: ignore[attr-defined]
+        assert model.config.int8_first_layer == 0 and all(layer.qkv.int8 is not None and layer.ffn_out.int8 is not None for layer in model.serving_layers)
+        assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]
         rows = TextTokenizer(directory / "tokenizer.json", fp32.config.max_seq_length).encode(texts).ids
         batches = [rows[i : i + 80] for i in range(0, len(rows), 80)]
         ref = np.concatenate([fp32.infer(b) for b in batches])
@@ -119,3 +121,15 @@ def test_int8_is_for_the_eager_engine() -> None:
     directory = resolve_model_dir(BUNDLED, "sst2-mux2")
     with pytest.raises(ValueError, match="int8 is served by the eager engine"):
         Engine.load(directory, EngineOptions(precision="int8", kind="torchscript"))
+
+
+@pytest.mark.skipif(not FBGEMM, reason="torch built without FBGEMM (not an x86 wheel)")
+def test_int8_starts_at_the_configured_layer() -> None:
+    from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+
+    for first in (0, 1, 2):
+        model = MuxBertModel(MuxBertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=200, int8_first_layer=first)).eval()
+        model.freeze_for_serving(int8=True)
+        assert [layer.ffn_in.int8 is not None for layer in model.serving_layers] == [i >= first for i in range(2)]
+    with pytest.raises(ValueError, match="int8_first_layer"):
+        MuxBertConfig(num_hidden_layers=2, int8_first_layer=3)

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--load-model", action="append", default=None, metavar="NAME", help="explicit mode: load NAME at start (repeatable; '*': all)")
     p.add_argument("--repository-poll-secs", type=float, default=None, help="poll mode: seconds between scans (default 15)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (overrides instance_group)")
-    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"], help="default: config.pbtxt, else auto: bf16 on CPUs with bf16 units (AMX, AVX512-BF16), fp16 on CUDA, int8 (dynamic, the encoder past its first layer) on other x86 CPUs with AVX2, else fp32")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16", "int8"], help="default: config.pbtxt, else auto: bf16 on CPUs with bf16 units (AMX, AVX512-BF16), fp16 on CUDA, int8 (dynamic, the encoder's projections) on other x86 CPUs with AVX2, else fp32")
     p.add_argument("--engine", default=None, choices=["eager", "compiled", "torchscript", "echo"], help="eager (default), compiled (torch.compile: fused kernels, a slower start; needs a C++ compiler), torchscript (an exported model.pt), echo (no model: the serving stack alone)")
     p.add_argument("--instances", type=int, default=None, help="engine instances per model, running passes side by side (default: config.pbtxt instance_group count, else automatic: on a CPU one single-thread instance per core, up to 4)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine instance (default: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic: the cores split over the instances)")

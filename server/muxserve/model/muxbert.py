@@ -67,6 +67,12 @@ class MuxBertConfig:
     # reference (no padding mask at all; its checkpoints expect that): there a group's outputs
     # depend on how far its batch was padded, i.e. on the other groups batched with it.
     mask_group_padding: bool = False
+    # The int8 serving precision quantizes the encoder's projections from this layer on. The first
+    # layer reads the embeddings (for a mux model their superposition), whose outliers int8 rounds
+    # worst: quantizing it too flipped 0.50% of sst2-bert's labels against fp32 on SST-2 training
+    # sentences, sparing it 0.27%; for sst2-mux5 0.43% against 0.37%, for 1.1x the speed
+    # (docs/bench/engine.md). 0: every layer.
+    int8_first_layer: int = 1
     # head
     task: str = "sequence_classification"
     labels: list[str] = field(default_factory=lambda: ["negative", "positive"])
@@ -84,6 +90,8 @@ class MuxBertConfig:
             raise ValueError(f"unknown task {self.task!r}; one of {TASKS}")
         if self.short_group_policy not in SHORT_GROUP_POLICIES:
             raise ValueError(f"unknown short_group_policy {self.short_group_policy!r}; one of {SHORT_GROUP_POLICIES}")
+        if not 0 <= self.int8_first_layer <= self.num_hidden_layers:
+            raise ValueError(f"int8_first_layer must be in [0, {self.num_hidden_layers}], got {self.int8_first_layer}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be a multiple of num_attention_heads")
 
@@ -270,14 +278,9 @@ class InferenceLayer:
         self.ffn_norm = layer.output.LayerNorm
 
 
-# int8 starts at this encoder layer: the first reads the embeddings (for a mux model their
-# superposition), whose outliers int8 rounds worst: on 4,000 SST-2 training sentences quantizing
-# it too flipped 0.50% of sst2-bert's labels against fp32, sparing it 0.28%, for 1.1x the speed
-INT8_FIRST_LAYER = 1
-
-
-def inference_layers(encoder: BertEncoder, pack: bool = False, int8: bool = False) -> list[InferenceLayer]:
-    return [InferenceLayer(layer, pack, int8 and i >= INT8_FIRST_LAYER) for i, layer in enumerate(encoder.layer)]
+def inference_layers(encoder: BertEncoder, pack: bool = False, int8: bool = False, int8_first_layer: int = 0) -> list[InferenceLayer]:
+    """``InferenceLayer``s of an encoder; with ``int8``, those from ``int8_first_layer`` on in int8."""
+    return [InferenceLayer(layer, pack, int8 and i >= int8_first_layer) for i, layer in enumerate(encoder.layer)]
 
 
 def packed_cls_states(layers: list[InferenceLayer], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -470,12 +473,12 @@ class MuxBertModel(nn.Module):
     def freeze_for_serving(self, int8: bool = False) -> MuxBertModel:
         """Promise that the weights no longer change (a served model), so that ``predict`` keeps
         its encoder's projections in the layouts it runs fastest (``InferenceLayer``: fused QKV,
-        oneDNN-prepacked on CPU in bf16, ``int8``: dynamic int8 past the first layer, an fp32
-        CPU model) instead of building them at every pass. Training mode drops them: call again
+        oneDNN-prepacked on CPU in bf16, ``int8``: dynamic int8 from the config's
+        ``int8_first_layer`` on, an fp32 CPU model) instead of building them at every pass. Training mode drops them: call again
         after changing the weights."""
         if int8 and (next(self.parameters()).dtype != torch.float32 or next(self.parameters()).device.type != "cpu"):
             raise ValueError("int8 projections are built from an fp32 model on CPU")
-        self.serving_layers = inference_layers(self.bert.encoder, pack=True, int8=int8)
+        self.serving_layers = inference_layers(self.bert.encoder, pack=True, int8=int8, int8_first_layer=self.config.int8_first_layer)
         return self
 
     def train(self, mode: bool = True) -> MuxBertModel:

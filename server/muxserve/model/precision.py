@@ -4,9 +4,9 @@
 CPU with bf16 matrix units (AMX ``amx_bf16`` or ``avx512_bf16``, read from ``/proc/cpuinfo``),
 where oneDNN runs the forward pass 2.2-4.6x faster than in fp32 with AMX and 2.0-2.5x with
 AVX512-BF16 alone (docs/bench/engine.md); on any other x86 CPU with AVX2, int8: the encoder's
-projections past its first layer in dynamic int8 (FBGEMM: weights per output channel, each
-pass's activations scaled as they come), 1.3-1.4x the texts/s of fp32 at serving pass sizes,
-the rest of the model in fp32; fp32 elsewhere. Half precision casts the
+projections in dynamic int8 from the model's ``int8_first_layer`` on (FBGEMM: weights per output
+channel, each pass's activations scaled over their own range), 1.3-1.6x the texts/s of fp32 at
+serving pass sizes, the rest of the model in fp32; fp32 elsewhere. Half precision casts the
 weights (``model.to(dtype)``) rather than running fp32 weights under autocast: on CPU the cast
 model measured 1.2-1.4x faster (``benchmarks/precision_modes.py``, docs/bench/engine.md) and
 holds SST-2 dev accuracy within 0.2 points of fp32

@@ -70,7 +70,7 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu", dtype:
 def load_for_serving(directory: str | Path, device: str | torch.device = "cpu", precision: str = "fp32") -> MuxBertModel:
     """A saved model as the engine serves it at a resolved ``precision`` (``muxserve.model.precision``):
     in that precision's dtype, its encoder's projections frozen in their serving layouts (int8:
-    dynamic int8 past the first layer)."""
+    dynamic int8 from the config's ``int8_first_layer`` on)."""
     from muxserve.model.precision import DTYPES
 
     return load_model(directory, device=device, dtype=DTYPES[precision]).freeze_for_serving(int8=precision == "int8")
