@@ -67,21 +67,24 @@ def test_explicit_precisions_are_checked_against_the_device() -> None:
 BUNDLED = ROOT / "model_repository"
 
 
+def served_logits(model: str, precisions: tuple[str, ...], count: int, batch: int) -> tuple[list[Engine], list[np.ndarray]]:
+    """The first ``count`` SST-2 dev sentences through a bundled model's engine at each precision
+    (one thread, ``batch`` texts a pass): the engines (closed) and their logits."""
+    directory = resolve_model_dir(BUNDLED, model)
+    texts = read_tsv_sentences(SST2_DEV)[:count]
+    engines = [Engine.load(directory, EngineOptions(precision=p, threads=1)) for p in precisions]
+    try:
+        assert [e.options.precision for e in engines] == list(precisions)
+        rows = TextTokenizer(directory / "tokenizer.json", engines[0].config.max_seq_length).encode(texts).ids
+        return engines, [np.concatenate([e.infer(rows[i : i + batch]) for i in range(0, len(rows), batch)]) for e in engines]
+    finally:
+        for e in engines:
+            e.close()
+
+
 @pytest.mark.skipif(not (BUNDLED / "sst2-mux2").exists() or not SST2_DEV.exists(), reason="needs the bundled sst2-mux2 and SST-2 dev")
 def test_bf16_engine_answers_as_fp32_on_a_bundled_model() -> None:
-    directory = resolve_model_dir(BUNDLED, "sst2-mux2")
-    texts = read_tsv_sentences(SST2_DEV)[:256]
-    fp32 = Engine.load(directory, EngineOptions(precision="fp32", threads=1))
-    bf16 = Engine.load(directory, EngineOptions(precision="bf16", threads=1))
-    try:
-        assert (fp32.options.precision, bf16.options.precision) == ("fp32", "bf16")
-        rows = TextTokenizer(directory / "tokenizer.json", fp32.config.max_seq_length).encode(texts).ids
-        batches = [rows[i : i + 64] for i in range(0, len(rows), 64)]
-        ref = np.concatenate([fp32.infer(b) for b in batches])
-        got = np.concatenate([bf16.infer(b) for b in batches])
-    finally:
-        fp32.close()
-        bf16.close()
+    _, (ref, got) = served_logits("sst2-mux2", ("fp32", "bf16"), 256, 64)
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert np.abs(got - ref).max() < 0.25  # bf16 keeps 8 bits of mantissa; logits span about +-5
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
@@ -93,22 +96,10 @@ def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
     """The int8 engine (dynamic int8 projections from the model's ``int8_first_layer`` on: every
     layer of sst2-mux5) runs FBGEMM's matmul and keeps the fp32 engine's labels but for a few
     texts near the boundary."""
-    directory = resolve_model_dir(BUNDLED, "sst2-mux5")
-    texts = read_tsv_sentences(SST2_DEV)[:320]
-    fp32 = Engine.load(directory, EngineOptions(precision="fp32", threads=1))
-    int8 = Engine.load(directory, EngineOptions(precision="int8", threads=1))
-    try:
-        assert int8.options.precision == "int8"
-        model = int8.forward_fn.__self__  # type: ignore[attr-defined]
-        assert model.config.int8_first_layer == 0 and all(layer.qkv.int8 is not None and layer.ffn_out.int8 is not None for layer in model.serving_layers)
-        assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]
-        rows = TextTokenizer(directory / "tokenizer.json", fp32.config.max_seq_length).encode(texts).ids
-        batches = [rows[i : i + 80] for i in range(0, len(rows), 80)]
-        ref = np.concatenate([fp32.infer(b) for b in batches])
-        got = np.concatenate([int8.infer(b) for b in batches])
-    finally:
-        fp32.close()
-        int8.close()
+    (fp32, int8), (ref, got) = served_logits("sst2-mux5", ("fp32", "int8"), 320, 80)
+    model = int8.forward_fn.__self__  # type: ignore[attr-defined]
+    assert model.config.int8_first_layer == 0 and all(layer.qkv.int8 is not None and layer.ffn_out.int8 is not None for layer in model.serving_layers)
+    assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert not np.array_equal(got, ref)  # the quantized matmul ran
     assert np.abs(got - ref).max() < 0.5
