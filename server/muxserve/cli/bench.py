@@ -50,7 +50,7 @@ def bench_models(
     order rotates from round to round); a model's ``texts_per_s`` is its ``best`` (default) or
     ``median`` round. ``precision`` is the serving precision, or several (a list or ``"fp32,bf16"``:
     every model in each, all in the same interleaved rounds); ``auto`` resolves as the server
-    does (bf16 on CPUs with bf16 units, fp16 on CUDA). ``ratio_to_first`` is relative to the first
+    does (bf16 on CPUs with bf16 units, fp16 on CUDA, int8 on other x86 CPUs with AVX2). ``ratio_to_first`` is relative to the first
     model, ``ratio_to_baseline`` to the first N=1 model (null without one), both at the same
     precision; ``ratio_to_fp32`` to the same model in fp32 where that was measured too."""
     import torch
@@ -121,7 +121,7 @@ def _add_model(bsub: argparse._SubParsersAction) -> None:
     p.add_argument("--stat", choices=["best", "median"], default="best")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16, or several comma-separated (measured in the same rounds); auto: as `muxserve serve` picks it (bf16 on CPUs with bf16 units, fp16 on CUDA)")
+    p.add_argument("--precision", default="fp32", help="auto | fp32 | bf16 | fp16 | int8, or several comma-separated (measured in the same rounds); auto: as `muxserve serve` picks it (bf16 on CPUs with bf16 units, fp16 on CUDA, int8 on other x86 CPUs with AVX2)")
     p.add_argument("--json", action="store_true", help="print only the JSON list")
 
 

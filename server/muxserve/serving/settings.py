@@ -22,7 +22,7 @@ class Settings(BaseModel):
     load_models: list[str] = Field(default_factory=list, description="explicit mode: the models to load at start ('*': all)")
     repository_poll_secs: float = Field(15.0, gt=0, description="poll mode: seconds between scans of the repository")
     device: str = Field("", description="override instance_group: cpu | cuda | cuda:N")
-    precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, else fp32")
+    precision: str = Field("", description="override: auto | fp32 | bf16 | fp16 (CUDA only) | int8 (x86 CPU); auto: bf16 on CPUs with bf16 units, fp16 on CUDA, int8 on other x86 CPUs with AVX2, else fp32")
     engine: str = Field("", description="override: eager | compiled | torchscript | echo")
     instances: int = Field(0, description="engine instances per model (passes run side by side); 0: config.pbtxt instance_group count, else automatic")
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
