@@ -71,7 +71,7 @@ class MuxBertConfig:
     # layer reads the embeddings (for a mux model their superposition), whose outliers int8 rounds
     # worst: quantizing it too flipped 0.50% of sst2-bert's labels against fp32 on SST-2 training
     # sentences, sparing it 0.27%; for sst2-mux5 0.43% against 0.37%, for 1.1x the speed
-    # (docs/bench/engine.md). 0: every layer.
+    # (docs/bench/engine.md). 0: every layer (the bundled mux models).
     int8_first_layer: int = 1
     # head
     task: str = "sequence_classification"
@@ -474,8 +474,8 @@ class MuxBertModel(nn.Module):
         """Promise that the weights no longer change (a served model), so that ``predict`` keeps
         its encoder's projections in the layouts it runs fastest (``InferenceLayer``: fused QKV,
         oneDNN-prepacked on CPU in bf16, ``int8``: dynamic int8 from the config's
-        ``int8_first_layer`` on, an fp32 CPU model) instead of building them at every pass. Training mode drops them: call again
-        after changing the weights."""
+        ``int8_first_layer`` on, an fp32 CPU model) instead of building them at every pass.
+        Training mode drops them: call again after changing the weights."""
         if int8 and (next(self.parameters()).dtype != torch.float32 or next(self.parameters()).device.type != "cpu"):
             raise ValueError("int8 projections are built from an fp32 model on CPU")
         self.serving_layers = inference_layers(self.bert.encoder, pack=True, int8=int8, int8_first_layer=self.config.int8_first_layer)

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+from muxserve.model.precision import DTYPES
 
 CONFIG_FILE = "muxbert.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -71,8 +72,6 @@ def load_for_serving(directory: str | Path, device: str | torch.device = "cpu", 
     """A saved model as the engine serves it at a resolved ``precision`` (``muxserve.model.precision``):
     in that precision's dtype, its encoder's projections frozen in their serving layouts (int8:
     dynamic int8 from the config's ``int8_first_layer`` on)."""
-    from muxserve.model.precision import DTYPES
-
     return load_model(directory, device=device, dtype=DTYPES[precision]).freeze_for_serving(int8=precision == "int8")
 
 
