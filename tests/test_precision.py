@@ -42,6 +42,9 @@ def test_auto_is_int8_on_avx2_cpus_without_bf16_units() -> None:
     assert not cpu_has_fast_bf16(PLAIN) and cpu_has_fast_int8(PLAIN)
     assert resolve_precision("auto", "cpu", PLAIN) == "int8"
     assert resolve_precision("int8", "cpu", AMX) == "int8"  # asked for: served, though bf16 is faster there
+    # int8 is the eager engine's: a compiled or TorchScript engine serves fp32 there
+    assert resolve_precision("auto", "cpu", PLAIN, engine="compiled") == "fp32"
+    assert resolve_precision("auto", "cpu", PLAIN, engine="torchscript") == "fp32"
 
 
 def test_auto_is_fp32_on_other_cpus_and_fp16_on_cuda() -> None:

@@ -42,7 +42,7 @@ def test_engine_options_from_instance_group_and_flags() -> None:
     assert (opts.device, opts.instances, opts.precision, opts.kind) == ("cuda:1", 2, "fp16", "eager")
     cpu = engine_options(entry(cfg), Settings(device="cpu", engine="torchscript"))
     # the config's fp16 is CUDA only: on a CPU the CPU's automatic choice serves
-    assert (cpu.device, cpu.precision, cpu.kind) == ("cpu", resolve_precision("auto", "cpu"), "torchscript")
+    assert (cpu.device, cpu.precision, cpu.kind) == ("cpu", resolve_precision("auto", "cpu", engine="torchscript"), "torchscript")  # int8 is the eager engine's
     with pytest.raises(ValueError, match="fp16 is for CUDA"):  # asked for by flag, it is an error
         engine_options(entry(cfg), Settings(device="cpu", precision="fp16"))
 

@@ -118,8 +118,9 @@ def mean_flops_per_text(cfg: MuxBertConfig, lengths: Sequence[int], chunk: int, 
 
 
 def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_seconds: float = 2.0, warmup: int = 3, min_runs: int = 5, rounds: int = 4, dtype: str = "fp32") -> dict:
-    """FLOP/s of a ``[rows, inner] x [inner, cols]`` matmul loop (``dtype``: fp32, bf16, the
-    precision the engine serves at) on the CPU with ``threads``
+    """FLOP/s of a ``[rows, inner] x [inner, cols]`` matmul loop (``dtype``: fp32, bf16, int8:
+    the precision the engine serves at; int8 is FBGEMM's dynamic int8 matmul, as the engine runs
+    it, in int8 operations per second) on the CPU with ``threads``
     intra-op threads (0: torch's current setting), e.g. an encoder's feed-forward at the served
     batch shape: rows = (texts per pass / N) * L, inner = d, cols = I.
 
@@ -137,14 +138,26 @@ def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_
         a = torch.randn(rows, inner, generator=gen).to(dtype_of(dtype))
         b = torch.randn(inner, cols, generator=gen).to(dtype_of(dtype))
         out = torch.empty(rows, cols, dtype=dtype_of(dtype))
+        if dtype == "int8":
+            from muxserve.model.muxbert import int8_linear_weight
+
+            packed = int8_linear_weight(b.T, torch.zeros(cols))
+
+            def matmul() -> None:
+                torch.ops.quantized.linear_dynamic(a, packed, False)
+        else:
+
+            def matmul() -> None:
+                torch.mm(a, b, out=out)
+
         for _ in range(warmup):
-            torch.mm(a, b, out=out)
+            matmul()
         per_round = min_seconds / max(1, rounds)
         rates, total_runs, total_s = [], 0, 0.0
         for _ in range(max(1, rounds)):
             runs, start = 0, time.perf_counter()
             while True:
-                torch.mm(a, b, out=out)
+                matmul()
                 runs += 1
                 elapsed = time.perf_counter() - start
                 if elapsed >= per_round and runs >= min_runs:

@@ -159,7 +159,7 @@ def _offline(opts: SweepOptions, texts: list[str], previous: dict, log: Log) -> 
             f = entry["forward"]
             log(f"{model}: forward pass alone {f['forward_texts_per_s']:.1f} texts/s ({f['precision']}, {layout(f)}, {f['mean_batch_texts']:.0f} texts per pass)")
         if opts.matmul_seconds > 0:
-            precision = entry["forward"]["precision"] if "forward" in entry else resolve_precision(settings.precision or "auto", settings.device or "cpu")
+            precision = entry["forward"]["precision"] if "forward" in entry else resolve_precision(settings.precision or "auto", settings.device or "cpu", engine=settings.engine or "eager")
             entry["limit"] = physical_limit(opts.repository, model, texts, opts.matmul_seconds, precision=precision)
             lim = entry["limit"]
             log(f"{model}: {lim['flops_per_text'] / 1e6:.1f} MFLOP/text at {lim['mean_text_tokens']:.1f} tokens ({lim['flops_per_text_padded'] / 1e6:.1f} padded in arrival order); matmul {lim['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s -> limit {lim['limit_texts_per_s']:.1f} texts/s")

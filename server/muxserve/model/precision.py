@@ -51,8 +51,10 @@ def cpu_has_fast_int8(flags: Iterable[str] | None = None) -> bool:
     return "avx2" in set(cpu_flags() if flags is None else flags) and "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def resolve_precision(requested: str | None, device: str, flags: Iterable[str] | None = None) -> str:
-    """``auto`` (or empty) -> the device's fastest accurate precision; anything else is checked.
+def resolve_precision(requested: str | None, device: str, flags: Iterable[str] | None = None, engine: str = "eager") -> str:
+    """``auto`` (or empty) -> the device's fastest accurate precision for the ``engine`` kind
+    (int8 is the eager engine's: a compiled or TorchScript engine gets fp32 where the eager one
+    would get int8); anything else is checked.
 
     fp16 is refused on CPU (no fast fp16 path there; bf16 is the CPU's half precision), int8 on
     CUDA and on a CPU without FBGEMM's kernels. bf16 on a CPU without bf16 units is allowed when
@@ -66,7 +68,7 @@ def resolve_precision(requested: str | None, device: str, flags: Iterable[str] |
             return "fp16"
         if cpu_has_fast_bf16(flags):
             return "bf16"
-        return "int8" if cpu_has_fast_int8(flags) else "fp32"
+        return "int8" if engine in ("eager", "echo") and cpu_has_fast_int8(flags) else "fp32"
     if choice == "fp16" and not is_cuda:
         raise ValueError("precision fp16 is for CUDA; on CPU use bf16 (or fp32)")
     if choice == "int8" and (is_cuda or "fbgemm" not in torch.backends.quantized.supported_engines):

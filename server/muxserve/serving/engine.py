@@ -137,7 +137,7 @@ class Engine:
     @classmethod
     def load(cls, directory: str | Path, options: EngineOptions, name: str = "model") -> Engine:
         directory = Path(directory)
-        options = replace(options, precision=resolve_precision(options.precision, options.device))
+        options = replace(options, precision=resolve_precision(options.precision, options.device, engine=options.kind))
         dtype = DTYPES[options.precision]
         if options.precision == "int8" and options.kind in ("compiled", "torchscript"):
             raise ValueError(f"precision int8 is served by the eager engine, not {options.kind} (use --precision fp32 with it)")

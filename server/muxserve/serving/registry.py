@@ -152,15 +152,15 @@ def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
     device = settings.device or ("cuda" if kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
     if device == "cuda" and groups and groups[0].gpus:
         device = f"cuda:{groups[0].gpus[0]}"
+    kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
     if settings.precision:
-        precision = resolve_precision(settings.precision, device)
+        precision = resolve_precision(settings.precision, device, engine=kind_name)
     else:
         try:
-            precision = resolve_precision(entry.parameter(PRECISION, ""), device)
+            precision = resolve_precision(entry.parameter(PRECISION, ""), device, engine=kind_name)
         except ValueError:
-            precision = resolve_precision("auto", device)
+            precision = resolve_precision("auto", device, engine=kind_name)
     # instance_group count unset (0) or no instance_group: the automatic layout (engine_layout)
-    kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
     count = settings.instances or sum(g.count for g in groups) or (1 if kind_name == "echo" else 0)
     instances, threads = engine_layout(device, count, settings.threads or _int_parameter(entry, THREADS) or 0)
     return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=instances)
