@@ -128,7 +128,7 @@ def combine(sweep: dict, peer: list[dict], a: argparse.Namespace) -> dict:
         peer_rows = [p for p in peer if p["texts_per_request"] == tpr and p["concurrency"] == concurrency and p["error_count"] == 0]
         fastest = max(peer_rows, key=lambda p: p["requests_per_s"], default=None)
         # the peer's fp32 too: its int8 (quantize_dynamic over every Linear, 7-bit activations)
-        # runs faster but costs accuracy that muxserve's int8 does not (docs/bench/int8.md)
+        # runs faster but costs accuracy that muxserve's int8 does not (docs/bench/engine.md)
         fp32 = next((p for p in peer_rows if p["dtype"] == "float32"), None)
         for p in sweep["points"]:
             if p["protocol"] == protocol and p["texts_per_request"] == tpr and p["concurrency"] == concurrency:

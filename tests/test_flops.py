@@ -82,3 +82,13 @@ def test_matmul_rate_is_positive() -> None:
     r = measure_matmul_rate(32, 16, 64, threads=1, min_seconds=0.0, warmup=1, min_runs=3, rounds=2)
     assert r["flops_per_s"] > 0 and r["runs"] >= 6 and r["threads"] == 1
     assert r["flops_per_s"] == max(r["rounds_flops_per_s"]) and len(r["rounds_flops_per_s"]) == 2
+
+
+@pytest.mark.skipif("fbgemm" not in torch.backends.quantized.supported_engines, reason="torch built without FBGEMM")
+def test_matmul_rate_at_int8_runs_fbgemms_matmul(monkeypatch) -> None:
+    """At int8 the rate is of the dynamic int8 matmul the engine runs, not of an fp32 mm."""
+    calls = []
+    real = torch.ops.quantized.linear_dynamic
+    monkeypatch.setattr(torch.ops.quantized, "linear_dynamic", lambda *args: calls.append(1) or real(*args))
+    r = measure_matmul_rate(32, 16, 64, threads=1, min_seconds=0.0, warmup=1, min_runs=3, rounds=2, dtype="int8")
+    assert r["dtype"] == "int8" and r["flops_per_s"] > 0 and len(calls) == 1 + r["runs"]

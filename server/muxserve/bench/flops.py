@@ -137,7 +137,6 @@ def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_
         gen = torch.Generator().manual_seed(0)
         a = torch.randn(rows, inner, generator=gen).to(dtype_of(dtype))
         b = torch.randn(inner, cols, generator=gen).to(dtype_of(dtype))
-        out = torch.empty(rows, cols, dtype=dtype_of(dtype))
         if dtype == "int8":
             from muxserve.model.muxbert import int8_linear_weight
 
@@ -146,6 +145,7 @@ def measure_matmul_rate(rows: int, inner: int, cols: int, threads: int = 0, min_
             def matmul() -> None:
                 torch.ops.quantized.linear_dynamic(a, packed, False)
         else:
+            out = torch.empty(rows, cols, dtype=dtype_of(dtype))
 
             def matmul() -> None:
                 torch.mm(a, b, out=out)
