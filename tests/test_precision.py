@@ -45,6 +45,8 @@ def test_auto_is_int8_on_avx2_cpus_without_bf16_units() -> None:
     # int8 is the eager engine's: a compiled or TorchScript engine serves fp32 there
     assert resolve_precision("auto", "cpu", PLAIN, engine="compiled") == "fp32"
     assert resolve_precision("auto", "cpu", PLAIN, engine="torchscript") == "fp32"
+    with pytest.raises(ValueError, match="int8 is served by the eager engine"):
+        resolve_precision("int8", "cpu", PLAIN, engine="compiled")
 
 
 def test_auto_is_fp32_on_other_cpus_and_fp16_on_cuda() -> None:

@@ -54,7 +54,7 @@ def cpu_has_fast_int8(flags: Iterable[str] | None = None) -> bool:
 def resolve_precision(requested: str | None, device: str, flags: Iterable[str] | None = None, engine: str = "eager") -> str:
     """``auto`` (or empty) -> the device's fastest accurate precision for the ``engine`` kind
     (int8 is the eager engine's: a compiled or TorchScript engine gets fp32 where the eager one
-    would get int8); anything else is checked.
+    would get int8, and asking them for int8 is an error); anything else is checked.
 
     fp16 is refused on CPU (no fast fp16 path there; bf16 is the CPU's half precision), int8 on
     CUDA and on a CPU without FBGEMM's kernels. bf16 on a CPU without bf16 units is allowed when
@@ -73,6 +73,8 @@ def resolve_precision(requested: str | None, device: str, flags: Iterable[str] |
         raise ValueError("precision fp16 is for CUDA; on CPU use bf16 (or fp32)")
     if choice == "int8" and (is_cuda or "fbgemm" not in torch.backends.quantized.supported_engines):
         raise ValueError("precision int8 is for x86 CPUs (FBGEMM's kernels); use fp16 on CUDA, fp32 elsewhere")
+    if choice == "int8" and engine not in ("eager", "echo"):
+        raise ValueError(f"precision int8 is served by the eager engine, not {engine} (use --precision fp32 with it)")
     return choice
 
 

@@ -139,8 +139,6 @@ class Engine:
         directory = Path(directory)
         options = replace(options, precision=resolve_precision(options.precision, options.device, engine=options.kind))
         dtype = DTYPES[options.precision]
-        if options.precision == "int8" and options.kind in ("compiled", "torchscript"):
-            raise ValueError(f"precision int8 is served by the eager engine, not {options.kind} (use --precision fp32 with it)")
         model = load_model(directory, device=options.device, dtype=dtype)
         forward: Forward = model.predict
         if options.kind == "echo":
