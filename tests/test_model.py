@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import transformers
 from muxtiny import CLS, PAD, SEP, TINY_VOCAB, random_batch, tiny_config, tiny_model
 
-from muxserve.model.muxbert import MuxBertConfig, MuxBertModel
+from muxserve.model.muxbert import MuxBertConfig, MuxBertModel, attention_spans
 
 torch.set_num_threads(1)
 
@@ -381,9 +381,10 @@ def test_mlm_logits_reads_each_slot() -> None:
 def test_predict_equals_forward(n: int, variant: str, masked: bool) -> None:
     """The serving path (real tokens only, the last layer at position 0 only) gives forward's
     logits: texts of mixed lengths, a short last group, and a mux model that does not mask the
-    group padding (predict then runs the padded encoder)."""
-    for texts in (1, 3 * n - 1, 4 * n):
-        ids, mask = random_batch(texts, 24, gen(texts), min_len=3)
+    group padding (predict then runs the padded encoder). Lengths 3-60: attention runs in spans
+    of 16, 32, 48 and 64 positions, the sequences taken out of their order and put back."""
+    for texts in (1, 3 * n - 1, 4 * n, 12 * n):
+        ids, mask = random_batch(texts, 60, gen(texts), min_len=3)
         model = tiny_model(num_instances=n, muxing_variant=variant, mask_group_padding=masked)
         with torch.no_grad():
             expected = model(ids, mask)
@@ -437,3 +438,14 @@ def test_predict_token_task_is_forward() -> None:
     with torch.no_grad():
         expected = model(ids, mask)
     torch.testing.assert_close(model.predict(ids, mask), expected, atol=0, rtol=0)
+
+
+def test_attention_spans_pad_each_length_to_its_own() -> None:
+    """Sequences in ascending padded length: a span per padded length, each padded to its own
+    longest (at least 16, in steps of 16); tokens and rows counted on in packed order."""
+    spans = attention_spans([3, 16, 17, 30, 64], torch.float32, torch.device("cpu"), by_length=True)
+    assert [(s.rows, s.tokens, s.length) for s in spans] == [((0, 2), (0, 19), 16), ((2, 4), (19, 66), 32), ((4, 5), (66, 130), 64)]
+    assert spans[1].flat.tolist() == list(range(17)) + list(range(32, 62))
+    assert spans[1].bias.shape == (2, 1, 1, 32) and bool((spans[1].bias[0, 0, 0, 17:] < -1e30).all()) and bool((spans[1].bias[:, 0, 0, :17] == 0).all())
+    one = attention_spans([3, 16, 17, 30, 64], torch.float32, torch.device("cpu"), by_length=False)
+    assert [(s.rows, s.tokens, s.length) for s in one] == [((0, 5), (0, 130), 64)]

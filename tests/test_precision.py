@@ -101,7 +101,9 @@ def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
     """The int8 engine (dynamic int8 projections from the model's ``int8_first_layer`` on: every
     layer of sst2-mux5) runs FBGEMM's matmul and keeps the fp32 engine's labels but for a few
     texts near the boundary."""
-    (fp32, int8), (ref, got) = served_logits("sst2-mux5", ("fp32", "int8"), 320, 80)
+    # all of SST-2 dev: on a few hundred texts, one or two flips more or less (the rounding of
+    # the activations' range) decide the rate
+    (fp32, int8), (ref, got) = served_logits("sst2-mux5", ("fp32", "int8"), 872, 80)
     model = int8.forward_fn.__self__  # type: ignore[attr-defined]
     assert model.config.int8_first_layer == 0 and all(layer.qkv.int8 is not None and layer.ffn_out.int8 is not None for layer in model.serving_layers)
     assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]

@@ -19,6 +19,7 @@ so that its checkpoints convert by renaming only: ``bert.embeddings.*``,
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -132,6 +133,15 @@ class BertEmbeddings(nn.Module):
         # token type 0 everywhere: single-sentence tasks
         x = inputs_embeds + self.position_embeddings.weight[:seq_len] + self.token_type_embeddings.weight[0]
         return self.dropout(self.LayerNorm(x))
+
+    def packed(self, positions: torch.Tensor, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` for inference over packed tokens at ``positions [P]``: ids ``[P]`` (or
+        ``[P, N]``, N texts at each position) or embeddings ``[P, d]`` (``[P, N, d]``)."""
+        if inputs_embeds is None:
+            assert input_ids is not None
+            inputs_embeds = self.word_embeddings(input_ids)
+        extra = self.position_embeddings.weight.index_select(0, positions) + self.token_type_embeddings.weight[0]
+        return self.LayerNorm(inputs_embeds + (extra[:, None] if inputs_embeds.dim() == 3 else extra))
 
 
 class BertSelfAttention(nn.Module):
@@ -283,52 +293,118 @@ def inference_layers(encoder: BertEncoder, pack: bool = False, int8: bool = Fals
     return [InferenceLayer(layer, pack, int8 and i >= int8_first_layer) for i, layer in enumerate(encoder.layer)]
 
 
-def packed_cls_states(layers: list[InferenceLayer], x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Inference: the encoder's output at position 0 of each sequence, ``[B, 1, d]``, the same
-    as ``encoder(x, padding_bias(valid))[:, :1]`` for less work.
+@dataclass(frozen=True)
+class AttentionSpan:
+    """Consecutive rows of a packed pass whose attention runs padded to one ``length``: rows
+    ``rows[0]:rows[1]``, their tokens ``tokens[0]:tokens[1]`` of the packed order, ``flat`` the
+    tokens' places in the padded ``[rows * length]`` layout, ``bias`` its padding mask."""
 
-    ``x [B, L, d]``, ``valid [B, L]`` (bool, position 0 valid in every row). Every projection
-    and feed-forward runs on the real tokens only, packed as ``[P, d]`` (a batch padded to its
-    longest text computes its padding in the padded form); attention runs padded, with the
-    padding masked as usual. The last layer computes keys and values for every token but the
-    attention output and feed-forward for position 0 alone: nothing else is read.
+    rows: tuple[int, int]
+    tokens: tuple[int, int]
+    length: int
+    flat: torch.Tensor
+    bias: torch.Tensor
 
-    The padded form is at least ``ATTENTION_MULTIPLE`` long and a multiple of it: torch's CPU
-    attention kernel works in blocks of that many positions and runs 1.5-3x slower on a length
-    between them (40 or 56 against 48 or 64); the positions added are padding, masked."""
-    extra = -x.shape[1] % ATTENTION_MULTIPLE
-    if extra:
-        x, valid = F.pad(x, (0, 0, 0, extra)), F.pad(valid, (0, extra))
-    b, length, d = x.shape
-    flat = valid.reshape(-1).nonzero().squeeze(1)  # real tokens' positions in [B*L]
-    lengths = valid.sum(1)
-    first = torch.cumsum(lengths, 0) - lengths  # each row's position 0 among the packed tokens
-    bias = padding_bias(valid, x.dtype)
-    h = x.reshape(b * length, d).index_select(0, flat)
+
+def prefix_lengths(mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's length where every row of the 1/0 ``mask [B, L]`` is a prefix of ones of at
+    least one (texts padded at their end, as tokenized); else None."""
+    lengths = mask.sum(1)
+    if not bool((lengths > 0).all()):
+        return None
+    if not bool((mask.bool() == (torch.arange(mask.shape[1], device=mask.device) < lengths[:, None])).all()):
+        return None
+    return lengths
+
+
+def packed_positions(lengths: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(places in ``[B * length]`` of each row's first ``lengths`` tokens, row after row; their
+    positions within their row)."""
+    flat = (torch.arange(length, device=lengths.device) < lengths[:, None]).reshape(-1).nonzero().squeeze(1)
+    return flat, flat % length
+
+
+def attention_length(tokens: int) -> int:
+    """The padded length attention runs at: at least ``ATTENTION_MULTIPLE`` and a multiple of it
+    (torch's CPU attention kernel works in blocks of that many positions and runs 1.5-3x slower
+    on a length between them: 40 or 56 against 48 or 64)."""
+    return max(ATTENTION_MULTIPLE, -(-tokens // ATTENTION_MULTIPLE) * ATTENTION_MULTIPLE)
+
+
+def attention_spans(lengths: list[int], dtype: torch.dtype, device: torch.device, by_length: bool) -> list[AttentionSpan]:
+    """``AttentionSpan``s over rows of these lengths (tokens packed row after row): one span
+    padded to the longest, or (``by_length``, rows in ascending ``attention_length``) a span per
+    padded length. Attention's cost grows faster than its length (per sst2-mux5 group on one
+    core: 22 us at 16 positions, 50 at 32, 150 at 64), so a pass of short groups and one long
+    one runs the short ones short."""
+    padded = [attention_length(n) for n in lengths]
+    bounds = [0] + [i for i in range(1, len(lengths)) if padded[i] != padded[i - 1]] + [len(lengths)] if by_length else [0, len(lengths)]
+    spans, token = [], 0
+    for r0, r1 in itertools.pairwise(bounds):
+        length = max(padded[r0:r1])
+        part = torch.tensor(lengths[r0:r1], device=device)
+        valid = torch.arange(length, device=device) < part[:, None]
+        count = int(sum(lengths[r0:r1]))
+        spans.append(AttentionSpan((r0, r1), (token, token + count), length, valid.reshape(-1).nonzero().squeeze(1), padding_bias(valid, dtype)))
+        token += count
+    return spans
+
+
+def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Inference: the encoder's output at position 0 of each sequence, ``[B, d]``, the same as
+    ``encoder(x, padding_bias(valid))[:, 0]`` for less work.
+
+    ``h [P, d]``: the sequences' real tokens packed, sequence after sequence (``lengths [B]``
+    tokens each, at least 1; ``packed_embeddings``). Every projection and feed-forward runs on
+    the real tokens only; attention runs padded (``attention_spans``), with the padding masked
+    as usual: on a CPU, the sequences are taken in order of length so that each span of
+    similar lengths pads to its own longest. The last layer computes keys and values for every
+    token but the attention output and feed-forward for position 0 alone: nothing else is read."""
+    counts = lengths.tolist()
+    by_length = h.device.type == "cpu"
+    order = None
+    if by_length and any(attention_length(a) > attention_length(b) for a, b in itertools.pairwise(counts)):
+        order = torch.tensor(sorted(range(len(counts)), key=lambda i: attention_length(counts[i])), device=h.device)
+        first = torch.cumsum(lengths, 0) - lengths
+        sorted_lengths = lengths.index_select(0, order)
+        starts = torch.cumsum(sorted_lengths, 0) - sorted_lengths
+        h = h.index_select(0, torch.repeat_interleave(first.index_select(0, order) - starts, sorted_lengths) + torch.arange(h.shape[0], device=h.device))
+        lengths, counts = sorted_lengths, sorted_lengths.tolist()
+    spans = attention_spans(counts, h.dtype, h.device, by_length)
+    first = torch.cumsum(lengths, 0) - lengths  # each sequence's position 0 among the packed tokens
     # oneDNN builds a kernel for every new row count of a matmul, which costs more than the
     # matmul itself: its packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
     # passes share a few row counts (and their cached kernels); the padding rows are dropped
     multiple = PACKED_ROWS_MULTIPLE if layers and layers[0].qkv.onednn else PLAIN_ROWS_MULTIPLE
-    h = F.pad(h, (0, 0, 0, -len(flat) % multiple))
+    h = F.pad(h, (0, 0, 0, -h.shape[0] % multiple))
     for i, layer in enumerate(layers):
-        h = _packed_layer(layer, h, flat, b, length, bias, first if i == len(layers) - 1 else None)
-    return h.view(b, 1, d)
+        h = _packed_layer(layer, h, spans, first if i == len(layers) - 1 else None)
+    if order is not None:
+        h = torch.empty_like(h).index_copy_(0, order, h)
+    return h
 
 
-def _packed_layer(layer: InferenceLayer, h: torch.Tensor, flat: torch.Tensor, b: int, length: int, bias: torch.Tensor, query_rows: torch.Tensor | None) -> torch.Tensor:
-    """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows``, only those rows
-    are queried and come out (``[len(query_rows), d]``)."""
+def _packed_layer(layer: InferenceLayer, h: torch.Tensor, spans: list[AttentionSpan], query_rows: torch.Tensor | None) -> torch.Tensor:
+    """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows`` (each sequence's
+    position 0), only those rows are queried and come out (``[B, d]``)."""
     d = h.shape[1]
-    qkv = layer.qkv(h)  # [P, 3d]: the padded layout [B*L, 3d] once for Q, K and V
-    padded = qkv.new_zeros(b * length, 3 * d).index_copy_(0, flat, qkv[: len(flat)])
-    q, k, v = padded.view(b, length, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)  # each [B, heads, L, head_dim]
+    qkv = layer.qkv(h)  # [P, 3d]
+    contexts = []
+    for span in spans:
+        rows = span.rows[1] - span.rows[0]
+        part = qkv[span.tokens[0] : span.tokens[1]]
+        padded = qkv.new_zeros(rows * span.length, 3 * d).index_copy_(0, span.flat, part)
+        q, k, v = padded.view(rows, span.length, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)  # each [rows, heads, L, head_dim]
+        if query_rows is None:
+            contexts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows * span.length, d).index_select(0, span.flat))
+        else:
+            contexts.append(F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows, d))
+    context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)
     if query_rows is None:
         residual = h
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b * length, d).index_select(0, flat)
-        context = F.pad(context, (0, 0, 0, h.shape[0] - len(flat)))  # the padding rows again
+        context = F.pad(context, (0, 0, 0, h.shape[0] - context.shape[0]))  # the padding rows again
     else:
         residual = h.index_select(0, query_rows)
-        context = F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=bias).transpose(1, 2).reshape(b, d)
     a = layer.attention_norm(layer.attention_out(context) + residual)
     return layer.ffn_norm(layer.ffn_out(layer.ffn_in(a, gelu=True)) + a)
 
@@ -524,25 +600,36 @@ class MuxBertModel(nn.Module):
         (inference): position 0 alone, [B, 1, d], computed on real tokens only
         (``packed_cls_states``) where the encoder masks padding."""
         emb = self.bert.embeddings
+        length = input_ids.shape[1]
         if not self.config.is_mux:
+            lengths = prefix_lengths(attention_mask) if packed_cls else None
+            if lengths is not None:
+                flat, positions = packed_positions(lengths, length)
+                h = emb.packed(positions, input_ids=input_ids.reshape(-1).index_select(0, flat))
+                return packed_cls_states(self.inference_layers(), h, lengths)[:, None]
             x = emb(input_ids=input_ids)
-            if packed_cls and bool(attention_mask[:, 0].all()):
-                return packed_cls_states(self.inference_layers(), x, attention_mask.bool())
             return self.bert.encoder(x, padding_bias(attention_mask, x.dtype))
+        n = self.config.num_instances
         # index_pos reads every slot from the shared position 0: force [CLS] there
         input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.config.cls_token_id), input_ids[:, 1:]], dim=1)
-        mixed = self.multiplex(emb(input_ids=input_ids), attention_mask)
         # As the reference (and its checkpoints): the mixture goes through the embedding layer
         # again as inputs_embeds, and the encoder runs without a padding mask unless the
         # model masks the group's padding (a position no slot fills).
-        x = emb(inputs_embeds=mixed)
-        bias = None
-        if self.config.mask_group_padding:
-            group_mask = attention_mask.view(-1, self.config.num_instances, attention_mask.shape[1]).amax(dim=1)
-            if packed_cls and bool(group_mask[:, 0].all()):
-                return packed_cls_states(self.inference_layers(), x, group_mask.bool())
-            bias = padding_bias(group_mask, x.dtype)
-        return self.bert.encoder(x, bias)
+        group_mask = attention_mask.view(-1, n, length).amax(dim=1) if self.config.mask_group_padding else None
+        lengths = prefix_lengths(group_mask) if packed_cls and group_mask is not None else None
+        if lengths is not None:
+            flat, positions = packed_positions(lengths, length)
+            if self.config.muxing_variant == "gaussian_hadamard":
+                # each position mixes on its own: only the positions some slot fills are mixed
+                ids = input_ids.view(-1, n, length).transpose(1, 2).reshape(-1, n).index_select(0, flat)  # [P, N]
+                mixed = (emb.packed(positions, input_ids=ids) * self.instance_embedding).mean(dim=1)
+                h = emb.packed(positions, inputs_embeds=mixed)
+            else:
+                x = emb(inputs_embeds=self.multiplex(emb(input_ids=input_ids), attention_mask))
+                h = x.reshape(-1, x.shape[-1]).index_select(0, flat)
+            return packed_cls_states(self.inference_layers(), h, lengths)[:, None]
+        x = emb(inputs_embeds=self.multiplex(emb(input_ids=input_ids), attention_mask))
+        return self.bert.encoder(x, None if group_mask is None else padding_bias(group_mask, x.dtype))
 
     def inference_layers(self) -> list[InferenceLayer]:
         return self.serving_layers or inference_layers(self.bert.encoder)
