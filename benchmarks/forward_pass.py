@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import random
 import subprocess
@@ -57,7 +58,9 @@ def baseline_engine(served: Engine, module: ModuleType) -> Engine:
     old.load_state_dict(model.state_dict())
     old = old.to(next(model.parameters()).dtype).eval()
     if hasattr(old, "freeze_for_serving"):
-        old.freeze_for_serving()
+        # the served precision's projections (int8: revisions that serve it)
+        int8 = served.options.precision == "int8" and "int8" in inspect.signature(old.freeze_for_serving).parameters
+        old.freeze_for_serving(**({"int8": True} if int8 else {}))
     return Engine(old.predict, model.config, served.options, name=served.name)
 
 
