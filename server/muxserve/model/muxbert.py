@@ -334,18 +334,21 @@ def attention_length(tokens: int) -> int:
 def attention_spans(lengths: list[int], dtype: torch.dtype, device: torch.device, by_length: bool) -> list[AttentionSpan]:
     """``AttentionSpan``s over rows of these lengths (tokens packed row after row): one span
     padded to the longest, or (``by_length``, rows in ascending ``attention_length``) a span per
-    padded length. Attention's cost grows faster than its length (per sst2-mux5 group on one
-    core: 22 us at 16 positions, 50 at 32, 150 at 64), so a pass of short groups and one long
-    one runs the short ones short."""
+    padded length. Attention's cost grows faster than its length (6 sequences of 12 x 32 heads
+    on one core, fp32: 2x the time at 32 positions as at 16, 4x at 48, 6.3x at 64;
+    ``benchmarks/attention_lengths.py --batch 6 --lengths 16,32,48,64 --dtype fp32``), so a
+    pass of short groups and one long one runs the short ones short."""
     padded = [attention_length(n) for n in lengths]
-    bounds = [0] + [i for i in range(1, len(lengths)) if padded[i] != padded[i - 1]] + [len(lengths)] if by_length else [0, len(lengths)]
+    bounds = [0, len(lengths)]
+    if by_length:
+        bounds[1:1] = [i for i in range(1, len(lengths)) if padded[i] != padded[i - 1]]
     spans, token = [], 0
     for r0, r1 in itertools.pairwise(bounds):
         length = max(padded[r0:r1])
         part = torch.tensor(lengths[r0:r1], device=device)
+        count = sum(lengths[r0:r1])
         valid = torch.arange(length, device=device) < part[:, None]
-        count = int(sum(lengths[r0:r1]))
-        spans.append(AttentionSpan((r0, r1), (token, token + count), length, valid.reshape(-1).nonzero().squeeze(1), padding_bias(valid, dtype)))
+        spans.append(AttentionSpan((r0, r1), (token, token + count), length, packed_positions(part, length)[0], padding_bias(valid, dtype)))
         token += count
     return spans
 
@@ -355,7 +358,7 @@ def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: to
     ``encoder(x, padding_bias(valid))[:, 0]`` for less work.
 
     ``h [P, d]``: the sequences' real tokens packed, sequence after sequence (``lengths [B]``
-    tokens each, at least 1; ``packed_embeddings``). Every projection and feed-forward runs on
+    tokens each, at least 1; ``BertEmbeddings.packed``). Every projection and feed-forward runs on
     the real tokens only; attention runs padded (``attention_spans``), with the padding masked
     as usual: on a CPU, the sequences are taken in order of length so that each span of
     similar lengths pads to its own longest. The last layer computes keys and values for every
@@ -364,12 +367,12 @@ def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: to
     by_length = h.device.type == "cpu"
     order = None
     if by_length and any(attention_length(a) > attention_length(b) for a, b in itertools.pairwise(counts)):
-        order = torch.tensor(sorted(range(len(counts)), key=lambda i: attention_length(counts[i])), device=h.device)
-        first = torch.cumsum(lengths, 0) - lengths
-        sorted_lengths = lengths.index_select(0, order)
-        starts = torch.cumsum(sorted_lengths, 0) - sorted_lengths
-        h = h.index_select(0, torch.repeat_interleave(first.index_select(0, order) - starts, sorted_lengths) + torch.arange(h.shape[0], device=h.device))
-        lengths, counts = sorted_lengths, sorted_lengths.tolist()
+        rows = sorted(range(len(counts)), key=lambda i: attention_length(counts[i]))
+        pieces = h.split(counts)
+        h = torch.cat([pieces[i] for i in rows])
+        counts = [counts[i] for i in rows]
+        order = torch.tensor(rows, device=h.device)
+        lengths = lengths.index_select(0, order)
     spans = attention_spans(counts, h.dtype, h.device, by_length)
     first = torch.cumsum(lengths, 0) - lengths  # each sequence's position 0 among the packed tokens
     # oneDNN builds a kernel for every new row count of a matmul, which costs more than the
