@@ -446,6 +446,8 @@ def test_attention_spans_pad_each_length_to_its_own() -> None:
     spans = attention_spans([3, 16, 17, 30, 64], torch.float32, torch.device("cpu"), by_length=True)
     assert [(s.rows, s.tokens, s.length) for s in spans] == [((0, 2), (0, 19), 16), ((2, 4), (19, 66), 32), ((4, 5), (66, 130), 64)]
     assert spans[1].flat.tolist() == list(range(17)) + list(range(32, 62))
+    # the padding places of a span read their own sequence's first token
+    assert spans[1].gather.tolist() == list(range(19, 36)) + [19] * 15 + list(range(36, 66)) + [36] * 2
     assert spans[1].bias.shape == (2, 1, 1, 32) and bool((spans[1].bias[0, 0, 0, 17:] < -1e30).all()) and bool((spans[1].bias[:, 0, 0, :17] == 0).all())
     one = attention_spans([3, 16, 17, 30, 64], torch.float32, torch.device("cpu"), by_length=False)
     assert [(s.rows, s.tokens, s.length) for s in one] == [((0, 5), (0, 130), 64)]

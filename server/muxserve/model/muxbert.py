@@ -275,12 +275,16 @@ def int8_linear_weight(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor
 
 class InferenceLayer:
     """An encoder layer's projections for ``packed_cls_states``: fused QKV, the attention
-    output, the feed-forward in (with its GELU) and out. The layer norms stay the layer's."""
+    output, the feed-forward in (with its GELU) and out. The layer norms stay the layer's.
+    The encoder's last layer (``last``) queries from position 0 alone: its queries are a
+    projection of their own, apart from the keys and values every token needs."""
 
-    def __init__(self, layer: BertLayer, pack: bool = False, int8: bool = False) -> None:
+    def __init__(self, layer: BertLayer, pack: bool = False, int8: bool = False, last: bool = False) -> None:
         att = layer.attention.self
         self.num_heads, self.head_dim = att.num_heads, att.head_dim
         self.qkv = InferenceLinear(att.query, att.key, att.value, pack=pack, int8=int8)
+        self.query = InferenceLinear(att.query, pack=pack, int8=int8) if last else None
+        self.key_value = InferenceLinear(att.key, att.value, pack=pack, int8=int8) if last else None
         self.attention_out = InferenceLinear(layer.attention.output.dense, pack=pack, int8=int8)
         self.attention_norm = layer.attention.output.LayerNorm
         self.ffn_in = InferenceLinear(layer.intermediate.dense, pack=pack, int8=int8)
@@ -290,19 +294,23 @@ class InferenceLayer:
 
 def inference_layers(encoder: BertEncoder, pack: bool = False, int8: bool = False, int8_first_layer: int = 0) -> list[InferenceLayer]:
     """``InferenceLayer``s of an encoder; with ``int8``, those from ``int8_first_layer`` on in int8."""
-    return [InferenceLayer(layer, pack, int8 and i >= int8_first_layer) for i, layer in enumerate(encoder.layer)]
+    last = len(encoder.layer) - 1
+    return [InferenceLayer(layer, pack, int8 and i >= int8_first_layer, last=i == last) for i, layer in enumerate(encoder.layer)]
 
 
 @dataclass(frozen=True)
 class AttentionSpan:
     """Consecutive rows of a packed pass whose attention runs padded to one ``length``: rows
     ``rows[0]:rows[1]``, their tokens ``tokens[0]:tokens[1]`` of the packed order, ``flat`` the
-    tokens' places in the padded ``[rows * length]`` layout, ``bias`` its padding mask."""
+    tokens' places in the padded ``[rows * length]`` layout, ``gather`` the packed token each
+    place of that layout reads (a padding place its sequence's first token: the mask hides it,
+    and one gather is cheaper than zeros and a scatter), ``bias`` the padding mask."""
 
     rows: tuple[int, int]
     tokens: tuple[int, int]
     length: int
     flat: torch.Tensor
+    gather: torch.Tensor
     bias: torch.Tensor
 
 
@@ -348,7 +356,10 @@ def attention_spans(lengths: list[int], dtype: torch.dtype, device: torch.device
         part = torch.tensor(lengths[r0:r1], device=device)
         count = sum(lengths[r0:r1])
         valid = torch.arange(length, device=device) < part[:, None]
-        spans.append(AttentionSpan((r0, r1), (token, token + count), length, packed_positions(part, length)[0], padding_bias(valid, dtype)))
+        flat = packed_positions(part, length)[0]
+        firsts = torch.cumsum(part, 0) - part + token  # each sequence's first token in the packed order
+        gather = firsts.repeat_interleave(length).index_copy_(0, flat, torch.arange(token, token + count, device=device))
+        spans.append(AttentionSpan((r0, r1), (token, token + count), length, flat, gather, padding_bias(valid, dtype)))
         token += count
     return spans
 
@@ -390,14 +401,22 @@ def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: to
 def _packed_layer(layer: InferenceLayer, h: torch.Tensor, spans: list[AttentionSpan], query_rows: torch.Tensor | None) -> torch.Tensor:
     """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows`` (each sequence's
     position 0), only those rows are queried and come out (``[B, d]``)."""
-    d = h.shape[1]
-    qkv = layer.qkv(h)  # [P, 3d]
+    d, heads, head_dim = h.shape[1], layer.num_heads, layer.head_dim
+    split = query_rows is not None and layer.query is not None and layer.key_value is not None
+    if split:  # position 0's queries only
+        queries = layer.query(h.index_select(0, query_rows))  # [B, d]
+        projected = layer.key_value(h)  # [P, 2d]
+    else:
+        projected = layer.qkv(h)  # [P, 3d]
     contexts = []
     for span in spans:
         rows = span.rows[1] - span.rows[0]
-        part = qkv[span.tokens[0] : span.tokens[1]]
-        padded = qkv.new_zeros(rows * span.length, 3 * d).index_copy_(0, span.flat, part)
-        q, k, v = padded.view(rows, span.length, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)  # each [rows, heads, L, head_dim]
+        padded = projected.index_select(0, span.gather).view(rows, span.length, -1, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [rows, heads, L, head_dim]
+        if split:
+            q = queries[span.rows[0] : span.rows[1]].view(rows, 1, heads, head_dim).transpose(1, 2)
+            k, v = padded
+        else:
+            q, k, v = padded
         if query_rows is None:
             contexts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows * span.length, d).index_select(0, span.flat))
         else:
