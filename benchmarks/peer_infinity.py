@@ -167,7 +167,7 @@ def markdown(report: dict) -> str:
         f"Load: wrk (a native client, {s['client_threads']} thread) in a closed loop at {max(s['concurrency'])} connections, {s['warmup']:g} s unmeasured then {s['duration']:g} s measured per point, real sentences (SST-2 dev, {report['texts']}), "
         f"muxserve on `{report['protocol_route']}`, infinity-emb {report['peer_version']} on `POST /classify` (`--engine torch`, the same all-MiniLM-L6-v2 backbone as a 2-label BertForSequenceClassification). "
         "Server CPU: user + system time of all the server's processes (from /proc) over the measured run, per request. "
-        "Forward-only: the engine alone on the same texts, with the server's precision, threads and batches (those its scheduler forms from a full queue).",
+        "Forward-only: the engine alone on the same texts, with the server's precision, threads and batches (those its scheduler forms from a full queue), measured before and after the served points, the mean of the two (the neighbours' load on a shared machine drifts over a run).",
         "",
         f"Command: `{report['command']}`",
         "",

@@ -63,7 +63,9 @@ def test_bench_serve_sweep(repo, tmp_path) -> None:
         info = report["models"][model]
         assert info["num_instances"] == n
         assert info["accuracy"]["n"] == 40 and 0 <= info["accuracy"]["accuracy"] <= 1
-        assert info["forward"]["forward_texts_per_s"] > 0
+        # the capacity served is held to: the mean of the measurements before and after the served points
+        f = info["forward"]
+        assert f["before_texts_per_s"] > 0 and f["after_texts_per_s"] > 0 and f["forward_texts_per_s"] == pytest.approx((f["before_texts_per_s"] + f["after_texts_per_s"]) / 2)
         assert info["limit"]["limit_texts_per_s"] > 0 and info["limit"]["flops_per_text_padded"] >= info["limit"]["flops_per_text"]
     rows = {(r["protocol"], r["model"]): r for r in report["summary"]}
     assert len(rows) == 4 and rows[("binary", "tiny-bert")]["ratio_to_baseline"] == 1.0
