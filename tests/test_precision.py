@@ -105,7 +105,7 @@ def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
     # the activations' range) decide the rate
     (fp32, int8), (ref, got) = served_logits("sst2-mux5", ("fp32", "int8"), 872, 80)
     model = int8.forward_fn.__self__  # type: ignore[attr-defined]
-    assert model.config.int8_first_layer == 0 and all(layer.qkv.int8 is not None and layer.ffn_out.int8 is not None for layer in model.serving_layers)
+    assert model.config.int8_first_layer == 0 and all(p.int8 is not None for layer in model.serving_layers for p in (layer.qkv, layer.query, layer.key_value, layer.attention_out, layer.ffn_in, layer.ffn_out) if p is not None)
     assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert not np.array_equal(got, ref)  # the quantized matmul ran

@@ -277,12 +277,13 @@ class InferenceLayer:
     """An encoder layer's projections for ``packed_cls_states``: fused QKV, the attention
     output, the feed-forward in (with its GELU) and out. The layer norms stay the layer's.
     The encoder's last layer (``last``) queries from position 0 alone: its queries are a
-    projection of their own, apart from the keys and values every token needs."""
+    projection of their own (``query``), apart from the keys and values every token needs
+    (``key_value``), and it has no fused QKV."""
 
     def __init__(self, layer: BertLayer, pack: bool = False, int8: bool = False, last: bool = False) -> None:
         att = layer.attention.self
         self.num_heads, self.head_dim = att.num_heads, att.head_dim
-        self.qkv = InferenceLinear(att.query, att.key, att.value, pack=pack, int8=int8)
+        self.qkv = None if last else InferenceLinear(att.query, att.key, att.value, pack=pack, int8=int8)
         self.query = InferenceLinear(att.query, pack=pack, int8=int8) if last else None
         self.key_value = InferenceLinear(att.key, att.value, pack=pack, int8=int8) if last else None
         self.attention_out = InferenceLinear(layer.attention.output.dense, pack=pack, int8=int8)
@@ -389,7 +390,7 @@ def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: to
     # oneDNN builds a kernel for every new row count of a matmul, which costs more than the
     # matmul itself: its packed rows are padded to a multiple of PACKED_ROWS_MULTIPLE so that
     # passes share a few row counts (and their cached kernels); the padding rows are dropped
-    multiple = PACKED_ROWS_MULTIPLE if layers and layers[0].qkv.onednn else PLAIN_ROWS_MULTIPLE
+    multiple = PACKED_ROWS_MULTIPLE if layers and layers[0].attention_out.onednn else PLAIN_ROWS_MULTIPLE
     h = F.pad(h, (0, 0, 0, -h.shape[0] % multiple))
     for i, layer in enumerate(layers):
         h = _packed_layer(layer, h, spans, first if i == len(layers) - 1 else None)
@@ -400,27 +401,25 @@ def packed_cls_states(layers: list[InferenceLayer], h: torch.Tensor, lengths: to
 
 def _packed_layer(layer: InferenceLayer, h: torch.Tensor, spans: list[AttentionSpan], query_rows: torch.Tensor | None) -> torch.Tensor:
     """One encoder layer over packed tokens ``h [P, d]``; with ``query_rows`` (each sequence's
-    position 0), only those rows are queried and come out (``[B, d]``)."""
+    position 0; the last layer, built with ``last``), only those rows are queried and come out
+    (``[B, d]``)."""
     d, heads, head_dim = h.shape[1], layer.num_heads, layer.head_dim
-    split = query_rows is not None and layer.query is not None and layer.key_value is not None
-    if split:  # position 0's queries only
+    if query_rows is None:
+        projected = layer.qkv(h)  # [P, 3d]
+    else:
         queries = layer.query(h.index_select(0, query_rows))  # [B, d]
         projected = layer.key_value(h)  # [P, 2d]
-    else:
-        projected = layer.qkv(h)  # [P, 3d]
     contexts = []
     for span in spans:
         rows = span.rows[1] - span.rows[0]
         padded = projected.index_select(0, span.gather).view(rows, span.length, -1, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [rows, heads, L, head_dim]
-        if split:
-            q = queries[span.rows[0] : span.rows[1]].view(rows, 1, heads, head_dim).transpose(1, 2)
-            k, v = padded
-        else:
-            q, k, v = padded
         if query_rows is None:
+            q, k, v = padded
             contexts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows * span.length, d).index_select(0, span.flat))
         else:
-            contexts.append(F.scaled_dot_product_attention(q[:, :, :1], k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows, d))
+            q = queries[span.rows[0] : span.rows[1]].view(rows, 1, heads, head_dim).transpose(1, 2)
+            k, v = padded
+            contexts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=span.bias).transpose(1, 2).reshape(rows, d))
     context = contexts[0] if len(contexts) == 1 else torch.cat(contexts)
     if query_rows is None:
         residual = h
