@@ -14,6 +14,10 @@ side where it moved.
 ``--grpc-floor`` measures instead what a gRPC server itself costs under the same h2load load: a
 server whose ModelInfer handler returns a fixed reply and does nothing else, on grpc.aio (uvloop),
 on grpcio's synchronous server (a thread pool) and on muxserve's own HTTP/2 transport, in turns.
+``--http-floor`` does the same for HTTP/1.1 under wrk (``POST /v1/classify``): an ASGI application
+that reads the body and returns a fixed reply, on uvicorn (httptools, uvloop; ``pip install
+uvicorn``) and on muxserve's own server (``muxserve.serving.http.server``, where it answers with
+the one-write ``RESPOND`` shortcut the inference routes use).
 """
 
 from __future__ import annotations
@@ -140,7 +144,47 @@ def serve_fixed_grpc_reply_native(port: int) -> None:
     uvloop.run(serve())
 
 
-def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: float, serve=serve_fixed_grpc_reply) -> dict:
+FIXED_CLASSIFY_REPLY = b'[{"label":"positive","score":0.9,"num_instances":5}]'
+
+
+async def fixed_http_reply(scope: dict, receive, send) -> None:
+    """An ASGI application: read the request's body, answer a fixed /v1/classify reply."""
+    from muxserve.serving.http.routes import RESPOND
+
+    message = await receive()
+    while message.get("more_body"):
+        message = await receive()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(FIXED_CLASSIFY_REPLY))]
+    respond = scope.get(RESPOND)
+    if respond is not None:
+        return await respond(scope, 200, headers, FIXED_CLASSIFY_REPLY)
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": FIXED_CLASSIFY_REPLY})
+
+
+def serve_fixed_http_reply_uvicorn(port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(fixed_http_reply, host="127.0.0.1", port=port, http="httptools", loop="uvloop", log_level="warning", access_log=False, lifespan="off")
+
+
+def serve_fixed_http_reply_native(port: int) -> None:
+    import socket
+
+    import uvloop
+
+    from muxserve.serving.http.server import HttpServer
+
+    async def serve() -> None:
+        server = HttpServer(fixed_http_reply)
+        await server.start([socket.create_server(("127.0.0.1", port), backlog=2048)])
+        await asyncio.Event().wait()
+
+    uvloop.run(serve())
+
+
+def floor(texts: list[str], protocol: str, concurrency: int, duration: float, warmup: float, serve) -> dict:
+    """``serve(port)`` in a process of its own, under wrk (``classify``) or h2load (``grpc``)."""
     import multiprocessing
     import socket
     import time
@@ -157,9 +201,14 @@ def grpc_floor(texts: list[str], concurrency: int, duration: float, warmup: floa
                 break
             except OSError:
                 time.sleep(0.1)
-        body = native.grpc_message(ECHO_MODEL, texts[:1])
-        m = native.measure(proc.pid, lambda s: native.run_h2load(f"127.0.0.1:{port}", body, concurrency, s), duration, warmup)
-        return {"protocol": "grpc", "engine": "none (fixed reply)", "requests_per_s": m.load.requests_per_s, "cpu_ms_per_request": m.cpu_ms_per_request, "errors": m.load.errors}
+        if protocol == "grpc":
+            body = native.grpc_message(ECHO_MODEL, texts[:1])
+            run = lambda s: native.run_h2load(f"127.0.0.1:{port}", body, concurrency, s)  # noqa: E731
+        else:
+            load = native.http_load(protocol, ECHO_MODEL, texts)
+            run = lambda s: native.run_wrk(f"http://127.0.0.1:{port}", load, concurrency, s)  # noqa: E731
+        m = native.measure(proc.pid, run, duration, warmup)
+        return {"protocol": protocol, "engine": "none (fixed reply)", "requests_per_s": m.load.requests_per_s, "cpu_ms_per_request": m.cpu_ms_per_request, "errors": m.load.errors}
     finally:
         proc.terminate()
         proc.join()
@@ -187,14 +236,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repository", default="model_repository")
     ap.add_argument("--out", default="", help="write NAME.json and NAME.md here (a path without suffix)")
     ap.add_argument("--grpc-floor", action="store_true", help="only measure the gRPC servers (grpc.aio, grpcio's sync server, muxserve's transport) with a handler that returns a fixed reply")
+    ap.add_argument("--http-floor", action="store_true", help="only measure the HTTP/1.1 servers (uvicorn, muxserve's own) with an application that returns a fixed reply")
     args = ap.parse_args(argv)
 
     texts = load_texts(default_sst2_dev())
-    if args.grpc_floor:
-        servers = [("grpc.aio", serve_fixed_grpc_reply), ("grpc sync, 4 threads", serve_fixed_grpc_reply_sync), ("muxserve native HTTP/2", serve_fixed_grpc_reply_native)]
+    if args.grpc_floor or args.http_floor:
+        if args.grpc_floor:
+            protocol, servers = "grpc", [("grpc.aio", serve_fixed_grpc_reply), ("grpc sync, 4 threads", serve_fixed_grpc_reply_sync), ("muxserve native HTTP/2", serve_fixed_grpc_reply_native)]
+        else:
+            protocol, servers = "classify", [("uvicorn (httptools)", serve_fixed_http_reply_uvicorn), ("muxserve HTTP/1.1", serve_fixed_http_reply_native)]
         for rep in range(args.repeat):
             for name, serve in servers if rep % 2 == 0 else servers[::-1]:
-                p = grpc_floor(texts, args.concurrency, args.duration, args.warmup, serve)
+                p = floor(texts, protocol, args.concurrency, args.duration, args.warmup, serve)
                 print(f"{name}, fixed reply: {p['requests_per_s']:.1f} req/s, CPU {p['cpu_ms_per_request']:.3f} ms/request", flush=True)
         return 0
     protocols = args.protocols.split(",")

@@ -469,12 +469,12 @@ def write_report(report: dict, out: Path) -> None:
 
 def summarize_pyspy(raw: str, top: int = 15) -> dict:
     """py-spy ``--format raw`` (collapsed stacks) -> sample shares by stage and the top leaves."""
-    stages = {
+    stages = {  # a frame goes to the first stage whose keys it holds
         "forward (engine)": ("engine.py", "muxbert.py", "torch/"),
         "tokenize": ("tokenizer.py",),
+        "HTTP server (connections, parsing, FastAPI)": ("serving/http/server.py", "starlette", "fastapi", "httptools"),
         "HTTP codec (body parse/encode)": ("serving/http/", "codecs.py", "orjson"),
         "gRPC": ("serving/grpc/", "grpc/"),
-        "HTTP server (uvicorn/starlette/fastapi)": ("uvicorn", "starlette", "fastapi", "h11", "httptools"),
         "scheduler & data plane": ("scheduler.py", "dataplane.py"),
         "metrics": ("metrics.py", "prometheus_client"),
         "asyncio loop": ("asyncio/", "uvloop"),

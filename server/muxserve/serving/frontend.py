@@ -10,30 +10,22 @@ listeners and exit.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import signal
 import socket
 import sys
-from collections.abc import Iterator
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from muxserve.serving.dataplane import DataPlane
 from muxserve.serving.engine_client import EngineClient
 from muxserve.serving.processes import child_settings, run_loop
 from muxserve.serving.settings import Settings
 
+if TYPE_CHECKING:
+    from muxserve.serving.http.server import HttpServer
+
 log = logging.getLogger("muxserve")
-
-
-class _UvicornServer(uvicorn.Server):
-    """uvicorn without its own signal handlers: the drain below owns SIGTERM."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def shared_listener(host: str, port: int) -> socket.socket:
@@ -47,13 +39,14 @@ class Frontend:
         self.settings = settings
         self.engine = EngineClient(address)
         self.plane = DataPlane(self.engine, settings)
-        self.http: _UvicornServer | None = None
+        self.http: HttpServer | None = None
         self.grpc = None
+        self._stopped = asyncio.Event()
 
     async def run(self) -> None:
         from muxserve.serving.connection_rate import ConnectionRate
         from muxserve.serving.http.app import create_app
-        from muxserve.serving.http.protocol import GuardedHttpProtocol
+        from muxserve.serving.http.server import HttpServer, ssl_context
         from muxserve.serving.http.shedding import HeadAdmission
         from muxserve.serving.security import AccessPolicy
         from muxserve.serving.syn_filter import SynBlocklist, listening_sockets, save_syns
@@ -63,9 +56,8 @@ class Frontend:
         admission = HeadAdmission(self.plane, AccessPolicy(s.api_key, s.open_endpoints))
         blocklist = SynBlocklist() if s.client_connection_rate and s.client_connection_block_s else None
         connection_rate = ConnectionRate(s.client_connection_rate, s.client_connection_burst, blocklist=blocklist, block_s=s.client_connection_block_s) if s.client_connection_rate else None
-        protocol = GuardedHttpProtocol.with_timeouts(s.header_timeout_s, s.write_timeout_s, admission, connection_rate)
-        config = uvicorn.Config(create_app(self.plane), http=protocol, log_level=s.log_level, access_log=False, proxy_headers=False, lifespan="off", timeout_graceful_shutdown=30, timeout_keep_alive=s.idle_timeout_s, ssl_certfile=s.tls_certfile or None, ssl_keyfile=s.tls_keyfile or None)  # type: ignore[arg-type]
-        self.http = _UvicornServer(config)
+        tls = ssl_context(s.tls_certfile, s.tls_keyfile) if s.tls_certfile else None
+        self.http = HttpServer(create_app(self.plane), header_timeout_s=s.header_timeout_s, idle_timeout_s=s.idle_timeout_s, write_timeout_s=s.write_timeout_s, admission=admission, connection_rate=connection_rate, ssl_context=tls)
         listener = shared_listener(s.host, s.http_port)
         if connection_rate is not None:
             save_syns(listener)  # the address of a connection reset before it is taken up
@@ -85,7 +77,8 @@ class Frontend:
         scheme = "https" if s.tls_certfile else "http"
         log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")
         gc.freeze()  # what start-up made lives as long as the process: the collector skips it
-        await self.http.serve(sockets=[listener])
+        await self.http.start([listener])
+        await self._stopped.wait()
         self.engine.close()
 
     async def drain_and_stop(self) -> None:
@@ -93,7 +86,8 @@ class Frontend:
         if self.grpc is not None:
             await self.grpc.stop(grace=5)
         if self.http is not None:
-            self.http.should_exit = True
+            await self.http.shutdown(grace=30)
+        self._stopped.set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ for them (the FastAPI app still describes them in its OpenAPI document); every o
 goes on to the FastAPI app.
 
 A client that goes away cancels its request (its texts leave the engine's queue): the HTTP
-protocol (``GuardedHttpProtocol``) calls the request's ``ON_DISCONNECT`` hook, which cancels the
+server (``server.HttpConnection``) calls the request's ``ON_DISCONNECT`` hook, which cancels the
 handler's task, so no watcher task runs beside each request. Under another ASGI server (no
 hook in the scope) a watcher task does the same.
 """

@@ -1,0 +1,220 @@
+"""muxserve's HTTP/1.1 server (``muxserve.serving.http.server``) on a loopback socket, driven with
+raw bytes: what the protocol promises beyond what the serving tests reach through clients
+(pipelining order, 100-continue, keep-alive rules, chunked bodies both ways, HEAD, malformed and
+oversized heads, the idle timeout, an application that fails, a client that leaves)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import pytest
+
+from muxserve.serving.http.routes import ON_DISCONNECT, RESPOND
+from muxserve.serving.http.server import MAX_HEAD_BYTES, HttpServer
+
+READ_TIMEOUT = 30  # a hang fails the test instead of the suite
+
+
+class App:
+    """Echoes the method, path and body as JSON; ``/hold`` waits for ``release``; ``/fail``
+    raises; ``/stream`` answers in chunks of unknown total length; ``/respond`` uses the
+    one-write shortcut."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.held = asyncio.Event()
+        self.gone = asyncio.Event()
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        path = scope["path"]
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if path == "/hold":
+            scope[ON_DISCONNECT] = self.gone.set
+            self.held.set()
+            await self.release.wait()
+        if path == "/fail":
+            raise RuntimeError("the application failed")
+        if path == "/stream":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            for piece in (b"one ", b"two ", b"three"):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        answer = json.dumps({"method": scope["method"], "path": path, "body": body.decode()}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+        if path == "/respond":
+            return await scope[RESPOND](scope, 200, headers, answer)
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
+
+
+@pytest.fixture
+async def served():
+    app = App()
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = HttpServer(app, header_timeout_s=30, idle_timeout_s=30, write_timeout_s=30)
+    await server.start([listener])
+    yield app, server, listener.getsockname()[1]
+    await server.shutdown(grace=1)
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One response: (status, headers, body), the body by Content-Length or chunked."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in headers:
+        body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), READ_TIMEOUT)
+    elif headers.get("transfer-encoding") == "chunked":
+        body = b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            chunk = await reader.readexactly(size + 2)
+            if not size:
+                break
+            body += chunk[:-2]
+    else:
+        body = b""
+    return status, headers, body
+
+
+def post(path: str, body: bytes = b"", extra: str = "") -> bytes:
+    return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+async def closed_by_server(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), READ_TIMEOUT) == b""
+
+
+async def test_pipelined_requests_are_answered_in_order(served):
+    app, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/hold", b"first") + post("/respond", b"second") + post("/plain", b"third"))
+    await asyncio.wait_for(app.held.wait(), READ_TIMEOUT)
+    app.release.set()
+    answers = [await read_response(reader) for _ in range(3)]
+    assert [json.loads(body) for _, _, body in answers] == [
+        {"method": "POST", "path": "/hold", "body": "first"},
+        {"method": "POST", "path": "/respond", "body": "second"},
+        {"method": "POST", "path": "/plain", "body": "third"},
+    ]
+    assert all(status == 200 and "date" in headers for status, headers, _ in answers)
+    writer.close()
+
+
+async def test_expect_100_continue_then_body(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /x HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\nexpect: 100-continue\r\n\r\n")
+    assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"hello")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "hello"
+    writer.close()
+
+
+@pytest.mark.parametrize("request_bytes", [
+    post("/x", b"a", "connection: close\r\n"),
+    b"GET /x HTTP/1.0\r\n\r\n",
+])
+async def test_connection_close_and_http10_close_after_the_answer(served, request_bytes):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes)
+    status, headers, _ = await read_response(reader)
+    assert status == 200 and headers["connection"] == "close"
+    assert await closed_by_server(reader)
+    writer.close()
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for i in range(5):
+        writer.write(post("/x", str(i).encode()))
+        status, headers, body = await read_response(reader)
+        assert status == 200 and "connection" not in headers and json.loads(body)["body"] == str(i)
+    writer.close()
+
+
+async def test_chunked_request_and_chunked_response(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == "abcde"
+    writer.write(b"GET /stream HTTP/1.1\r\nhost: x\r\n\r\n")
+    status, headers, body = await read_response(reader)
+    assert status == 200 and headers["transfer-encoding"] == "chunked" and body == b"one two three"
+    writer.close()
+
+
+async def test_head_answers_headers_without_a_body(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"HEAD /x HTTP/1.1\r\nhost: x\r\n\r\n" + post("/after", b"z"))
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+    assert head.startswith(b"HTTP/1.1 200") and b"content-length: " in head
+    status, _, body = await read_response(reader)  # the next response follows the head directly
+    assert status == 200 and json.loads(body)["path"] == "/after"
+    writer.close()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"NOT AN HTTP REQUEST\r\n\r\n", 400),
+    (b"GET /x HTTP/1.1\r\nhost: x\r\nbig: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n", 431),
+])
+async def test_a_bad_head_is_refused_and_closed_while_others_are_served(served, request_bytes, status):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes)
+    got, headers, body = await read_response(reader)
+    assert got == status and headers["connection"] == "close" and "error" in json.loads(body)
+    assert await closed_by_server(reader)
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/x", b"ok"))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_a_failing_application_answers_500_and_the_server_goes_on(served):
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/fail"))
+    status, _, body = await read_response(reader)
+    assert status == 500 and "server log" in json.loads(body)["error"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/x", b"ok"))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
+async def test_a_client_that_leaves_calls_its_requests_disconnect_hook(served):
+    app, server, port = served
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/hold"))
+    await asyncio.wait_for(app.held.wait(), READ_TIMEOUT)
+    writer.close()
+    await asyncio.wait_for(app.gone.wait(), READ_TIMEOUT)
+    app.release.set()
+
+
+async def test_an_idle_connection_is_closed():
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = HttpServer(App(), header_timeout_s=30, idle_timeout_s=0.2, write_timeout_s=30)
+    await server.start([listener])
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    writer.write(post("/x", b"a"))
+    assert (await read_response(reader))[0] == 200
+    assert await closed_by_server(reader)  # nothing more sent: the idle timeout closes it
+    writer.close()
+    await server.shutdown(grace=1)
