@@ -90,6 +90,13 @@ def post(path: str, body: bytes = b"", extra: str = "") -> bytes:
     return f"POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
+async def still_serves(port: int) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(post("/x", b"ok"))
+    assert (await read_response(reader))[0] == 200
+    writer.close()
+
+
 async def closed_by_server(reader: asyncio.StreamReader) -> bool:
     return await asyncio.wait_for(reader.read(), READ_TIMEOUT) == b""
 
@@ -180,10 +187,7 @@ async def test_a_bad_head_is_refused_and_closed_while_others_are_served(served, 
     assert got == status and headers["connection"] == "close" and "error" in json.loads(body)
     assert await closed_by_server(reader)
     writer.close()
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(post("/x", b"ok"))
-    assert (await read_response(reader))[0] == 200
-    writer.close()
+    await still_serves(port)
 
 
 async def test_a_failing_application_answers_500_and_the_server_goes_on(served):
@@ -192,10 +196,8 @@ async def test_a_failing_application_answers_500_and_the_server_goes_on(served):
     writer.write(post("/fail"))
     status, _, body = await read_response(reader)
     assert status == 500 and "server log" in json.loads(body)["error"]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(post("/x", b"ok"))
-    assert (await read_response(reader))[0] == 200
     writer.close()
+    await still_serves(port)
 
 
 async def test_a_client_that_leaves_calls_its_requests_disconnect_hook(served):

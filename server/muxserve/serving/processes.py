@@ -14,7 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from muxserve.serving.settings import Settings
@@ -51,6 +51,19 @@ def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+async def wait_while(busy: Callable[[], bool], changed: asyncio.Event, grace: float) -> None:
+    """Wait while ``busy()``, at most ``grace`` seconds, looking again whenever ``changed`` is set
+    (a server draining its connections: ``changed`` is set as each one finishes a call)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while busy() and loop.time() < deadline:
+        changed.clear()
+        try:
+            await asyncio.wait_for(changed.wait(), deadline - loop.time())
+        except TimeoutError:
+            return
 
 
 def signal_ready() -> None:

@@ -40,6 +40,7 @@ import hpack
 
 from muxserve.serving.connection_rate import ConnectionRate, Verdict, reset
 from muxserve.serving.errors import Unauthenticated
+from muxserve.serving.processes import wait_while
 from muxserve.serving.security import AccessPolicy
 
 log = logging.getLogger("muxserve")
@@ -795,14 +796,7 @@ class GrpcServer:
             self.server.close()
         for connection in list(self.connections):
             connection.goaway(NO_ERROR)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (grace or 0.0)
-        while any(c.streams for c in self.connections) and loop.time() < deadline:
-            self.idle.clear()
-            try:
-                await asyncio.wait_for(self.idle.wait(), deadline - loop.time())
-            except TimeoutError:
-                break
+        await wait_while(lambda: any(c.streams for c in self.connections), self.idle, grace or 0.0)
         for connection in list(self.connections):
             connection.abort_all()
 

@@ -53,6 +53,7 @@ import httptools
 from muxserve.serving.connection_rate import Verdict, reset
 from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
 from muxserve.serving.http.wire import error_body
+from muxserve.serving.processes import wait_while
 
 if TYPE_CHECKING:
     from muxserve.serving.connection_rate import ConnectionRate
@@ -258,14 +259,7 @@ class HttpServer:
             server.close()
         for connection in list(self.connections):
             connection.shutdown()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while any(c.exchanges for c in self.connections) and loop.time() < deadline:
-            self.idle.clear()
-            try:
-                await asyncio.wait_for(self.idle.wait(), deadline - loop.time())
-            except TimeoutError:
-                break
+        await wait_while(lambda: any(c.exchanges for c in self.connections), self.idle, grace)
         for connection in list(self.connections):
             connection.transport.close()
 
