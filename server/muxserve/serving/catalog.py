@@ -36,6 +36,8 @@ class ModelCatalog(Generic[M]):
             if version not in versions:
                 raise ModelNotFound(f"unknown version {version} of model '{name}' (have: {', '.join(sorted(v for v in versions if v))})")
             return versions[version]
+        if len(versions) == 1:  # the common case: one version, whatever its state
+            return next(iter(versions.values()))
         ready = [m for m in versions.values() if m.ready]
         pool = ready or list(versions.values())
         return max(pool, key=lambda m: int(m.version) if m.version.isdigit() else -1)
