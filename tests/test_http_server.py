@@ -220,3 +220,24 @@ async def test_an_idle_connection_is_closed():
     assert await closed_by_server(reader)  # nothing more sent: the idle timeout closes it
     writer.close()
     await server.shutdown(grace=1)
+
+
+async def test_a_failure_of_the_server_itself_answers_500_and_is_logged(served, monkeypatch, caplog):
+    from muxserve.serving.http.server import HttpConnection
+
+    _, _, port = served
+    original = HttpConnection.on_headers_complete
+
+    def failing(self):
+        if self.url == b"/server-bug":
+            raise RuntimeError("a bug in the server")
+        original(self)
+
+    monkeypatch.setattr(HttpConnection, "on_headers_complete", failing)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /server-bug HTTP/1.1\r\nhost: x\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 500 and "server log" in json.loads(body)["error"]
+    assert any("handling failed" in r.getMessage() for r in caplog.records)
+    writer.close()
+    await still_serves(port)

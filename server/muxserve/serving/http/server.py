@@ -372,6 +372,10 @@ class HttpConnection(asyncio.Protocol):
             for exchange in self.exchanges:
                 exchange.keep_alive = False
             self.pause_reading()
+        except httptools.HttpParserCallbackError:  # this server's own callback failed, not the client
+            log.exception("HTTP request handling failed")
+            self._close_with(closing_response(500, "internal error (the server log has the cause)"))
+            return
         except httptools.HttpParserError:
             self._close_with(closing_response(400, "invalid HTTP request"))
             return
