@@ -177,6 +177,8 @@ async def test_head_answers_headers_without_a_body(served):
 
 @pytest.mark.parametrize("request_bytes, status", [
     (b"NOT AN HTTP REQUEST\r\n\r\n", 400),
+    (b"GET http://[ HTTP/1.1\r\nhost: x\r\n\r\n", 400),
+    (b"CONNECT host:443 HTTP/1.1\r\nhost: x\r\n\r\n", 400),
     (b"GET /x HTTP/1.1\r\nhost: x\r\nbig: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n", 431),
 ])
 async def test_a_bad_head_is_refused_and_closed_while_others_are_served(served, request_bytes, status):

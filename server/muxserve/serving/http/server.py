@@ -413,7 +413,11 @@ class HttpConnection(asyncio.Protocol):
             return
         self.deadline_kind = 0
         parser = self.parser
-        url = httptools.parse_url(self.url)
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:  # a target llhttp lets through (``http://[``, ``host:443``)
+            self._close_with(closing_response(400, "invalid request target"))
+            return
         raw_path = url.path
         path = raw_path.decode("latin-1")
         if "%" in path:
