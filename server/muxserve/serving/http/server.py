@@ -516,9 +516,9 @@ class HttpConnection(asyncio.Protocol):
         if self.closed:
             return
         if not exchange.keep_alive:
-            # answered before its whole body arrived (a body timeout, a body over the limit, a
-            # refusal from its head): the rest of that body is on the connection, so it closes
-            # rather than reading it (RFC 9110: 408 closes the connection)
+            # asked for (Connection: close, HTTP/1.0), the server stopping, a failed answer, or a
+            # request answered before its whole body arrived (a body timeout, a body over the
+            # limit, a refusal from its head), whose rest is not read (RFC 9110: 408 closes)
             self.closed = True
             self.transport.close()
             return
