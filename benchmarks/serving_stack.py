@@ -35,6 +35,7 @@ from pathlib import Path
 from muxserve.bench import native
 from muxserve.bench.run import default_sst2_dev, load_texts, machine_info, server_counts
 from muxserve.launch import start_server
+from muxserve.serving.http.routes import RESPOND
 
 ROOT = Path(__file__).resolve().parents[1]
 ECHO_MODEL = "sst2-mux5"  # the echo engine serves under this model's config and tokenizer
@@ -149,8 +150,6 @@ FIXED_CLASSIFY_REPLY = b'[{"label":"positive","score":0.9,"num_instances":5}]'
 
 async def fixed_http_reply(scope: dict, receive, send) -> None:
     """An ASGI application: read the request's body, answer a fixed /v1/classify reply."""
-    from muxserve.serving.http.routes import RESPOND
-
     message = await receive()
     while message.get("more_body"):
         message = await receive()

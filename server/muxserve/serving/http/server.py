@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from muxserve.serving.connection_rate import Verdict, reset
-from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, ON_DISCONNECT, RESPOND
+from muxserve.serving.http.routes import ARRIVED, BODY_ARRIVED, INTERNAL_MESSAGE, JSON, ON_DISCONNECT, RESPOND
 from muxserve.serving.http.wire import error_body
 from muxserve.serving.processes import wait_while
 
@@ -141,8 +141,8 @@ class Exchange:
         if self.expect_continue and self.more_body and not self.complete and not connection.transport.is_closing():
             connection.transport.write(CONTINUE)
         self.expect_continue = False
+        connection.resume_reading()  # the application asks for the body: read on
         if not self.disconnected and not self.complete and not self.news:
-            connection.resume_reading()
             self.waiter = connection.loop.create_future()
             try:
                 await self.waiter
@@ -153,7 +153,6 @@ class Exchange:
             return _DISCONNECT
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []
-        connection.resume_reading()
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     def _head(self, status: int, headers: Any, length: int | None) -> list[bytes]:
@@ -283,7 +282,6 @@ class HttpConnection(asyncio.Protocol):
         self.head_bytes = 0  # bytes read while no head was complete (a head that never completes)
         self.head_size = 0  # the request line and headers, as parsed
         self.expect = False  # Expect: 100-continue
-        self.in_head = False
         self.arrived = 0.0
         self.first_request = True
         self.refused = False  # closed when made (``connection_rate``)
@@ -326,7 +324,6 @@ class HttpConnection(asyncio.Protocol):
             "client": tuple(peer[:2]) if isinstance(peer, tuple) else None, "server": tuple(local[:2]) if isinstance(local, tuple) else None,
         }
         self._watch(HEAD, server.header_timeout_s)  # the first request's head, from the connection's opening
-        self.in_head = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.refused:
@@ -374,7 +371,7 @@ class HttpConnection(asyncio.Protocol):
             self.pause_reading()
         except httptools.HttpParserCallbackError:  # this server's own callback failed, not the client
             log.exception("HTTP request handling failed")
-            self._close_with(closing_response(500, "internal error (the server log has the cause)"))
+            self._close_with(closing_response(500, INTERNAL_MESSAGE))
             return
         except httptools.HttpParserError:
             self._close_with(closing_response(400, "invalid HTTP request"))
@@ -389,7 +386,6 @@ class HttpConnection(asyncio.Protocol):
         self.expect = False
         self.arrived = time.monotonic()
         if not self.first_request:  # the first request's head is timed from the connection's opening
-            self.in_head = True
             self._watch(HEAD, self.server.header_timeout_s)
 
     def on_url(self, url: bytes) -> None:
@@ -404,14 +400,13 @@ class HttpConnection(asyncio.Protocol):
             self.expect = True
 
     def on_headers_complete(self) -> None:
-        self.in_head = False
+        self.deadline_kind = 0  # the head is in: no deadline until the answer (the body's is the application's)
         self.head_bytes = 0
         if self.closed:
             return
         if self.head_size + len(self.url) > MAX_HEAD_BYTES:
             self._close_with(HEAD_TOO_LARGE_RESPONSE)
             return
-        self.deadline_kind = 0
         parser = self.parser
         try:
             url = httptools.parse_url(self.url)
@@ -479,16 +474,15 @@ class HttpConnection(asyncio.Protocol):
                 raise
         except Exception:
             log.exception("HTTP %s %s failed", exchange.scope["method"], exchange.scope["path"])
-            if not exchange.started and not exchange.disconnected:
-                exchange.keep_alive = False
-                await exchange.respond(exchange.scope, 500, [(b"content-type", b"application/json")], error_body("internal error (the server log has the cause)"))
+        else:
+            if not exchange.complete and not exchange.disconnected and not exchange.started:
+                log.error("HTTP %s %s: the application sent no response", exchange.scope["method"], exchange.scope["path"])
         if not exchange.complete and not exchange.disconnected:
             if exchange.started:  # a response the application began and did not finish
                 self.transport.close()
             else:
-                log.error("HTTP %s %s: the application sent no response", exchange.scope["method"], exchange.scope["path"])
                 exchange.keep_alive = False
-                await exchange.respond(exchange.scope, 500, [(b"content-type", b"application/json")], error_body("internal error (the server log has the cause)"))
+                await exchange.respond(exchange.scope, 500, [(b"content-type", JSON)], error_body(INTERNAL_MESSAGE))
 
     def _unless_gone(self, exchange: Exchange, app: ASGIApp) -> ASGIApp:
         """``app``, one loop iteration later, unless the client has gone by then: a reset that
@@ -524,7 +518,7 @@ class HttpConnection(asyncio.Protocol):
             return
         if self.exchanges:
             self._start(self.exchanges[0])
-        elif not self.in_head and self.parsing is None:
+        elif self.deadline_kind != HEAD and self.parsing is None:  # no next request begun
             self._watch(IDLE, self.server.idle_timeout_s)
         self.resume_reading()
 
@@ -581,7 +575,7 @@ class HttpConnection(asyncio.Protocol):
         self.timer = None
         if self.closed or not self.deadline_kind:
             return
-        if self.deadline_kind == IDLE and (self.exchanges or self.in_head):
+        if self.deadline_kind == IDLE and self.exchanges:
             return
         now = self.loop.time()
         left = self.deadline - now
