@@ -15,6 +15,7 @@ from muxserve.serving.http.routes import ON_DISCONNECT, RESPOND
 from muxserve.serving.http.server import MAX_HEAD_BYTES, HttpServer
 
 READ_TIMEOUT = 30  # a hang fails the test instead of the suite
+TCP_ESTABLISHED = 1
 
 
 class App:
@@ -53,6 +54,16 @@ class App:
             return await scope[RESPOND](scope, 200, headers, answer)
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": answer})
+
+
+class BigAnswer:
+    """Answers every request with 4 MiB, more than loopback's socket buffers hold."""
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        await receive()
+        body = b"x" * (4 * 1024 * 1024)
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
 
 
 @pytest.fixture
@@ -243,3 +254,59 @@ async def test_a_failure_of_the_server_itself_answers_500_and_is_logged(served, 
     assert any("handling failed" in r.getMessage() for r in caplog.records)
     writer.close()
     await still_serves(port)
+
+
+async def test_a_head_that_arrived_behind_an_answer_is_timed_from_that_answer():
+    """Reading pauses behind a pipelined request, so its head's clock starts when the answer
+    before it is written, not while the server was not reading it."""
+    app = App()
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = HttpServer(app, header_timeout_s=0.1, idle_timeout_s=30, write_timeout_s=30)
+    await server.start([listener])
+    address = listener.getsockname()
+    reader, writer = await asyncio.open_connection(*address)
+    next_request = post("/x", b"second")
+    writer.write(post("/hold", b"first") + next_request[:10])
+    await asyncio.wait_for(app.held.wait(), READ_TIMEOUT)
+    # a head begun later on another connection timing out means this one's head timeout has passed too
+    late_reader, late_writer = await asyncio.open_connection(*address)
+    late_writer.write(next_request[:10])
+    assert (await read_response(late_reader))[0] == 408
+    app.release.set()
+    writer.write(next_request[10:])
+    answers = [await read_response(reader) for _ in range(2)]
+    assert [(status, json.loads(body)["body"]) for status, _, body in answers] == [(200, "first"), (200, "second")]
+    writer.close()
+    late_writer.close()
+    await server.shutdown(grace=1)
+
+
+async def test_a_close_behind_responses_the_client_does_not_read_is_reset():
+    """A connection closed after its answer while the client reads none of it: the transport would
+    hold it open until the answer is sent; after write_timeout_s it is reset instead."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = HttpServer(BigAnswer(), header_timeout_s=30, idle_timeout_s=30, write_timeout_s=0.2)
+    await server.start([listener])
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(client, listener.getsockname())
+    lost = asyncio.Event()
+    # the first byte of a request makes the connection known to the server
+    client.send(b"GET /big HTTP/1.1\r\n")
+    while not server.connections:
+        await asyncio.sleep(0)
+    (connection,) = server.connections
+    connection.transport.set_write_buffer_limits(high=64 * 1024 * 1024)  # never paused: only the close is left to time out
+    connection_lost = connection.connection_lost
+
+    def on_lost(exc):
+        connection_lost(exc)
+        lost.set()
+
+    connection.connection_lost = on_lost
+    client.send(b"host: x\r\nconnection: close\r\n\r\n")
+    await asyncio.wait_for(lost.wait(), READ_TIMEOUT)
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED
+    client.close()
+    await server.shutdown(grace=1)

@@ -14,11 +14,13 @@ Per connection:
 - keep-alive as HTTP/1.1 says (``Connection: close``, HTTP/1.0); ``Expect: 100-continue`` is
   answered when the application first asks for the body;
 - head timeout: a request's line and headers must arrive within ``header_timeout_s`` of its first
-  byte (of the connection being opened, for the first request), else 408 and close; a head over
+  byte (of the connection being opened, for the first request; of the answer before it, for a
+  request that arrived while the server was still answering), else 408 and close; a head over
   ``MAX_HEAD_BYTES`` gets 431;
 - idle timeout: a kept-alive connection with no request for ``idle_timeout_s`` is closed;
 - write timeout: a client that reads none of its responses for ``write_timeout_s`` while the server
-  has more to send (the transport's buffer is over its high-water mark) is reset;
+  has more to send (the transport's buffer is over its high-water mark, or holds what is left to
+  send before a close) is reset;
 - a request answered before its body was all in (413, 408, a refusal from its head) closes the
   connection rather than reading and discarding the rest.
 
@@ -260,7 +262,7 @@ class HttpServer:
             connection.shutdown()
         await wait_while(lambda: any(c.exchanges for c in self.connections), self.idle, grace)
         for connection in list(self.connections):
-            connection.transport.close()
+            connection.close()
 
 
 def ssl_context(certfile: str, keyfile: str) -> ssl.SSLContext:
@@ -349,7 +351,7 @@ class HttpConnection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Stop after the answer in flight (now, if there is none)."""
         if not self.exchanges:
-            self.transport.close()
+            self.close()
         else:
             for exchange in self.exchanges:
                 exchange.keep_alive = False
@@ -479,7 +481,7 @@ class HttpConnection(asyncio.Protocol):
                 log.error("HTTP %s %s: the application sent no response", exchange.scope["method"], exchange.scope["path"])
         if not exchange.complete and not exchange.disconnected:
             if exchange.started:  # a response the application began and did not finish
-                self.transport.close()
+                self.close()
             else:
                 exchange.keep_alive = False
                 await exchange.respond(exchange.scope, 500, [(b"content-type", JSON)], error_body(INTERNAL_MESSAGE))
@@ -513,12 +515,13 @@ class HttpConnection(asyncio.Protocol):
             # asked for (Connection: close, HTTP/1.0), the server stopping, a failed answer, or a
             # request answered before its whole body arrived (a body timeout, a body over the
             # limit, a refusal from its head), whose rest is not read (RFC 9110: 408 closes)
-            self.closed = True
-            self.transport.close()
+            self.close()
             return
         if self.exchanges:
             self._start(self.exchanges[0])
-        elif self.deadline_kind != HEAD and self.parsing is None:  # no next request begun
+        elif self.deadline_kind == HEAD:  # a next head begun while this was answered: its clock starts now
+            self._watch(HEAD, self.server.header_timeout_s)
+        elif self.parsing is None:  # no next request begun
             self._watch(IDLE, self.server.idle_timeout_s)
         self.resume_reading()
 
@@ -552,6 +555,14 @@ class HttpConnection(asyncio.Protocol):
             self.drained = self.loop.create_future()
         await self.drained
 
+    def close(self) -> None:
+        """Close once what is buffered is sent. The transport holds the connection open until
+        then, so a client that reads none of it is reset after ``write_timeout_s``."""
+        self.closed = True
+        self.transport.close()
+        if self.write_timer is None and self.transport.get_write_buffer_size():
+            self.write_timer = self.loop.call_later(self.server.write_timeout_s, self._write_expired)
+
     def _write_expired(self) -> None:
         self.write_timer = None
         # its buffered responses will never be read: reset the connection (SO_LINGER 0) so that
@@ -575,8 +586,8 @@ class HttpConnection(asyncio.Protocol):
         self.timer = None
         if self.closed or not self.deadline_kind:
             return
-        if self.deadline_kind == IDLE and self.exchanges:
-            return
+        if self.exchanges:  # answers pending: no idle time yet, and a head behind them may be unread
+            return  # (reading pauses behind a pipelined request); response_done restarts the clock
         now = self.loop.time()
         left = self.deadline - now
         if left > 0:
@@ -584,8 +595,7 @@ class HttpConnection(asyncio.Protocol):
         elif self.deadline_kind == HEAD:
             self._close_with(TIMEOUT_RESPONSE)
         else:
-            self.closed = True
-            self.transport.close()
+            self.close()
 
     def _close_with(self, response: bytes) -> None:
         self.closed = True
@@ -593,4 +603,4 @@ class HttpConnection(asyncio.Protocol):
             exchange.disconnected = True  # their handlers write nothing more
         if not self.transport.is_closing():
             self.transport.write(response)
-            self.transport.close()
+            self.close()
