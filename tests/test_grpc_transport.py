@@ -8,6 +8,7 @@ grpcio's transport (``--grpc-transport grpcio``) with stock tritonclient."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator
 
@@ -18,7 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
 
-from muxserve.serving.grpc.http2 import DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, SETTINGS, STREAM_WINDOW, Context, GrpcServer, Method, frame
+from muxserve.serving.grpc.http2 import DATA, END_HEADERS, END_STREAM, HEADERS, PING, PREFACE, SETTINGS, STREAM_WINDOW, Context, GrpcServer, Method, frame
 from muxserve.serving.security import AccessPolicy
 
 SERVICE = "/test.Service/"
@@ -248,6 +249,45 @@ async def test_a_peer_that_does_not_speak_http2_is_closed(transport):
     writer.close()
     async with channel(address) as ch:
         assert await ch.unary_unary(SERVICE + "Echo")(b"ok", metadata=KEY) == b"ko"
+
+
+async def test_a_client_that_reads_nothing_is_reset():
+    """A client that sends PINGs (or calls) and reads none of the answers: the server stops
+    reading its frames once its answers back up, and resets it after the write timeout, rather
+    than buffering answers for it without end."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = GrpcServer(methods(Handlers()), listener, write_timeout=0.2)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.setblocking(False)
+    await loop.sock_connect(client, listener.getsockname())
+    await loop.sock_sendall(client, PREFACE + frame(SETTINGS, 0, 0))
+    while not server.connections:
+        await asyncio.sleep(0)
+    (connection,) = server.connections
+    lost = asyncio.Event()
+    connection_lost = connection.connection_lost
+
+    def on_lost(exc):
+        connection_lost(exc)
+        lost.set()
+
+    connection.connection_lost = on_lost
+    pings = frame(PING, 0, 0, bytes(8)) * 1024
+
+    async def flood() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                await loop.sock_sendall(client, pings)
+
+    flooding = asyncio.ensure_future(flood())
+    await asyncio.wait_for(lost.wait(), 30)
+    flooding.cancel()
+    assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1  # not ESTABLISHED: reset
+    client.close()
+    await server.stop(0)
 
 
 def test_the_server_on_grpcio(tmp_path):

@@ -45,7 +45,7 @@ class Settings(BaseModel):
     idle_timeout_s: float = Field(30.0, description="close a connection idle this long (HTTP keep-alive, gRPC max_connection_idle)")
     header_timeout_s: float = Field(10.0, description="a request's head must arrive within this after its first byte (HTTP; gRPC: the connection handshake)")
     body_timeout_s: float = Field(30.0, description="a request body must arrive within this after its head (HTTP, 408)")
-    write_timeout_s: float = Field(30.0, description="close a connection whose client reads no response bytes for this long (HTTP)")
+    write_timeout_s: float = Field(30.0, description="reset a connection whose client reads none of what it is sent for this long (HTTP and gRPC)")
     client_connection_rate: float = Field(256.0, ge=0, description="new HTTP and gRPC connections a second from one client address (IPv6: one /64), after a burst of client_connection_burst; past it a connection gets 429 (gRPC: GOAWAY) and is closed at once; 0: no limit")
     client_connection_burst: int = Field(1024, ge=1, description="new HTTP connections one client address may open at once before client_connection_rate applies")
     client_connection_block_s: float = Field(5.0, ge=0, description="an address refused more than client_connection_burst connections past its rate (over twice client_connection_rate) has its new connections dropped by the kernel for this long, on the HTTP and gRPC ports (Linux); 0: never, always 429")

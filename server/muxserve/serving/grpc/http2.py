@@ -15,8 +15,11 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   RST_STREAM, or its connection closing, cancels the handler (the data plane drops its texts);
 - limits: ``max_concurrent_streams`` per connection (more are refused with REFUSED_STREAM),
   ``max_concurrent_rpcs`` per process and ``max_request_bytes`` per message
-  (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, and a drain that sends
-  GOAWAY and lets accepted calls finish; new connections per client address counted in the
+  (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, a client that reads none
+  of what it is sent (the transport's buffer stays over its high-water mark, or holds what is
+  left to send before a close) reset after a write timeout, no frames read from it meanwhile
+  (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
+  accepted calls finish; new connections per client address counted in the
   frontend's ``ConnectionRate`` (the HTTP port's buckets: an address has one budget for both).
 
 Handlers are the servicer's methods, as grpc.aio would call them: ``(request, context)`` for a
@@ -238,6 +241,7 @@ class Http2Connection(asyncio.Protocol):
         self.closed = False
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.write_timer: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
 
     # -- connection lifecycle
@@ -281,7 +285,7 @@ class Http2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        for timer in (self.handshake_timer, self.idle_timer):
+        for timer in (self.handshake_timer, self.idle_timer, self.write_timer):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
@@ -312,9 +316,39 @@ class Http2Connection(asyncio.Protocol):
             self._close()
 
     def _close(self) -> None:
+        """Close once what is buffered is sent (the transport holds the connection open until then)."""
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._watch_writes()
+
+    # -- a client that does not read
+
+    def pause_writing(self) -> None:
+        if not self.closed:
+            self.transport.pause_reading()  # its frames would add to what it does not read
+        self._watch_writes()
+
+    def resume_writing(self) -> None:
+        if self.write_timer is not None:
+            self.write_timer.cancel()
+            self.write_timer = None
+        if not self.closed:
+            self.transport.resume_reading()
+        elif self.transport.get_write_buffer_size():  # closing: the rest gets a write timeout of its own
+            self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        if self.write_timer is None and self.server.write_timeout:
+            self.write_timer = self.loop.call_later(self.server.write_timeout, self._write_expired)
+
+    def _write_expired(self) -> None:
+        """Nothing was read for the write timeout: reset (SO_LINGER 0), so that the kernel drops
+        the unread bytes too rather than holding them behind a FIN that cannot be sent."""
+        self.write_timer = None
+        self.closed = True
+        reset(self.transport)
 
     def abort_all(self) -> None:
         """Past the drain's grace: the calls still open are cancelled and the connection closed."""
@@ -769,13 +803,13 @@ class GrpcServer:
     """gRPC on one listening socket (shared with the other frontends by SO_REUSEPORT): ``start``,
     and ``stop(grace)``, which sends GOAWAY and waits up to ``grace`` for the calls in flight."""
 
-    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0, connection_rate: ConnectionRate | None = None) -> None:
+    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0, write_timeout: float = 0.0, connection_rate: ConnectionRate | None = None) -> None:
         self.methods = methods
         self.listener = listener
         self.policy = policy if policy is not None and policy.enabled else None
         self.ssl_context = ssl_context
         self.max_message, self.max_streams, self.max_rpcs = max_message, max_streams, max_rpcs
-        self.handshake_timeout, self.idle_timeout = handshake_timeout, idle_timeout
+        self.handshake_timeout, self.idle_timeout, self.write_timeout = handshake_timeout, idle_timeout, write_timeout
         self.connection_rate = connection_rate  # new connections per client address
         settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in ((SETTINGS_MAX_CONCURRENT_STREAMS, max_streams), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME), (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
         self.preamble = frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # what every connection is sent first

@@ -539,14 +539,15 @@ class HttpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        if self.write_timer is None:
-            self.write_timer = self.loop.call_later(self.server.write_timeout_s, self._write_expired)
+        self._watch_writes()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self.write_timer is not None:
             self.write_timer.cancel()
             self.write_timer = None
+        if self.closed and self.transport.get_write_buffer_size():  # closing: the rest gets a write timeout of its own
+            self._watch_writes()
         if self.drained is not None and not self.drained.done():
             self.drained.set_result(None)
 
@@ -560,7 +561,11 @@ class HttpConnection(asyncio.Protocol):
         then, so a client that reads none of it is reset after ``write_timeout_s``."""
         self.closed = True
         self.transport.close()
-        if self.write_timer is None and self.transport.get_write_buffer_size():
+        if self.transport.get_write_buffer_size():
+            self._watch_writes()
+
+    def _watch_writes(self) -> None:
+        if self.write_timer is None:
             self.write_timer = self.loop.call_later(self.server.write_timeout_s, self._write_expired)
 
     def _write_expired(self) -> None:
