@@ -19,7 +19,24 @@ import pytest
 import tritonclient.grpc as grpcclient
 from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
 
-from muxserve.serving.grpc.http2 import DATA, END_HEADERS, END_STREAM, HEADERS, PING, PREFACE, SETTINGS, STREAM_WINDOW, Context, GrpcServer, Method, frame
+from muxserve.serving.grpc.http2 import (
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    GOAWAY,
+    HEADERS,
+    PING,
+    PREFACE,
+    RESETS_PER_STREAM,
+    RST_STREAM,
+    SETTINGS,
+    STREAM_WINDOW,
+    Context,
+    GrpcServer,
+    Method,
+    frame,
+)
 from muxserve.serving.security import AccessPolicy
 
 SERVICE = "/test.Service/"
@@ -219,6 +236,42 @@ async def test_limits_on_streams_and_calls(transport):
             handlers.release.set()
             assert await asyncio.gather(*held, *more) == [b"released"] * 8
     assert server.active_rpcs == 0
+
+
+async def test_calls_reset_before_their_answer_again_and_again_get_goaway(transport):
+    """HTTP/2 rapid reset: a client that starts calls and resets each at once never meets the
+    stream limit. Past its credit of resets (RESETS_PER_STREAM per stream, one more for each
+    call answered) it is sent GOAWAY (ENHANCE_YOUR_CALM) and closed; a call answered in between
+    earns one back; other connections are served."""
+    server, handlers, address = transport
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Hold"), (":authority", address), ("content-type", "application/grpc"), ("authorization", "Bearer sekret")])
+    echo = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Echo"), (":authority", address), ("content-type", "application/grpc"), ("authorization", "Bearer sekret")])
+
+    def reset_call(stream_id: int) -> bytes:
+        return frame(HEADERS, END_HEADERS, stream_id, block) + frame(DATA, END_STREAM, stream_id, bytes(5)) + frame(RST_STREAM, 0, stream_id, (8).to_bytes(4, "big"))
+
+    credit = RESETS_PER_STREAM * server.max_streams
+    writer.write(PREFACE + frame(SETTINGS, 0, 0) + b"".join(reset_call(2 * i + 1) for i in range(credit - 1)))
+    # one call answered (its own HPACK context: a fresh encoder's block indexes nothing new)
+    writer.write(frame(HEADERS, END_HEADERS, 2 * credit + 1, echo) + frame(DATA, END_STREAM, 2 * credit + 1, bytes(5)))
+    frames = []
+    while not any(kind == HEADERS and flags & END_STREAM for kind, flags, _, _ in frames):
+        head = await asyncio.wait_for(reader.readexactly(9), 30)
+        frames.append((head[3], head[4], int.from_bytes(head[5:9], "big"), await reader.readexactly(int.from_bytes(head[:3], "big"))))
+    writer.write(reset_call(2 * credit + 3))  # the credit it earned: still no GOAWAY
+    writer.write(reset_call(2 * credit + 5))  # now past it
+    rest = await asyncio.wait_for(reader.read(), 30)  # to the end: the server closes
+    goaways = [kind for kind, *_ in frames if kind == GOAWAY]
+    assert not goaways and frames[-1][2] == 2 * credit + 1
+    at = rest.index(bytes((GOAWAY, 0)) + bytes(4)) - 3  # length, type, flags, stream 0
+    payload = rest[at + 9 : at + 9 + int.from_bytes(rest[at : at + 3], "big")]
+    assert int.from_bytes(payload[:4], "big") == 2 * credit + 5 and int.from_bytes(payload[4:8], "big") == ENHANCE_YOUR_CALM
+    assert b"reset before their answer" in payload
+    writer.close()
+    async with channel(address) as ch:
+        assert await ch.unary_unary(SERVICE + "Echo")(b"ok", metadata=KEY) == b"ko"
 
 
 async def test_drain_finishes_accepted_calls_and_takes_no_new_ones(transport):

@@ -19,7 +19,9 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   of what it is sent (the transport's buffer stays over its high-water mark, or holds what is
   left to send before a close) reset after a write timeout, no frames read from it meanwhile
   (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
-  accepted calls finish; new connections per client address counted in the
+  accepted calls finish; a client that resets calls before their answer far more often than it
+  lets them be answered (HTTP/2 "rapid reset": each call costs the server its start, and the
+  stream limit never binds) is sent GOAWAY (ENHANCE_YOUR_CALM); new connections per client address counted in the
   frontend's ``ConnectionRate`` (the HTTP port's buckets: an address has one budget for both).
 
 Handlers are the servicer's methods, as grpc.aio would call them: ``(request, context)`` for a
@@ -61,6 +63,10 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 20  # the largest frame we accept (a client may send big messages in fewer frames)
 MAX_HEADER_LIST = 64 * 1024
 HEADER_BLOCKS_KEPT = 64
+# calls a connection may reset before their answer, per max_concurrent_streams, beyond one for each
+# call answered (a client whose calls all time out at once resets at most its streams' worth)
+RESETS_PER_STREAM = 2
+RAPID_RESET = "too many calls reset before their answer"
 STREAM_HIGH_WATER = 1 << 20  # a streaming handler waits while this much of its output waits for the client's window
 CALM_DOWN = b"too many new connections from this address: keep connections alive and reuse them"
 MAX_MESSAGE_DETAILS = 4096  # grpc-message is cut here: the trailers fit in one frame
@@ -238,6 +244,7 @@ class Http2Connection(asyncio.Protocol):
         self.recv_window = CONNECTION_WINDOW
         self.blocked: set[int] = set()  # streams with DATA waiting for a window
         self.going_away = False
+        self.reset_credit = RESETS_PER_STREAM * server.max_streams  # see RESETS_PER_STREAM
         self.closed = False
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -428,6 +435,10 @@ class Http2Connection(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 self._forget(stream, cancel=True)
+                self.reset_credit -= 1
+                if self.reset_credit <= 0 and not self.going_away:
+                    log.warning("gRPC client %s: %s; sent GOAWAY", self.peer, RAPID_RESET)
+                    self.goaway(ENHANCE_YOUR_CALM, RAPID_RESET)
         elif kind == GOAWAY:
             self.goaway(NO_ERROR)
         elif kind == PUSH_PROMISE:
@@ -716,6 +727,7 @@ class Http2Connection(asyncio.Protocol):
             stream.send_window -= size
             sid = stream.id
             self._write(b"".join((frame(HEADERS, END_HEADERS, sid, RESPONSE_HEADERS), frame(DATA, 0, sid, b"\x00" + len(payload).to_bytes(4, "big") + payload), frame(HEADERS, END_HEADERS | END_STREAM, sid, OK_TRAILERS))))
+            self._answered()
             stream.headers_sent = True
             self._forget(stream, cancel=False)
             self._reset_if_open(stream)
@@ -762,6 +774,7 @@ class Http2Connection(asyncio.Protocol):
             stream.drained = None
         if stream.trailers is not None:
             self._write(frame(HEADERS, END_HEADERS | END_STREAM, stream.id, stream.trailers))
+            self._answered()
             self._forget(stream, cancel=True)
             self._reset_if_open(stream)
 
@@ -772,6 +785,10 @@ class Http2Connection(asyncio.Protocol):
                 self.blocked.discard(stream_id)
             elif self.send_window > 0:
                 self._flush(stream)
+
+    def _answered(self) -> None:
+        if self.reset_credit < RESETS_PER_STREAM * self.server.max_streams:
+            self.reset_credit += 1
 
     def _reset_if_open(self, stream: Stream) -> None:
         """We ended a stream the client is still sending on: tell it to stop (NO_ERROR, as gRPC does)."""
