@@ -175,6 +175,19 @@ async def test_chunked_request_and_chunked_response(served):
     writer.close()
 
 
+async def test_a_body_in_tiny_chunks_arrives_whole(served):
+    """100,000 one-byte chunks, most read before the application asks for the body: every byte
+    arrives, in order (what is held is counted as it comes, not summed per chunk, which made
+    such a body cost seconds of the event loop)."""
+    _, _, port = served
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    text = "".join(chr(ord("a") + i % 26) for i in range(100_000))
+    writer.write(b"POST /x HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n" + b"".join(b"1\r\n%s\r\n" % c.encode() for c in text) + b"0\r\n\r\n")
+    status, _, body = await read_response(reader)
+    assert status == 200 and json.loads(body)["body"] == text
+    writer.close()
+
+
 async def test_head_answers_headers_without_a_body(served):
     _, _, port = served
     reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -112,12 +112,13 @@ class Exchange:
     """One request and its response: the ASGI ``receive`` and ``send`` of the application that
     answers it, and ``respond`` for a whole response in one write."""
 
-    __slots__ = ("connection", "scope", "body", "more_body", "keep_alive", "expect_continue", "disconnected", "started", "start", "complete", "chunked", "head_only", "waiter", "news", "task", "app")
+    __slots__ = ("connection", "scope", "body", "held", "more_body", "keep_alive", "expect_continue", "disconnected", "started", "start", "complete", "chunked", "head_only", "waiter", "news", "task", "app")
 
     def __init__(self, connection: HttpConnection, scope: dict, keep_alive: bool, expect_continue: bool) -> None:
         self.connection = connection
         self.scope = scope
         self.body: list[bytes] = []
+        self.held = 0  # bytes in body (a running count: a body in many tiny chunks is summed once)
         self.more_body = True
         self.keep_alive = keep_alive
         self.expect_continue = expect_continue
@@ -155,6 +156,7 @@ class Exchange:
             return _DISCONNECT
         body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
         self.body = []
+        self.held = 0
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
     def _head(self, status: int, headers: Any, length: int | None) -> list[bytes]:
@@ -450,10 +452,11 @@ class HttpConnection(asyncio.Protocol):
         if exchange is None or exchange.complete:
             return
         exchange.body.append(body)
+        exchange.held += len(body)
         exchange.news = True
         if exchange.waiter is not None:
             exchange.wake()
-        elif sum(map(len, exchange.body)) > BODY_HIGH_WATER:
+        elif exchange.held > BODY_HIGH_WATER:
             self.pause_reading()
 
     def on_message_complete(self) -> None:
