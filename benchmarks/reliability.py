@@ -47,7 +47,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from muxserve.bench.native import GRPC_INFER_PATH, HttpLoad, LoadResult, http_load, process_cpu_seconds, process_tree, run_h2load, run_wrk
+from muxserve.bench.native import GRPC_INFER_PATH, HttpLoad, LoadResult, grpc_message, http_load, process_cpu_seconds, process_tree, run_h2load, run_wrk
 from muxserve.bench.run import ROOT, counts_delta, load_texts, machine_info, model_stats, server_counts
 from muxserve.launch import ServerHandle, start_server
 
@@ -515,6 +515,41 @@ def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Eve
     _storm(server.grpc_port, HTTP2_OPENING, stop, tally, rate)
 
 
+def _grpc_rapid_reset(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
+    """HTTP/2 rapid reset: on one gRPC connection (again when the server closes it), ModelInfer
+    calls of one text started and reset at once, 64 to a write, as fast as the server reads
+    them. ``tally``: calls sent, and ``goaway``: connections the server sent GOAWAY on."""
+    import hpack
+
+    message = grpc_message(model, ["reset before its answer"])
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", GRPC_INFER_PATH), (":authority", server.grpc_url), ("content-type", "application/grpc"), ("te", "trailers")])
+
+    def h2(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+    tally.setdefault("goaway", 0)
+    while not stop.is_set():
+        with socket.create_connection(("127.0.0.1", server.grpc_port), source_address=(ABUSER_ADDRESS, 0)) as sock:
+            sock.sendall(HTTP2_OPENING)
+            sock.settimeout(0.0)
+            stream = 1
+            with contextlib.suppress(OSError):
+                while not stop.is_set() and stream < 2**31 - 256:
+                    batch = b"".join(h2(1, 4, s, block) + h2(0, 1, s, message) + h2(3, 0, s, (8).to_bytes(4, "big")) for s in range(stream, stream + 128, 2))
+                    sock.settimeout(0.05)  # a server that stopped reading it: on to a new connection
+                    sock.sendall(batch)
+                    tally["sent"] += 64
+                    stream += 128
+                    sock.settimeout(0.0)
+                    with contextlib.suppress(BlockingIOError):
+                        answer = sock.recv(1 << 16)
+                        if not answer:
+                            break
+                        if b"\x07\x00\x00\x00\x00\x00" in answer:  # a GOAWAY frame (type 7, stream 0)
+                            tally["goaway"] += 1
+                            break
+
+
 def _invalid_protobuf(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
     """h2load sending gRPC ModelInfer frames that are not protobuf, 4 connections x 8 streams."""
     garbage = b"\xff\xff\xff\xff not a protobuf message" * 8
@@ -534,7 +569,7 @@ def niced(nice: int, abuser: Callable[..., None], *args: object) -> None:
 
 ABUSERS: dict[str, Callable[[ServerHandle, str, threading.Event, dict], None]] = {
     "huge_element_counts": _huge_elements, "slowloris": _slowloris, "disconnect_storm": _disconnect_storm, "invalid_protobuf_flood": _invalid_protobuf,
-    "grpc_connection_storm": _grpc_connection_storm,
+    "grpc_connection_storm": _grpc_connection_storm, "grpc_rapid_reset": _grpc_rapid_reset,
 }
 STORMS = ("disconnect_storm", "grpc_connection_storm")
 

@@ -15,6 +15,7 @@ import struct
 import time
 
 import grpc
+import hpack
 import httpx
 import numpy as np
 import pytest
@@ -29,7 +30,9 @@ from muxserve.bench.run import parse_counts
 from muxserve.serving.codecs import BytesTensorWalk, decode_bytes_tensor
 from muxserve.serving.connection_rate import MAX_ADDRESSES, ConnectionRate, Verdict, client_key
 from muxserve.serving.errors import BadRequest
+from muxserve.serving.grpc.http2 import DATA, END_HEADERS, END_STREAM, GOAWAY, HEADERS, PREFACE, RESETS_PER_STREAM, RST_STREAM, SETTINGS, frame
 from muxserve.serving.grpc.tarpit import FREE_MALFORMED, PENALTY_S, MalformedPenalty
+from muxserve.serving.settings import Settings
 from muxserve.serving.syn_filter import attach, listening_sockets, save_syns, saved_syn_source, syn_filter_program
 
 pytestmark = pytest.mark.slow
@@ -757,6 +760,23 @@ def test_an_address_far_past_its_rate_is_dropped_by_the_kernel_on_both_ports(rep
             _reset(sock)
         assert blocked
         assert _connects("127.0.0.5", server.http_port)
+        # HTTP/2 rapid reset (gRPC calls started and reset at once, past the connection's credit):
+        # GOAWAY on that connection, and its address blocked on both ports, like one far past its rate
+        sock = _connect_from("127.0.0.7", server.grpc_port)
+        sock.sendall(_rapid_reset_calls(server.grpc_url, RESETS_PER_STREAM * Settings().max_concurrent_streams))  # the last one is past the credit
+        reply = _read_all(sock)
+        assert bytes((GOAWAY, 0, 0, 0, 0, 0)) in reply and b"reset before their answer" in reply
+        sock.close()
+        assert not _connects("127.0.0.7", server.grpc_port) and not _connects("127.0.0.7", server.http_port)
+        assert _connects("127.0.0.5", server.grpc_port)
+        # (its log line falls within 10 s of the block above: counted into the next one, not written)
+
+
+def _rapid_reset_calls(authority: str, calls: int) -> bytes:
+    """The HTTP/2 preface, then ``calls`` ModelInfer calls, each reset as soon as it is sent."""
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", "/inference.GRPCInferenceService/ModelInfer"), (":authority", authority), ("content-type", "application/grpc"), ("te", "trailers")])
+    calls_bytes = b"".join(frame(HEADERS, END_HEADERS, s, block) + frame(DATA, END_STREAM, s, bytes(5)) + frame(RST_STREAM, 0, s, (8).to_bytes(4, "big")) for s in range(1, 2 * calls, 2))
+    return PREFACE + frame(SETTINGS, 0, 0) + calls_bytes
 
 
 # ---------------------------------------------------------------------------- SIGTERM under load

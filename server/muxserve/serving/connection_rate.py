@@ -128,6 +128,24 @@ class ConnectionRate:
             del self._buckets[next(iter(self._buckets))]
         return Verdict.RESET if gone else verdict
 
+    def block_abuser(self, peername: Any, why: str) -> bool:
+        """Block the address of ``peername`` for ``block_s`` as if it were far past its rate: a
+        client caught abusing a connection (``why``) would otherwise open the next one at once.
+        False when blocking is off (no ``block_s`` or no socket filter)."""
+        key = client_key(peername)
+        if key is None or not (self.block_s > 0 and self.blocklist is not None and self.blocklist.enabled):
+            return False
+        now = self.clock()
+        if self.blocklist.block(key, self.block_s):
+            self.blocked += 1
+            if (blocks := self._blocks_logged.due(now, self.blocked)) is not None:
+                log.warning("blocking new connections from %s for %g s (%d blocks since the last line): %s (--client-connection-block-s)", key, self.block_s, blocks, why)
+        self._buckets.pop(key, None)
+        self._buckets[key] = (0.0, 0.0, now + self.block_s)  # after the block: the rate, no burst
+        if len(self._buckets) > MAX_ADDRESSES:
+            del self._buckets[next(iter(self._buckets))]
+        return True
+
     def admit_transport(self, transport: Any) -> Verdict:
         """``admit`` for a connection just made; one its client reset already is counted by
         the address of its SYN."""

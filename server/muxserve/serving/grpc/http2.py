@@ -21,7 +21,9 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
   accepted calls finish; a client that resets calls before their answer far more often than it
   lets them be answered (HTTP/2 "rapid reset": each call costs the server its start, and the
-  stream limit never binds) is sent GOAWAY (ENHANCE_YOUR_CALM); new connections per client address counted in the
+  stream limit never binds) is sent GOAWAY (ENHANCE_YOUR_CALM), and its address is blocked
+  as one far past its connection rate (``ConnectionRate.block_abuser``), else it reconnects and
+  goes on; new connections per client address counted in the
   frontend's ``ConnectionRate`` (the HTTP port's buckets: an address has one budget for both).
 
 Handlers are the servicer's methods, as grpc.aio would call them: ``(request, context)`` for a
@@ -43,7 +45,7 @@ from typing import Any
 import grpc
 import hpack
 
-from muxserve.serving.connection_rate import ConnectionRate, Verdict, reset
+from muxserve.serving.connection_rate import ConnectionRate, ThrottledCount, Verdict, reset
 from muxserve.serving.errors import Unauthenticated
 from muxserve.serving.processes import wait_while
 from muxserve.serving.security import AccessPolicy
@@ -437,8 +439,7 @@ class Http2Connection(asyncio.Protocol):
                 self._forget(stream, cancel=True)
                 self.reset_credit -= 1
                 if self.reset_credit <= 0 and not self.going_away:
-                    log.warning("gRPC client %s: %s; sent GOAWAY", self.peer, RAPID_RESET)
-                    self.goaway(ENHANCE_YOUR_CALM, RAPID_RESET)
+                    self._rapid_reset()
         elif kind == GOAWAY:
             self.goaway(NO_ERROR)
         elif kind == PUSH_PROMISE:
@@ -786,6 +787,14 @@ class Http2Connection(asyncio.Protocol):
             elif self.send_window > 0:
                 self._flush(stream)
 
+    def _rapid_reset(self) -> None:
+        server = self.server
+        self.goaway(ENHANCE_YOUR_CALM, RAPID_RESET)
+        server.rapid_resets += 1
+        blocked = server.connection_rate is not None and self.transport is not None and server.connection_rate.block_abuser(self.transport.get_extra_info("peername"), f"gRPC: {RAPID_RESET}")
+        if not blocked and (count := server.rapid_resets_logged.due(self.loop.time(), server.rapid_resets)) is not None:
+            log.warning("gRPC: sent GOAWAY to %d connection(s) (latest %s): %s", count, self.peer, RAPID_RESET)
+
     def _answered(self) -> None:
         if self.reset_credit < RESETS_PER_STREAM * self.server.max_streams:
             self.reset_credit += 1
@@ -832,6 +841,8 @@ class GrpcServer:
         self.preamble = frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # what every connection is sent first
         self.connections: set[Http2Connection] = set()
         self.active_rpcs = 0
+        self.rapid_resets = 0  # connections sent GOAWAY for resetting calls (RESETS_PER_STREAM)
+        self.rapid_resets_logged = ThrottledCount()
         self.idle = asyncio.Event()  # set whenever a connection's last call ends
         self.server: asyncio.Server | None = None
 
