@@ -518,7 +518,8 @@ def _grpc_connection_storm(server: ServerHandle, model: str, stop: threading.Eve
 def _grpc_rapid_reset(server: ServerHandle, model: str, stop: threading.Event, tally: dict) -> None:
     """HTTP/2 rapid reset: on one gRPC connection (again when the server closes it), ModelInfer
     calls of one text started and reset at once, 64 to a write, as fast as the server reads
-    them. ``tally``: calls sent, and ``goaway``: connections the server sent GOAWAY on."""
+    them. ``tally``: calls sent, ``goaway``: connections the server sent GOAWAY on, ``dropped``:
+    connections whose SYN went unanswered (a blocked address)."""
     import hpack
 
     message = grpc_message(model, ["reset before its answer"])
@@ -528,8 +529,16 @@ def _grpc_rapid_reset(server: ServerHandle, model: str, stop: threading.Event, t
         return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
 
     tally.setdefault("goaway", 0)
+    tally.setdefault("dropped", 0)
     while not stop.is_set():
-        with socket.create_connection(("127.0.0.1", server.grpc_port), source_address=(ABUSER_ADDRESS, 0)) as sock:
+        try:
+            sock = socket.create_connection(("127.0.0.1", server.grpc_port), timeout=0.5, source_address=(ABUSER_ADDRESS, 0))
+        except TimeoutError:
+            tally["dropped"] += 1  # the server's kernel dropped the SYN (a blocked address)
+            continue
+        except OSError:
+            continue
+        with sock:
             sock.sendall(HTTP2_OPENING)
             sock.settimeout(0.0)
             stream = 1
