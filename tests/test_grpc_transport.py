@@ -268,10 +268,36 @@ async def test_calls_reset_before_their_answer_again_and_again_get_goaway(transp
     at = rest.index(bytes((GOAWAY, 0)) + bytes(4)) - 3  # length, type, flags, stream 0
     payload = rest[at + 9 : at + 9 + int.from_bytes(rest[at : at + 3], "big")]
     assert int.from_bytes(payload[:4], "big") == 2 * credit + 5 and int.from_bytes(payload[4:8], "big") == ENHANCE_YOUR_CALM
-    assert b"reset before their answer" in payload
+    assert b"reset as soon as they were started" in payload
     writer.close()
     async with channel(address) as ch:
         assert await ch.unary_unary(SERVICE + "Echo")(b"ok", metadata=KEY) == b"ko"
+
+
+async def test_calls_cancelled_after_they_ran_a_while_are_not_held_against_the_client(transport, monkeypatch):
+    """A client's own deadlines and cancels come after a call has run for a while: only resets
+    within PREMATURE_RESET_S of the call's start count (here none: the threshold is 0), so a
+    client that cancels every call it makes keeps its connection."""
+    from muxserve.serving.grpc import http2
+
+    monkeypatch.setattr(http2, "PREMATURE_RESET_S", 0.0)
+    server, _, address = transport
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    encoder = hpack.Encoder()
+    block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Hold"), (":authority", address), ("content-type", "application/grpc"), ("authorization", "Bearer sekret")])
+    calls = 2 * RESETS_PER_STREAM * server.max_streams
+    writer.write(PREFACE + frame(SETTINGS, 0, 0) + b"".join(frame(HEADERS, END_HEADERS, s, block) + frame(DATA, END_STREAM, s, bytes(5)) + frame(RST_STREAM, 0, s, (8).to_bytes(4, "big")) for s in range(1, 2 * calls, 2)))
+    echo = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Echo"), (":authority", address), ("content-type", "application/grpc"), ("authorization", "Bearer sekret")])
+    last = 2 * calls + 1
+    writer.write(frame(HEADERS, END_HEADERS, last, echo) + frame(DATA, END_STREAM, last, b"\x00\x00\x00\x00\x02ok"))
+    frames = []
+    while not any(stream == last and kind == HEADERS and flags & END_STREAM for kind, flags, stream, _ in frames):
+        head = await asyncio.wait_for(reader.readexactly(9), 30)
+        frames.append((head[3], head[4], int.from_bytes(head[5:9], "big"), await reader.readexactly(int.from_bytes(head[:3], "big"))))
+    assert GOAWAY not in [kind for kind, *_ in frames]
+    assert [payload[5:] for kind, _, stream, payload in frames if kind == DATA and stream == last] == [b"ko"]
+    writer.close()
 
 
 async def test_drain_finishes_accepted_calls_and_takes_no_new_ones(transport):

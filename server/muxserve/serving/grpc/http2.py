@@ -19,9 +19,9 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   of what it is sent (the transport's buffer stays over its high-water mark, or holds what is
   left to send before a close) reset after a write timeout, no frames read from it meanwhile
   (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
-  accepted calls finish; a client that resets calls before their answer far more often than it
-  lets them be answered (HTTP/2 "rapid reset": each call costs the server its start, and the
-  stream limit never binds) is sent GOAWAY (ENHANCE_YOUR_CALM), and its address is blocked
+  accepted calls finish; a client that resets calls as soon as it starts them far more often
+  than it lets them be answered (HTTP/2 "rapid reset": each call costs the server its start,
+  and the stream limit never binds) is sent GOAWAY (ENHANCE_YOUR_CALM), and its address is blocked
   as one far past its connection rate (``ConnectionRate.block_abuser``), else it reconnects and
   goes on; new connections per client address counted in the
   frontend's ``ConnectionRate`` (the HTTP port's buckets: an address has one budget for both).
@@ -65,10 +65,12 @@ CONNECTION_WINDOW = 16 << 20
 MAX_FRAME = 1 << 20  # the largest frame we accept (a client may send big messages in fewer frames)
 MAX_HEADER_LIST = 64 * 1024
 HEADER_BLOCKS_KEPT = 64
-# calls a connection may reset before their answer, per max_concurrent_streams, beyond one for each
-# call answered (a client whose calls all time out at once resets at most its streams' worth)
+# calls a connection may reset within PREMATURE_RESET_S of starting them, per max_concurrent_streams,
+# beyond one for each call answered. A client's own deadline or cancel comes later than that; a
+# rapid-reset client resets each call in the same packet that starts it.
 RESETS_PER_STREAM = 2
-RAPID_RESET = "too many calls reset before their answer"
+PREMATURE_RESET_S = 0.01
+RAPID_RESET = "too many calls reset as soon as they were started"
 STREAM_HIGH_WATER = 1 << 20  # a streaming handler waits while this much of its output waits for the client's window
 CALM_DOWN = b"too many new connections from this address: keep connections alive and reuse them"
 MAX_MESSAGE_DETAILS = 4096  # grpc-message is cut here: the trailers fit in one frame
@@ -166,10 +168,11 @@ class Method:
 
 
 class Stream:
-    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted")
+    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened")
 
-    def __init__(self, stream_id: int, send_window: int) -> None:
+    def __init__(self, stream_id: int, send_window: int, opened: float = 0.0) -> None:
         self.id = stream_id
+        self.opened = opened  # the event loop's time when its HEADERS arrived
         self.method: Method | None = None
         self.path = ""
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -437,9 +440,10 @@ class Http2Connection(asyncio.Protocol):
             stream = self.streams.get(stream_id)
             if stream is not None:
                 self._forget(stream, cancel=True)
-                self.reset_credit -= 1
-                if self.reset_credit <= 0 and not self.going_away:
-                    self._rapid_reset()
+                if self.loop.time() - stream.opened < PREMATURE_RESET_S:
+                    self.reset_credit -= 1
+                    if self.reset_credit <= 0 and not self.going_away:
+                        self._rapid_reset()
         elif kind == GOAWAY:
             self.goaway(NO_ERROR)
         elif kind == PUSH_PROMISE:
@@ -532,7 +536,7 @@ class Http2Connection(asyncio.Protocol):
         if self.going_away or len(self.streams) >= self.server.max_streams:
             self._write(frame(RST_STREAM, 0, stream_id, REFUSED_STREAM.to_bytes(4, "big")))
             return
-        stream = Stream(stream_id, self.peer_initial_window)
+        stream = Stream(stream_id, self.peer_initial_window, self.loop.time())
         self.streams[stream_id] = stream
         try:
             self._start_call(stream, headers)
