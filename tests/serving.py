@@ -120,6 +120,14 @@ def check_classification(model: str, logits: np.ndarray, classes: np.ndarray, k:
             assert label == (["negative", "positive"][int(index)] if int(index) < 2 else index)
 
 
+def queue_depth(metrics: str, model: str) -> float:
+    """``muxserve_queue_depth_texts`` of ``model`` in a /metrics exposition (0 when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith("muxserve_queue_depth_texts{") and f'model="{model}"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def inference_count(stats: dict, model: str) -> int:
     (entry,) = [m for m in stats["model_stats"] if m["name"] == model]
     return int(entry.get("inference_count", 0))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc.aio as grpcaio
 from helpers import make_tiny_repository
-from serving import Echo, TextSource, serving, text_array
+from serving import Echo, TextSource, queue_depth, serving, text_array
 from tritonclient.utils import InferenceServerException
 
 MODEL = "tiny-slow"
@@ -44,10 +44,7 @@ def engine_pid(supervisor: int) -> int:
 
 
 def queued_texts(http: httpx.Client) -> float:
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith("muxserve_queue_depth_texts{") and f'model="{MODEL}"' in line:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+    return queue_depth(http.get("/metrics").text, MODEL)
 
 
 async def until_ready(http: httpx.AsyncClient) -> None:

@@ -22,7 +22,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from helpers import make_tiny_repository
-from serving import ECHO, MAX_BATCH, Echo, TextSource, as_bytes, build_repository, serving, text_array
+from serving import ECHO, MAX_BATCH, Echo, TextSource, as_bytes, build_repository, queue_depth, serving, text_array
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
@@ -113,9 +113,8 @@ def wait_for_queue(base: str, model: str, texts: int) -> None:
     """Until ``texts`` texts of ``model`` wait in its queue (the condition, not a sleep)."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        for line in httpx.get(f"{base}/metrics").text.splitlines():
-            if line.startswith("muxserve_queue_depth_texts{") and f'model="{model}"' in line and float(line.split()[-1]) >= texts:
-                return
+        if queue_depth(httpx.get(f"{base}/metrics").text, model) >= texts:
+            return
     raise AssertionError(f"{texts} texts never queued for {model}")
 
 

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 import tritonclient.http.aio as httpaio
-from serving import ALL_MODELS, ECHO, MAX_BATCH, WAIT, Echo, TextSource, check_classification, check_outputs, inference_count, module_fixtures, text_array
+from serving import ALL_MODELS, ECHO, MAX_BATCH, WAIT, Echo, TextSource, check_classification, check_outputs, inference_count, module_fixtures, queue_depth, text_array
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
@@ -257,7 +257,9 @@ async def test_clients_that_go_away(server, client):
     for i in range(5):
         client.async_stream_infer(WAIT, [text_input(["gone"] * 3)], request_id=str(i))
     client.stop_stream(cancel_requests=True)
-    await asyncio.sleep(0.3)  # past the batching delay of whatever was still queued
+    async with httpx.AsyncClient(base_url=f"http://{server.http_url}") as http:
+        while queue_depth((await http.get("/metrics")).text, WAIT):  # every cancel has reached the queue (or the texts ran: counted below)
+            await asyncio.sleep(0.01)
     good_request_works(client)
     result = client.infer(WAIT, [text_input(["still here"])])
     assert result.as_numpy("LOGITS").shape == (1, 3)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import re
 import struct
 import time
 
@@ -20,7 +19,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from google.protobuf import json_format
 from helpers import make_tiny_repository
-from serving import ALL_MODELS, ECHO, MAX_BATCH, WAIT, Echo, TextSource, as_bytes, check_classification, check_outputs, inference_count, module_fixtures, serving, text_array
+from serving import ALL_MODELS, ECHO, MAX_BATCH, WAIT, Echo, TextSource, as_bytes, check_classification, check_outputs, inference_count, module_fixtures, queue_depth, serving, text_array
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
@@ -302,9 +301,7 @@ def test_docs(base):
 
 
 def _queue_depth(base: str, model: str) -> float:
-    text = httpx.get(f"{base}/metrics").text
-    found = re.search(rf'^muxserve_queue_depth_texts\{{[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, re.M)
-    return float(found.group(1)) if found else 0.0
+    return queue_depth(httpx.get(f"{base}/metrics").text, model)
 
 
 async def test_sigterm_drains_accepted_requests(tmp_path):
@@ -338,7 +335,8 @@ async def test_sigterm_drains_accepted_requests(tmp_path):
                 await asyncio.sleep(0.05)
             assert not any(t.done() for t in tasks), "requests finished before SIGTERM: the test proves nothing"
             server.proc.terminate()
-            await asyncio.sleep(0.3)
+            while (await http.get("/v2/health/ready")).status_code != 503:  # the frontend has the signal
+                await asyncio.sleep(0.01)
             late = await http.post(f"/v2/models/{model}/infer", json=_json_body()["json"])
             assert late.status_code == 503 and "not accepting" in late.json()["error"]
             assert (await http.get("/v2/health/ready")).status_code == 503
