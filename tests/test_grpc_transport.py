@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
 
 from muxserve.serving.grpc.http2 import (
+    CANCEL,
     DATA,
     END_HEADERS,
     END_STREAM,
@@ -366,6 +367,33 @@ async def test_a_client_that_reads_nothing_is_reset():
     flooding.cancel()
     assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != 1  # not ESTABLISHED: reset
     client.close()
+    await server.stop(0)
+
+
+async def test_calls_whose_answers_wait_on_a_window_never_opened_are_reset():
+    """A client that opens no flow-control window (SETTINGS_INITIAL_WINDOW_SIZE 0, no
+    WINDOW_UPDATE): its calls' answers cannot be sent, and each would hold its place among the
+    process's calls for ever (max_rpcs 2 here: every other client refused). After the write
+    timeout each is reset (CANCEL), and the next client is served."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = GrpcServer(methods(Handlers()), listener, max_rpcs=2, write_timeout=0.2)
+    await server.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    block = hpack.Encoder().encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Echo"), (":authority", address), ("content-type", "application/grpc")])
+    no_window = frame(SETTINGS, 0, 0, (4).to_bytes(2, "big") + (0).to_bytes(4, "big"))  # SETTINGS_INITIAL_WINDOW_SIZE = 0
+    writer.write(PREFACE + no_window + b"".join(frame(HEADERS, END_HEADERS, s, block) + frame(DATA, END_STREAM, s, b"\x00\x00\x00\x00\x02ok") for s in (1, 3)))
+    reset = set()
+    while reset != {1, 3}:
+        head = await asyncio.wait_for(reader.readexactly(9), 30)
+        payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+        if head[3] == RST_STREAM:
+            assert int.from_bytes(payload, "big") == CANCEL
+            reset.add(int.from_bytes(head[5:9], "big"))
+    assert server.active_rpcs == 0
+    async with channel(address) as ch:
+        assert await ch.unary_unary(SERVICE + "Echo")(b"ok") == b"ko"
+    writer.close()
     await server.stop(0)
 
 

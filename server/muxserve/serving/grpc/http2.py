@@ -56,7 +56,7 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM = ACK = 0x1
 END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x3, 0x6, 0x7, 0x9, 0xB
+NO_ERROR, PROTOCOL_ERROR, FLOW_CONTROL_ERROR, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL, COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 0x0, 0x1, 0x3, 0x6, 0x7, 0x8, 0x9, 0xB
 SETTINGS_HEADER_TABLE_SIZE, SETTINGS_MAX_CONCURRENT_STREAMS, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE, SETTINGS_MAX_HEADER_LIST_SIZE = 1, 3, 4, 5, 6
 
 DEFAULT_WINDOW = 65_535  # what either side may send before the other's SETTINGS say otherwise
@@ -168,11 +168,12 @@ class Method:
 
 
 class Stream:
-    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened")
+    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened", "blocked_at")
 
     def __init__(self, stream_id: int, send_window: int, opened: float = 0.0) -> None:
         self.id = stream_id
         self.opened = opened  # the event loop's time when its HEADERS arrived
+        self.blocked_at = 0.0  # when its DATA last waited for the client's window with none sent since
         self.method: Method | None = None
         self.path = ""
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -254,6 +255,7 @@ class Http2Connection(asyncio.Protocol):
         self.handshake_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.write_timer: asyncio.TimerHandle | None = None
+        self.stall_timer: asyncio.TimerHandle | None = None
         self.last_active = self.loop.time()
 
     # -- connection lifecycle
@@ -297,7 +299,7 @@ class Http2Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        for timer in (self.handshake_timer, self.idle_timer, self.write_timer):
+        for timer in (self.handshake_timer, self.idle_timer, self.write_timer, self.stall_timer):
             if timer is not None:
                 timer.cancel()
         for stream in list(self.streams.values()):
@@ -764,11 +766,17 @@ class Http2Connection(asyncio.Protocol):
 
     def _flush(self, stream: Stream) -> None:
         pending = stream.pending
+        sent = False
         while pending:
             size = min(len(pending), self.send_window, stream.send_window, self.peer_max_frame)
             if size <= 0:
+                if sent or stream.id not in self.blocked:
+                    stream.blocked_at = self.loop.time()
                 self.blocked.add(stream.id)
+                if self.stall_timer is None and self.server.write_timeout:
+                    self.stall_timer = self.loop.call_later(self.server.write_timeout, self._stall_check)
                 return
+            sent = True
             self._write(frame(DATA, 0, stream.id, bytes(pending[:size])))
             del pending[:size]
             self.send_window -= size
@@ -782,6 +790,23 @@ class Http2Connection(asyncio.Protocol):
             self._answered()
             self._forget(stream, cancel=True)
             self._reset_if_open(stream)
+
+    def _stall_check(self) -> None:
+        """A call whose answer has waited for the client's flow-control window for the write
+        timeout, nothing of it sent meanwhile, is reset (CANCEL): its client reads none of it, and
+        it would hold its stream and its place among the process's calls for ever."""
+        self.stall_timer = None
+        now, limit = self.loop.time(), self.server.write_timeout
+        for stream_id in list(self.blocked):
+            stream = self.streams.get(stream_id)
+            if stream is None:
+                self.blocked.discard(stream_id)
+            elif now - stream.blocked_at >= limit:
+                self._write(frame(RST_STREAM, 0, stream_id, CANCEL.to_bytes(4, "big")))
+                self._forget(stream, cancel=True)
+        if self.blocked and not self.closed:
+            first = min(self.streams[i].blocked_at for i in self.blocked)
+            self.stall_timer = self.loop.call_at(first + limit, self._stall_check)
 
     def _flush_blocked(self) -> None:
         for stream_id in list(self.blocked):
