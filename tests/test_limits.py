@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import random
+import resource
 import socket
 import struct
 import time
@@ -591,6 +592,26 @@ def test_new_connections_past_an_address_rate_are_refused_at_once(repository, tm
         for sock in [*kept, other]:
             sock.close()
         assert "refused 1 new connections (latest from 127.0.0.2)" in server.log()
+
+
+def test_one_clients_burst_of_connections_does_not_take_every_open_file(repository, tmp_path):
+    """Started under a soft limit of 256 open files (a hard limit well above it), the server
+    raises its soft limit to the hard one, so a client holding 400 idle connections (well within
+    its burst) leaves the frontend files to serve another client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"the hard limit on open files ({hard}) leaves nothing to raise")
+    with contextlib.ExitStack() as stack:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 256), hard))  # the server inherits it
+        try:
+            server = stack.enter_context(serving(repository, tmp_path / "open-files.log"))
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        held = [_connect_from("127.0.0.8", server.http_port) for _ in range(400)]
+        assert _get(held[-1], "/v2/health/live") == b"HTTP/1.1 200 OK"  # the last one was taken up too
+        assert httpx.get(f"http://{server.http_url}/v2/health/ready", timeout=30).status_code == 200
+        for sock in held:
+            sock.close()
 
 
 def test_connection_rate_buckets():

@@ -24,6 +24,30 @@ READY_FD_ENV = "MUXSERVE_READY_FD"
 PR_SET_PDEATHSIG = 1
 
 
+OPEN_FILES_UNLIMITED = 1 << 20  # the soft limit taken under an unlimited hard one (Linux's default nr_open)
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit, for this process and the ones it
+    starts (they inherit it), as nginx's ``worker_rlimit_nofile`` and Go's runtime do. Every
+    connection is a file, and a soft limit of 1024 (a common default) is one client address's
+    burst of new connections (``--client-connection-burst``): past it the frontend could
+    accept nobody else. Returns the soft limit now in force (0 where there is none to read)."""
+    try:
+        import resource
+    except ImportError:  # not Unix
+        return 0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, OPEN_FILES_UNLIMITED)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
 def spawn(module: str, args: Sequence[str], settings: Settings, pass_fds: Sequence[int] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     environment = {**os.environ, **(env or {}), SETTINGS_ENV: settings.model_dump_json()}
     return subprocess.Popen([sys.executable, "-m", module, *args], env=environment, pass_fds=tuple(pass_fds))

@@ -22,7 +22,7 @@ import signal
 import subprocess
 
 from muxserve.serving.cpus import available_cores
-from muxserve.serving.processes import READY_FD_ENV, configure_logging, run_loop, spawn
+from muxserve.serving.processes import READY_FD_ENV, configure_logging, raise_open_files_limit, run_loop, spawn
 from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
@@ -121,4 +121,7 @@ def _terminate(proc: subprocess.Popen | None) -> None:
 
 def serve(settings: Settings) -> int:
     configure_logging(settings)
+    open_files = raise_open_files_limit()
+    if 0 < open_files < 4 * settings.client_connection_burst:  # a few clients' bursts of connections would take them all
+        log.warning("open files limited to %d (the hard limit of ulimit -n): every connection takes one, and one client address may open %d at once (--client-connection-burst)", open_files, settings.client_connection_burst)
     return run_loop(Supervisor(settings).run())
