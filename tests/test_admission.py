@@ -4,10 +4,13 @@ tests/test_limits.py."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
-from muxserve.serving.admission import RATE_WINDOW_S, TAIL_EVERY_S, Admission, WaitEstimate
+from muxserve.serving.admission import RATE_WINDOW_S, TAIL_EVERY_S, Admission, ReceivingBudget, WaitEstimate
 from muxserve.serving.errors import Overloaded, PayloadTooLarge
+from muxserve.serving.http.wire import receive_body
 
 
 def test_predicted_wait_follows_the_rate_of_answers():
@@ -75,3 +78,25 @@ def test_admission_limits():
             a.check("other", 3)
         a.check("other", 2)  # another model's queue: no wait of its own yet
     assert a.texts_in_flight == 0
+
+
+async def test_bodies_arriving_in_pieces_share_the_receiving_budget():
+    """Two HTTP bodies arriving in pieces at once: their bytes are held in the frontend's budget
+    until each is whole; the piece that would pass it refuses its request (429, Retry-After);
+    every byte is given back however a body ends."""
+    budget = ReceivingBudget(100_000)
+    first, second = asyncio.Queue(), asyncio.Queue()
+    reading_first = asyncio.ensure_future(receive_body(first.get, b"100000", b"", 1 << 20, budget=budget))
+    first.put_nowait({"type": "http.request", "body": b"a" * 50_000, "more_body": True})
+    reading_second = asyncio.ensure_future(receive_body(second.get, b"80000", b"", 1 << 20, budget=budget))
+    second.put_nowait({"type": "http.request", "body": b"b" * 30_000, "more_body": True})
+    while budget.held < 80_000:
+        await asyncio.sleep(0)
+    second.put_nowait({"type": "http.request", "body": b"b" * 30_000, "more_body": True})  # 110,000 held: past it
+    with pytest.raises(Overloaded) as refused:
+        await reading_second
+    assert refused.value.http_status == 429 and refused.value.retry_after and "max_receiving_bytes" in refused.value.message
+    assert budget.held == 50_000  # the refused body's bytes are given back
+    first.put_nowait({"type": "http.request", "body": b"a" * 50_000, "more_body": False})
+    assert await reading_first == b"a" * 100_000
+    assert budget.held == 0

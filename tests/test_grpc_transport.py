@@ -19,6 +19,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from serving import ECHO, Echo, TextSource, build_repository, serving, text_array
 
+from muxserve.serving.admission import ReceivingBudget
 from muxserve.serving.grpc.http2 import (
     CANCEL,
     DATA,
@@ -393,6 +394,47 @@ async def test_calls_whose_answers_wait_on_a_window_never_opened_are_reset():
     assert server.active_rpcs == 0
     async with channel(address) as ch:
         assert await ch.unary_unary(SERVICE + "Echo")(b"ok") == b"ko"
+    writer.close()
+    await server.stop(0)
+
+
+async def test_messages_still_arriving_share_the_receiving_budget():
+    """Bytes of messages not yet whole are held in the frontend's budget (max_receiving_bytes,
+    shared with HTTP bodies): a call whose message would pass it gets RESOURCE_EXHAUSTED while
+    the one before it, completed, is answered, and every byte is given back."""
+    budget = ReceivingBudget(50_000)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = GrpcServer(methods(Handlers()), listener, receiving=budget)
+    await server.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    reader, writer = await asyncio.open_connection(*listener.getsockname())
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    block = encoder.encode([(":method", "POST"), (":scheme", "http"), (":path", SERVICE + "Echo"), (":authority", address), ("content-type", "application/grpc")])
+    message = bytes(range(256)) * 160  # 40,960 bytes: its answer fits the client's first window
+
+    def framed(stream_id: int, data: bytes, end: bool = False) -> bytes:
+        return frame(DATA, END_STREAM if end else 0, stream_id, data)
+
+    prefixed = b"\x00" + len(message).to_bytes(4, "big") + message
+    writer.write(PREFACE + frame(SETTINGS, 0, 0) + frame(HEADERS, END_HEADERS, 1, block) + framed(1, prefixed[:30_000]))
+    writer.write(frame(HEADERS, END_HEADERS, 3, block) + framed(3, prefixed[:25_000]))  # 55,000 arriving: past it
+
+    async def until_end_of(stream_id: int) -> list[tuple[int, bytes]]:
+        seen = []
+        while True:
+            head = await asyncio.wait_for(reader.readexactly(9), 30)
+            payload = await reader.readexactly(int.from_bytes(head[:3], "big"))
+            if int.from_bytes(head[5:9], "big") == stream_id:
+                seen.append((head[3], payload))
+                if head[3] == HEADERS and head[4] & END_STREAM:
+                    return seen
+
+    trailers = dict(decoder.decode((await until_end_of(3))[-1][1]))
+    assert trailers["grpc-status"] == "8" and "max_receiving_bytes" in trailers["grpc-message"]
+    assert budget.held == 30_000
+    writer.write(framed(1, prefixed[30_000:], end=True))
+    answer = b"".join(payload for kind, payload in await until_end_of(1) if kind == DATA)
+    assert answer[5:] == message[::-1] and budget.held == 0
     writer.close()
     await server.stop(0)
 

@@ -12,7 +12,7 @@ NAME = "serve"
 # settings that are flags of their own name (--max-texts-in-flight ...), typed and described by
 # Settings itself; each can also come from MUXSERVE_<NAME> (docs/reliability.md, docs/security.md)
 SETTING_FLAGS = (
-    "max_tensor_elements", "max_client_batch_size", "max_texts_in_flight", "max_queue_wait_s", "max_concurrent_rpcs", "max_concurrent_streams", "max_stream_inflight",
+    "max_tensor_elements", "max_client_batch_size", "max_receiving_bytes", "max_texts_in_flight", "max_queue_wait_s", "max_concurrent_rpcs", "max_concurrent_streams", "max_stream_inflight",
     "idle_timeout_s", "header_timeout_s", "body_timeout_s", "write_timeout_s", "client_connection_rate", "client_connection_burst", "client_connection_block_s", "api_key", "open_endpoints", "tls_certfile", "tls_keyfile",
 )
 

@@ -37,6 +37,25 @@ TAIL_EVERY_S = 0.25  # the tail factor sorts the window's waits: not for every r
 MAX_TAIL = 4.0
 
 
+class ReceivingBudget:
+    """Bytes of request bodies (HTTP) and messages (gRPC) that this frontend is receiving and
+    that are not yet whole (``max_receiving_bytes``). Each connection may send up to
+    ``max_request_bytes`` at a time, so without a bound across them a few hundred slow
+    connections hold gigabytes; past it a request is refused as it arrives."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> None:
+        if self.limit and self.held + size > self.limit:
+            raise Overloaded(f"the server is receiving {self.held} bytes of requests already, the most it holds at once (max_receiving_bytes {self.limit}): retry shortly")
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
 class WaitEstimate:
     """The predicted wait of one model's requests in this frontend (Little's law, scaled by the
     recent answers' tail factor)."""

@@ -18,7 +18,7 @@ import numpy as np
 from tritonclient.grpc import model_config_pb2 as mc
 
 from muxserve import __version__
-from muxserve.serving.admission import Admission
+from muxserve.serving.admission import Admission, ReceivingBudget
 from muxserve.serving.codecs import CONFIG_DATATYPES, element_count
 from muxserve.serving.engine_client import EngineClient
 from muxserve.serving.engine_client import ModelView as ServedModel
@@ -45,6 +45,7 @@ class DataPlane:
         self.settings = settings
         self.draining = False
         self.admission = Admission(settings.max_texts_in_flight, settings.max_queue_wait_s)
+        self.receiving = ReceivingBudget(settings.max_receiving_bytes)  # HTTP bodies and gRPC messages arriving
         self._requests = 0  # inference requests in this frontend (drain waits for none)
         self._in_flight = InferenceInFlight(self)
         self._idle = asyncio.Event()

@@ -14,8 +14,9 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   and deflate are read; ``authorization`` is checked by the ``AccessPolicy``; a client's
   RST_STREAM, or its connection closing, cancels the handler (the data plane drops its texts);
 - limits: ``max_concurrent_streams`` per connection (more are refused with REFUSED_STREAM),
-  ``max_concurrent_rpcs`` per process and ``max_request_bytes`` per message
-  (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, a client that reads none
+  ``max_concurrent_rpcs`` per process, ``max_request_bytes`` per message and the frontend's
+  ``max_receiving_bytes`` over the messages still arriving (``ReceivingBudget``, shared with
+  HTTP bodies) (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, a client that reads none
   of what it is sent (the transport's buffer stays over its high-water mark, or holds what is
   left to send before a close) reset after a write timeout, no frames read from it meanwhile
   (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
@@ -45,8 +46,9 @@ from typing import Any
 import grpc
 import hpack
 
+from muxserve.serving.admission import ReceivingBudget
 from muxserve.serving.connection_rate import ConnectionRate, ThrottledCount, Verdict, reset
-from muxserve.serving.errors import Unauthenticated
+from muxserve.serving.errors import Overloaded, Unauthenticated
 from muxserve.serving.processes import wait_while
 from muxserve.serving.security import AccessPolicy
 
@@ -168,12 +170,13 @@ class Method:
 
 
 class Stream:
-    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened", "blocked_at")
+    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened", "blocked_at", "receiving")
 
     def __init__(self, stream_id: int, send_window: int, opened: float = 0.0) -> None:
         self.id = stream_id
         self.opened = opened  # the event loop's time when its HEADERS arrived
         self.blocked_at = 0.0  # when its DATA last waited for the client's window with none sent since
+        self.receiving = 0  # bytes of a message not yet whole, held in the server's ReceivingBudget
         self.method: Method | None = None
         self.path = ""
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -634,6 +637,18 @@ class Http2Connection(asyncio.Protocol):
                 return
             else:
                 stream.message = message
+        budget = self.server.receiving
+        if budget is not None and len(buffer) != stream.receiving:  # a message still arriving holds its bytes there
+            grown = len(buffer) - stream.receiving
+            if grown > 0:
+                try:
+                    budget.take(grown)
+                except Overloaded as exc:
+                    self._finish(stream, status_block(RESOURCE_EXHAUSTED, exc.message))
+                    return
+            else:
+                budget.give(-grown)
+            stream.receiving = len(buffer)
         # what a handler has not taken holds the client back; a message still arriving does not
         if stream.queued < STREAM_WINDOW:
             withheld, stream.withheld = stream.withheld, 0
@@ -840,6 +855,9 @@ class Http2Connection(asyncio.Protocol):
         if stream.counted:
             stream.counted = False
             self.server.active_rpcs -= 1
+        if stream.receiving:
+            self.server.receiving.give(stream.receiving)  # type: ignore[union-attr]
+            stream.receiving = 0
         if stream.timer is not None:
             stream.timer.cancel()
             stream.timer = None
@@ -858,7 +876,7 @@ class GrpcServer:
     """gRPC on one listening socket (shared with the other frontends by SO_REUSEPORT): ``start``,
     and ``stop(grace)``, which sends GOAWAY and waits up to ``grace`` for the calls in flight."""
 
-    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0, write_timeout: float = 0.0, connection_rate: ConnectionRate | None = None) -> None:
+    def __init__(self, methods: dict[str, Method], listener: socket.socket, *, policy: AccessPolicy | None = None, ssl_context: ssl.SSLContext | None = None, max_message: int = 4 << 20, max_streams: int = 100, max_rpcs: int = 0, handshake_timeout: float = 0.0, idle_timeout: float = 0.0, write_timeout: float = 0.0, connection_rate: ConnectionRate | None = None, receiving: ReceivingBudget | None = None) -> None:
         self.methods = methods
         self.listener = listener
         self.policy = policy if policy is not None and policy.enabled else None
@@ -866,6 +884,7 @@ class GrpcServer:
         self.max_message, self.max_streams, self.max_rpcs = max_message, max_streams, max_rpcs
         self.handshake_timeout, self.idle_timeout, self.write_timeout = handshake_timeout, idle_timeout, write_timeout
         self.connection_rate = connection_rate  # new connections per client address
+        self.receiving = receiving  # bytes of messages not yet whole, across the frontend's connections (HTTP bodies too)
         settings = b"".join(key.to_bytes(2, "big") + value.to_bytes(4, "big") for key, value in ((SETTINGS_MAX_CONCURRENT_STREAMS, max_streams), (SETTINGS_INITIAL_WINDOW_SIZE, STREAM_WINDOW), (SETTINGS_MAX_FRAME_SIZE, MAX_FRAME), (SETTINGS_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST)))
         self.preamble = frame(SETTINGS, 0, 0, settings) + frame(WINDOW_UPDATE, 0, 0, (CONNECTION_WINDOW - DEFAULT_WINDOW).to_bytes(4, "big"))  # what every connection is sent first
         self.connections: set[Http2Connection] = set()

@@ -412,7 +412,7 @@ def create_grpc_server(plane: DataPlane, listener: socket.socket | tuple[str, in
         return _grpcio_server(servicer, policy, *listener)
     methods = {path: Method(behavior, parse, serialize, streaming) for path, behavior, parse, serialize, streaming in _methods(servicer)}
     tls = ssl_context(settings.tls_certfile, settings.tls_keyfile) if settings.tls_certfile else None
-    return GrpcServer(methods, listener, policy=policy, ssl_context=tls, max_message=settings.max_request_bytes, max_streams=settings.max_concurrent_streams, max_rpcs=settings.max_concurrent_rpcs, handshake_timeout=settings.header_timeout_s, idle_timeout=settings.idle_timeout_s, write_timeout=settings.write_timeout_s, connection_rate=connection_rate)
+    return GrpcServer(methods, listener, policy=policy, ssl_context=tls, max_message=settings.max_request_bytes, max_streams=settings.max_concurrent_streams, max_rpcs=settings.max_concurrent_rpcs, handshake_timeout=settings.header_timeout_s, idle_timeout=settings.idle_timeout_s, write_timeout=settings.write_timeout_s, connection_rate=connection_rate, receiving=plane.receiving)
 
 
 def _grpcio_server(servicer: InferenceServicer, policy: AccessPolicy, host: str, port: int) -> grpc.aio.Server:

@@ -148,7 +148,7 @@ class InferenceRoutes:
     def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes], header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> Awaitable[bytes]:
         """The request's body; with ``header_length`` and ``check``, a binary-extension request
         that arrives in pieces is refused from its first pieces where it would be refused anyway."""
-        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False), header_length, check)
+        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False), header_length, check, self.plane.receiving)
 
     async def _unless_gone(self, scope: dict, receive: Any, work: Awaitable[T]) -> T:
         """``work``, cancelled if the client goes away first (its queued texts are then skipped,

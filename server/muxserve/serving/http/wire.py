@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, Field, ValidationError
 
+from muxserve.serving.admission import ReceivingBudget
 from muxserve.serving.codecs import BytesTensorWalk, decode_raw, element_count, encode_raw, flatten_json_data, json_data
 from muxserve.serving.dataplane import Declared
 from muxserve.serving.errors import BadRequest, ClientClosed, PayloadTooLarge, RequestTimeout, ServingError
@@ -36,13 +37,15 @@ class ClassifyResult(BaseModel):
     num_instances: int = Field(description="the mux width N that served this text")
 
 
-async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None, arrived: bool = False, header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> bytes:
+async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: str | bytes | None, content_encoding: str | bytes, limit: int, timeout: float | None = None, arrived: bool = False, header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None, budget: ReceivingBudget | None = None) -> bytes:
     """``read_body`` on a bare ASGI ``receive``, with the request's Content-Length and
     Content-Encoding headers; ClientClosed if the client goes away before its body is in.
     ``arrived``: the server says the whole body is in (nothing to wait for, no timer).
     ``header_length`` (``Inference-Header-Content-Length``) and ``check`` (as for
     ``parse_infer_request``): a binary-extension request that arrives in pieces is refused
-    from its first pieces where they show it would be refused once read (``ArrivingBinaryRequest``)."""
+    from its first pieces where they show it would be refused once read (``ArrivingBinaryRequest``).
+    ``budget``: a body that arrives in pieces holds its bytes there until it is whole (429 when
+    the frontend's bodies being received would pass it)."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise PayloadTooLarge(f"request body of {int(content_length)} bytes exceeds the limit of {limit} bytes")
     if arrived:
@@ -51,7 +54,7 @@ async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: s
         early = ArrivingBinaryRequest.of(header_length, content_length, content_encoding, check) if header_length is not None else None
         try:
             async with asyncio.timeout(timeout):
-                message, body = await _receive_all(receive, limit, early)
+                message, body = await _receive_all(receive, limit, early, budget)
         except TimeoutError:
             raise RequestTimeout(f"request body did not arrive within {timeout:g} s") from None
     if message["type"] == "http.disconnect":
@@ -63,24 +66,35 @@ async def receive_body(receive: Callable[[], Awaitable[dict]], content_length: s
     return body
 
 
-async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int, early: ArrivingBinaryRequest | None = None) -> tuple[dict, bytes]:
+async def _receive_all(receive: Callable[[], Awaitable[dict]], limit: int, early: ArrivingBinaryRequest | None = None, budget: ReceivingBudget | None = None) -> tuple[dict, bytes]:
     """(the last ASGI message, the body); 413 as soon as it passes ``limit``; ``early`` sees
-    each piece of a body that arrives in more than one, until it has decided."""
+    each piece of a body that arrives in more than one, until it has decided; ``budget`` holds
+    the pieces' bytes until the body is whole."""
     message = await receive()
     body = message.get("body", b"")
     if message.get("more_body"):
-        chunks, size = [body], len(body)
-        if early is not None and early.feed(body):
-            early = None
-        while message.get("more_body"):
-            message = await receive()
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-            if early is not None and early.feed(chunk):
+        chunks, size, held = [body], len(body), 0
+        try:
+            if budget is not None:
+                budget.take(size)
+                held = size
+            if early is not None and early.feed(body):
                 early = None
+            while message.get("more_body"):
+                message = await receive()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                if budget is not None:
+                    budget.take(len(chunk))
+                    held += len(chunk)
+                chunks.append(chunk)
+                if early is not None and early.feed(chunk):
+                    early = None
+        finally:
+            if budget is not None:
+                budget.give(held)
         body = b"".join(chunks)
     return message, body
 
