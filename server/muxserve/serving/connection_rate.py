@@ -116,10 +116,7 @@ class ConnectionRate:
             self.refused += 1
             if refusals < 0.0 and self.block_s > 0 and self.blocklist is not None and self.blocklist.enabled:
                 verdict = Verdict.RESET
-                if self.blocklist.block(key, self.block_s):
-                    self.blocked += 1
-                    if (blocks := self._blocks_logged.due(now, self.blocked)) is not None:
-                        log.warning("blocking new connections from %s for %g s (%d blocks since the last line): more than %d refused past its rate of %g a second (--client-connection-block-s)", key, self.block_s, blocks, self.burst, self.per_second)
+                self._block(key, now, f"more than {self.burst:g} refused past its rate of {self.per_second:g} a second")
                 tokens, refusals, now = 0.0, 0.0, now + self.block_s  # after the block: the rate, no burst
             elif (refused := self._refusals_logged.due(now, self.refused)) is not None:
                 log.warning("refused %d new connections (latest from %s): more than %g a second from one address after a burst of %d (--client-connection-rate, --client-connection-burst)", refused, key, self.per_second, self.burst)
@@ -136,15 +133,19 @@ class ConnectionRate:
         if key is None or not (self.block_s > 0 and self.blocklist is not None and self.blocklist.enabled):
             return False
         now = self.clock()
-        if self.blocklist.block(key, self.block_s):
-            self.blocked += 1
-            if (blocks := self._blocks_logged.due(now, self.blocked)) is not None:
-                log.warning("blocking new connections from %s for %g s (%d blocks since the last line): %s (--client-connection-block-s)", key, self.block_s, blocks, why)
+        self._block(key, now, why)
         self._buckets.pop(key, None)
         self._buckets[key] = (0.0, 0.0, now + self.block_s)  # after the block: the rate, no burst
         if len(self._buckets) > MAX_ADDRESSES:
             del self._buckets[next(iter(self._buckets))]
         return True
+
+    def _block(self, key: str, now: float, why: str) -> None:
+        assert self.blocklist is not None
+        if self.blocklist.block(key, self.block_s):
+            self.blocked += 1
+            if (blocks := self._blocks_logged.due(now, self.blocked)) is not None:
+                log.warning("blocking new connections from %s for %g s (%d blocks since the last line): %s (--client-connection-block-s)", key, self.block_s, blocks, why)
 
     def admit_transport(self, transport: Any) -> Verdict:
         """``admit`` for a connection just made; one its client reset already is counted by
