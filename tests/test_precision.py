@@ -109,7 +109,8 @@ def test_int8_engine_answers_as_fp32_on_a_bundled_model() -> None:
     assert fp32.forward_fn.__self__.serving_layers[0].qkv.int8 is None  # type: ignore[attr-defined]
     assert got.dtype == np.float32 and got.shape == ref.shape
     assert not np.array_equal(got, ref)  # the quantized matmul ran
-    assert np.abs(got - ref).max() < 0.5
+    # the largest change of a logit: about 0.5 with FBGEMM's AVX512-VNNI kernels, less with its AVX2 ones
+    assert np.abs(got - ref).max() < 0.75
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.98
 
 
