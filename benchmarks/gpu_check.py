@@ -8,8 +8,9 @@ served throughput, for every bundled model. Run it on any machine with a GPU:
 2. model throughput: forward pass alone, batches of 32·N texts at length 128 (the paper's setting)
    and of a fixed 320 texts at length 64, fp16 on CUDA, interleaved rounds;
 3. served throughput: ``muxserve serve --device cuda --precision fp16``, closed loop of wrk
-   (``muxserve.bench.native``: 256 connections, one text per request on ``/v1/classify``) per
-   model, with the server's CPU per request; with ``--engines eager,compiled``, once more with
+   (``muxserve.bench.native``: 256 connections, one text per request on ``/v1/classify``; with
+   ``--protocols classify,grpc`` also gRPC ``ModelInfer`` over h2load) per model, with the
+   server's CPU per request; with ``--engines eager,compiled``, once more with
    ``--engine compiled`` (``torch.compile`` of the forward pass; its compilation adds a minute or
    two to the server's start).
 
@@ -64,7 +65,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="per model per round, forward throughput")
     p.add_argument("--serve-seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=256)
-    p.add_argument("--protocol", default="classify", choices=native.PROTOCOLS)
+    p.add_argument("--protocols", default="classify", help=f"served over each of these, comma-separated ({', '.join(native.PROTOCOLS)})")
+    p.add_argument("--workers", type=int, default=0, help="frontend processes of the served server (0: its default, one per 4 cores)")
     p.add_argument("--client-threads", type=int, default=4, help="wrk threads (a divisor of --concurrency)")
     p.add_argument("--engines", default="eager", help="served with each of these engine kinds (eager, compiled), comma-separated")
     p.add_argument("--out")
@@ -106,10 +108,16 @@ def main() -> None:
 
     def served(engine: str) -> list[dict]:
         extra = ("--device", a.device, "--precision", "fp16") if a.device != "cpu" else ()
+        if a.workers:
+            extra = (*extra, "--workers", str(a.workers))
         server = start_server(a.model_repository, models, out.with_suffix(f".server-{engine}.log"), extra=(*extra, "--engine", engine))
         try:
-            runs = {m: native.drive(a.protocol, server.http_url, server.grpc_url, m, texts, 1, a.concurrency, a.client_threads) for m in models}
-            return [{"model": m, "protocol": a.protocol, "engine": engine, **native.measure(server.proc.pid, runs[m], a.serve_seconds, warmup_s=2).summary()} for m in models]
+            rows = []
+            for protocol in a.protocols.split(","):
+                for m in models:
+                    run = native.drive(protocol, server.http_url, server.grpc_url, m, texts, 1, a.concurrency, a.client_threads)
+                    rows.append({"model": m, "protocol": protocol, "engine": engine, **native.measure(server.proc.pid, run, a.serve_seconds, warmup_s=2).summary()})
+            return rows
         finally:
             server.stop()
 

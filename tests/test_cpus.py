@@ -42,3 +42,11 @@ def test_available_cores_is_bounded_by_the_limit_rounded_down_at_least_one(tmp_p
     assert available_cores(write(tmp_path / "one-and-a-half", {"cpu.max": "150000 100000"})) == 1
     # a limit above the affinity does not add cores
     assert available_cores(write(tmp_path / "many", {"cpu.max": f"{(AFFINITY + 8) * 100000} 100000"})) == AFFINITY
+
+
+@pytest.mark.parametrize(("cores", "device", "workers"), [(2, "", 1), (16, "", 4), (16, "cpu", 4), (16, "cuda", 8), (16, "cuda:1", 8), (4, "cuda", 2), (64, "", 8), (64, "cuda", 8)])
+def test_frontend_processes_follow_the_cores_and_the_device(monkeypatch: pytest.MonkeyPatch, cores: int, device: str, workers: int) -> None:
+    import muxserve.serving.server as server
+
+    monkeypatch.setattr(server, "available_cores", lambda: cores)
+    assert server.default_workers(device) == workers

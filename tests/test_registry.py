@@ -52,6 +52,7 @@ def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -
     auto = engine_options(entry(cfg), Settings())
     assert (auto.precision, (auto.instances, auto.threads)) == (resolve_precision("auto", "cpu"), engine_layout("cpu"))
     assert token_budget(entry(cfg), Settings(), 2, 128, 8).max_tokens == 32 * AUTO_TOKENS_PER_GROUP  # 32 groups
+    assert token_budget(entry(cfg), Settings(), 2, 128, 8, device="cuda") is None  # a GPU pass is bound by its launches, not its tokens
     # config.pbtxt parameters
     cfg.parameters["precision"].string_value = "fp32"
     cfg.parameters["INTRA_OP_THREAD_COUNT"].string_value = "3"
@@ -60,6 +61,7 @@ def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -
     assert (opts.precision, opts.threads) == ("fp32", 3)
     budget = token_budget(entry(cfg), Settings(), 2, 128, 8)
     assert (budget.max_tokens, budget.group, budget.max_length, budget.pad_multiple) == (1024, 2, 128, 8)
+    assert token_budget(entry(cfg), Settings(), 2, 128, 8, device="cuda").max_tokens == 1024  # as configured, on a GPU too
     # flags win
     flags = Settings(precision="bf16", threads=5, max_batch_tokens=0)
     opts = engine_options(entry(cfg), flags)
@@ -68,6 +70,15 @@ def test_precision_threads_and_token_budget_automatic_then_config_then_flags() -
     cfg.parameters["max_batch_tokens"].string_value = "lots"
     with pytest.raises(RepositoryError, match="max_batch_tokens"):
         token_budget(entry(cfg), Settings(), 2, 128, 8)
+
+
+def test_cuda_graphs_automatic_then_config_then_flag() -> None:
+    cfg = default_config("m", 2, 2, batch_texts=64)
+    auto = engine_options(entry(cfg), Settings())
+    assert auto.cuda_graphs is None and auto.max_texts == cfg.max_batch_size  # None: where the model allows
+    cfg.optimization.cuda.graphs = False  # Triton's optimization { cuda { graphs: false } }
+    assert engine_options(entry(cfg), Settings()).cuda_graphs is False
+    assert engine_options(entry(cfg), Settings(cuda_graphs=True)).cuda_graphs is True
 
 
 @pytest.mark.parametrize(

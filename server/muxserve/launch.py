@@ -97,11 +97,12 @@ def start_server(repository: str | Path, models: Sequence[str], log_path: str | 
     request: dict[str, Any] = {"verify": ssl.create_default_context(cafile=str(tls_ca)) if tls_ca else True, "headers": {"Authorization": f"Bearer {api_key}"} if api_key else {}}
     try:
         wait_until_ready(proc, f"{base}/v2/health/ready", ready_timeout, log_path, **request)
+        # each request may reach another frontend process (one port, SO_REUSEPORT), and one
+        # that has not yet heard from the engine answers "not ready" for a moment after another
+        # answered ready: every model is polled the same way
+        for model in models:
+            wait_until_ready(proc, f"{base}/v2/models/{model}/ready", ready_timeout, log_path, **request)
     except RuntimeError:
         server.stop()
         raise
-    for model in models:
-        if httpx.get(f"{base}/v2/models/{model}/ready", timeout=5, **request).status_code != 200:
-            server.stop()
-            raise RuntimeError(f"model {model} is not ready (see {log_path}):\n{server.log()[-4000:]}")
     return server

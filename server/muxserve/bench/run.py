@@ -241,7 +241,7 @@ def forward_only(repository: str | Path, model: str, texts: Sequence[str], secon
     try:
         cfg = engine.config
         rows = TextTokenizer(directory / "tokenizer.json", cfg.max_seq_length).encode(list(texts)).ids
-        budget = token_budget(entry, settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple)
+        budget = token_budget(entry, settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple, engine.options.device)
         cap = max_texts(entry, cfg.num_instances) if budget else batch_texts(entry, cfg.num_instances)
         if pass_texts > 0:
             budget, cap = None, max(cfg.num_instances, pass_texts - pass_texts % cfg.num_instances)

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=None, help="default: 8000")
     p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
     p.add_argument("--grpc-transport", default=None, choices=["native", "grpcio"], help="native (default): muxserve's own HTTP/2 transport, 0.07 ms of CPU per call where grpc.aio takes 0.25; grpcio: grpc.aio's server")
-    p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, at least 1)")
+    p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, one per 2 with --device cuda; 1 to 8)")
     p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
     p.add_argument("--model-control-mode", default=None, choices=["none", "explicit", "poll"], help="none (default): load at start; explicit: POST /v2/repository/models/NAME/load|unload; poll: follow the repository's folders")
     p.add_argument("--load-model", action="append", default=None, metavar="NAME", help="explicit mode: load NAME at start (repeatable; '*': all)")
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads per engine instance (default: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic: the cores split over the instances)")
     p.add_argument("--pass-fill-ms", type=float, default=None, help="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off (default: config.pbtxt pass_fill_microseconds, else 10)")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="token budget of a forward pass, mux groups x padded length; 0: fixed batches of the preferred size (default: config.pbtxt max_batch_tokens, else automatic)")
+    p.add_argument("--cuda-graphs", default=None, action=argparse.BooleanOptionalAction, help="eager engine on CUDA: replay CUDA graphs of the passes, one per bucket of groups and length (default: config.pbtxt optimization.cuda.graphs, else on where the model allows)")
     p.add_argument("--no-length-aware", action="store_true", help="batch, and fill mux groups, in arrival order")
     p.add_argument("--no-warmup", action="store_true")
     p.add_argument("--no-shadow", action="store_true", help="disable shadow sampling")
@@ -64,7 +65,7 @@ def settings_from_args(a: argparse.Namespace) -> Settings:
         model_repository=a.model_repository, host=a.host, http_port=a.http_port, grpc_port=a.grpc_port, grpc_transport=a.grpc_transport, workers=a.workers,
         models=[m for m in a.models.split(",") if m] if a.models else None, model_control_mode=a.model_control_mode,
         load_models=a.load_model, repository_poll_secs=a.repository_poll_secs, device=a.device, precision=a.precision,
-        engine=a.engine, instances=a.instances, threads=a.threads, pass_fill_ms=a.pass_fill_ms, max_batch_tokens=a.max_batch_tokens, length_aware=False if a.no_length_aware else None,
+        engine=a.engine, instances=a.instances, threads=a.threads, pass_fill_ms=a.pass_fill_ms, max_batch_tokens=a.max_batch_tokens, cuda_graphs=a.cuda_graphs, length_aware=False if a.no_length_aware else None,
         warmup=False if a.no_warmup else None, shadow=False if a.no_shadow else None,
         max_request_bytes=a.max_request_bytes, log_level=a.log_level, **flags,
     )

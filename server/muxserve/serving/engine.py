@@ -4,7 +4,8 @@ An engine takes token-id rows (a batch of texts, mux groups already laid out slo
 pads them (to a multiple of ``pad_multiple`` tokens, or to fixed length buckets), runs the model
 (eager, compiled by ``torch.compile``, or TorchScript; CPU or CUDA) at the serving precision
 (``muxserve.model.precision``: ``auto`` is bf16 on CPUs with bf16 units, fp16 on CUDA, int8
-on other x86 CPUs with AVX2, else fp32) and returns float32 logits ``[T, C]`` as numpy.
+on other x86 CPUs with AVX2, else fp32) and returns float32 logits ``[T, C]`` as numpy. On CUDA
+the eager engine replays CUDA graphs of its passes where the model allows (``serving.graphs``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from muxserve.model.muxbert import MuxBertConfig
 from muxserve.model.precision import DTYPES, resolve_precision
 from muxserve.model.weights import load_model
 from muxserve.serving.cpus import available_cores
+from muxserve.serving.graphs import graphed_forward
 from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
 __all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "engine_layout", "padded_length"]
@@ -117,6 +119,8 @@ class EngineOptions:
     threads: int = 0  # 0: default_threads()
     instances: int = 1  # engine threads (instance_group count)
     pad_multiple: int = PAD_MULTIPLE  # 0: pad to LENGTH_BUCKETS
+    cuda_graphs: bool | None = None  # eager engine on CUDA: replay CUDA graphs (serving.graphs); None: where the model allows
+    max_texts: int = 0  # the most texts a pass holds (the graphs' largest bucket); 0: 64 mux groups
 
 
 class Engine:
@@ -152,6 +156,10 @@ class Engine:
         elif options.kind == "eager":
             # served weights never change: predict keeps its fastest layouts
             model.freeze_for_serving(int8=options.precision == "int8")
+            if options.cuda_graphs and not options.device.startswith("cuda"):
+                raise ValueError("CUDA graphs need a CUDA device (--device cuda)")
+            if options.device.startswith("cuda") and options.cuda_graphs is not False:
+                forward = graphed_forward(model, options.max_texts) or forward
         elif options.kind == "compiled":
             forward = compiled_predict(model)
         else:
@@ -194,8 +202,30 @@ class Engine:
         return logits[: len(rows)].float().cpu().numpy()
 
     async def run(self, rows: list[list[int]]) -> np.ndarray:
+        """The pass's logits, without blocking the event loop for its compute. On a CPU the
+        pass runs on an instance's thread. On CUDA the event loop's own thread launches it and
+        an instance's thread only waits for its end (``_launch``)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.infer, rows)
+        if self.device.type != "cuda":
+            return await loop.run_in_executor(self._executor, self.infer, rows)
+        logits, done = self._launch(rows)
+        await loop.run_in_executor(self._executor, done.synchronize)
+        return logits.numpy()
+
+    def _launch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Queue a CUDA pass and the copy of its logits to the host: (host logits, the event
+        that marks them complete). Launching is CPU work of a few hundred operators, each of
+        which takes the GIL again after its launch; from another thread, each of those waits
+        for the event loop to let go of the GIL while it answers requests, and a pass then
+        took several times its launch time. On the loop's thread the launches run back to
+        back, and the wait for the device holds no GIL."""
+        ids, mask = self.pad(rows)
+        with self._grad_mode():
+            logits = self.forward_fn(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
+            host = logits[: len(rows)].float().to("cpu", non_blocking=True)  # pinned: the copy queues behind the pass
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
 
     def infer_all(self, batches: Iterable[list[list[int]]]) -> list[np.ndarray]:
         """Forward passes of ``batches`` on the engine's instances, side by side as when serving

@@ -37,6 +37,7 @@ from muxserve.serving.controller import ControllerSettings, LoadController
 from muxserve.serving.engine import Engine, EngineOptions, engine_layout
 from muxserve.serving.errors import ControlDisabled, LoadFailed, ModelNotFound
 from muxserve.serving.family import FamilyMember, FamilyScheduler
+from muxserve.serving.graphs import GraphedForward
 from muxserve.serving.observability.family import FamilyMonitor
 from muxserve.serving.observability.metrics import Metrics, ModelMonitor
 from muxserve.serving.repository import CONFIG_PBTXT, FAMILY_POLICY, ModelEntry, RepositoryError, scan
@@ -142,8 +143,9 @@ def _int_parameter(entry: ModelEntry, key: str) -> int | None:
 
 
 def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
-    """Device, precision, engine kind, instances and threads per instance: flags, else
-    config.pbtxt (instance_group count, INTRA_OP_THREAD_COUNT), else automatic (``engine_layout``;
+    """Device, precision, engine kind, instances and threads per instance, CUDA graphs: flags,
+    else config.pbtxt (instance_group count, INTRA_OP_THREAD_COUNT, optimization.cuda.graphs),
+    else automatic (``engine_layout``;
     the echo engine, which computes nothing, one instance). A precision from config.pbtxt that
     the device cannot run (fp16 on a CPU) gives way to the device's automatic choice; one from a
     flag is an error."""
@@ -163,15 +165,21 @@ def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
     # instance_group count unset (0) or no instance_group: the automatic layout (engine_layout)
     count = settings.instances or sum(g.count for g in groups) or (1 if kind_name == "echo" else 0)
     instances, threads = engine_layout(device, count, settings.threads or _int_parameter(entry, THREADS) or 0)
-    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=instances)
+    graphs = settings.cuda_graphs
+    optimization = entry.config.optimization
+    if graphs is None and entry.config.HasField("optimization") and optimization.HasField("cuda"):
+        graphs = optimization.cuda.graphs  # Triton's switch for its TensorRT and PyTorch backends
+    return EngineOptions(device=device, precision=precision, kind=kind_name, threads=threads, instances=instances, cuda_graphs=graphs, max_texts=max(1, entry.config.max_batch_size))
 
 
-def token_budget(entry: ModelEntry, settings: Settings, num_instances: int, max_length: int, pad_multiple: int) -> TokenBudget | None:
-    """The scheduler's token budget (``TokenBudget``): the flag, else config.pbtxt, else
-    ``batch_texts / N`` groups of ``AUTO_TOKENS_PER_GROUP`` tokens; 0 turns it off."""
+def token_budget(entry: ModelEntry, settings: Settings, num_instances: int, max_length: int, pad_multiple: int, device: str = "cpu") -> TokenBudget | None:
+    """The scheduler's token budget (``TokenBudget``): the flag, else config.pbtxt, else on a
+    CPU ``batch_texts / N`` groups of ``AUTO_TOKENS_PER_GROUP`` tokens, on a GPU none; 0 turns
+    it off. A GPU pass of a few hundred texts is bound by launching its kernels, not by its
+    tokens: a budget there only splits the queue into more passes, each paying the launches."""
     tokens = settings.max_batch_tokens if settings.max_batch_tokens is not None else _int_parameter(entry, MAX_BATCH_TOKENS)
     if tokens is None:
-        tokens = batch_texts(entry, num_instances) // num_instances * AUTO_TOKENS_PER_GROUP
+        tokens = 0 if device.startswith("cuda") else batch_texts(entry, num_instances) // num_instances * AUTO_TOKENS_PER_GROUP
     if tokens == 0:
         return None
     return TokenBudget(tokens, group=num_instances, pad_multiple=pad_multiple, max_length=max_length)
@@ -416,7 +424,9 @@ class ModelRegistry(ModelCatalog[ServedModel]):
             budget = served.scheduler.token_budget
             batching = f"up to {served.scheduler.batch_texts} texts and {budget.max_tokens} tokens a pass" if budget else f"{served.scheduler.batch_texts} texts a pass"
             options = served.engine.options
-            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s in %s (%d instance(s) x %d thread(s)), %s, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, options.kind, options.device, options.precision, options.instances, served.engine.threads, batching, time.perf_counter() - t0)
+            graphs = served.engine.forward_fn
+            replay = f", CUDA graphs of {len(graphs.buckets)} buckets" if isinstance(graphs, GraphedForward) else ""
+            log.info("loaded model %s version %s: N=%d, %d labels, engine %s on %s in %s (%d instance(s) x %d thread(s))%s, %s, in %.1fs", served.name, served.version, cfg.num_instances, cfg.num_labels, options.kind, options.device, options.precision, options.instances, served.engine.threads, replay, batching, time.perf_counter() - t0)
         except Exception as exc:  # one bad model must not stop the others
             served.state = UNAVAILABLE
             served.reason = f"{type(exc).__name__}: {exc}"
@@ -437,7 +447,7 @@ class ModelRegistry(ModelCatalog[ServedModel]):
         monitor = ModelMonitor(self.metrics, served.name, served.version, cfg.num_instances, served.baseline)
         db = entry.config.dynamic_batching
         delay_s = db.max_queue_delay_microseconds / 1e6 if entry.config.HasField("dynamic_batching") else 0.0
-        budget = token_budget(entry, self.settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple)
+        budget = token_budget(entry, self.settings, cfg.num_instances, cfg.max_seq_length, engine.options.pad_multiple, engine.options.device)
         scheduler = MuxScheduler(
             engine.run,
             num_instances=cfg.num_instances,

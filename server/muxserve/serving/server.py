@@ -42,15 +42,17 @@ ENGINE_ENV = {"LRU_CACHE_CAPACITY": "1024", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "
 MAX_RESTART_DELAY_S = 10.0
 
 
-def default_workers() -> int:
-    """Frontend processes: one per 4 cores (the engine needs the rest), at least 1, at most 8."""
-    return max(1, min(8, available_cores() // 4))
+def default_workers(device: str = "") -> int:
+    """Frontend processes, at least 1, at most 8: one per 4 cores where the engine computes on
+    the CPU (it needs the rest); one per 2 cores where it computes on a GPU, and its process
+    needs about one core to launch passes and route answers."""
+    return max(1, min(8, available_cores() // (2 if device.startswith("cuda") else 4)))
 
 
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers = settings.workers or default_workers()
+        self.workers = settings.workers or default_workers(settings.device)
         # Linux abstract socket: no file to clean up, private to this server
         self.address = f"ipc://@muxserve-{os.getpid()}-{secrets.token_hex(4)}"
         self.stopping = False

@@ -16,7 +16,7 @@ class Settings(BaseModel):
     http_port: int = 8000
     grpc_port: int = 8001  # 0 or negative: no gRPC
     grpc_transport: Literal["native", "grpcio"] = Field("native", description="native: muxserve's HTTP/2 transport (0.07 ms of CPU per call where grpc.aio takes 0.25); grpcio: grpc.aio's server")
-    workers: int = Field(0, description="frontend processes (HTTP + gRPC each, on shared ports); 0: one per 4 cores, at least 1")
+    workers: int = Field(0, description="frontend processes (HTTP + gRPC each, on shared ports); 0: one per 4 cores (per 2 on CUDA), 1 to 8")
     models: list[str] = Field(default_factory=list, description="serve only these models (default: all)")
     model_control_mode: Literal["none", "explicit", "poll"] = Field("none", description="none: load at start only; explicit: load/unload requests; poll: follow the repository's folders")
     load_models: list[str] = Field(default_factory=list, description="explicit mode: the models to load at start ('*': all)")
@@ -27,6 +27,7 @@ class Settings(BaseModel):
     instances: int = Field(0, description="engine instances per model (passes run side by side); 0: config.pbtxt instance_group count, else automatic")
     threads: int = Field(0, description="intra-op threads per engine instance; 0: config.pbtxt INTRA_OP_THREAD_COUNT, else automatic")
     pass_fill_ms: float | None = Field(None, ge=0, description="longest wait of a free engine instance for the texts that fill its pass while another instance computes; 0: off; None: config.pbtxt pass_fill_microseconds, else automatic")
+    cuda_graphs: bool | None = Field(None, description="eager engine on CUDA: replay CUDA graphs of the passes; None: config.pbtxt optimization.cuda.graphs, else on where the model allows")
     max_batch_tokens: int | None = Field(None, description="token budget per forward pass (mux groups x padded length); 0: fixed batches; None: config.pbtxt, else automatic")
     length_aware: bool = Field(True, description="batch texts of similar length, and fill mux groups by length when a pass takes the whole queue (less padding)")
     warmup: bool = True
