@@ -100,3 +100,54 @@ async def test_bodies_arriving_in_pieces_share_the_receiving_budget():
     first.put_nowait({"type": "http.request", "body": b"a" * 50_000, "more_body": False})
     assert await reading_first == b"a" * 100_000
     assert budget.held == 0
+
+
+async def test_a_body_stays_in_the_receiving_budget_until_its_answer():
+    """An inference route holds its request's body (and what was parsed from it) until it
+    answers: the body's bytes stay in the budget until then, so bodies waiting on the engine
+    are bounded as much as bodies arriving; the request past it is refused (429)."""
+    from types import SimpleNamespace
+
+    from muxserve.serving.http.routes import InferenceRoutes
+    from muxserve.serving.settings import Settings
+
+    release = asyncio.Event()
+    seen: list[int] = []
+
+    async def classify(model, texts, parameters):
+        seen.append(len(texts[0]))
+        await release.wait()
+        return [{"label": "ok"}]
+
+    budget = ReceivingBudget(100_000)
+    plane = SimpleNamespace(settings=Settings(), receiving=budget, classify=classify)
+    routes = InferenceRoutes(None, plane)
+
+    def call(chars: int) -> tuple[asyncio.Future, list[dict]]:
+        body = b'{"model": "m", "inputs": ["%s"]}' % (b"x" * chars)
+        scope = {"type": "http", "path": "/v1/classify", "method": "POST", "headers": [(b"content-length", b"%d" % len(body))], "muxserve.body_arrived": True}
+        sent: list[dict] = []
+        messages = iter([{"type": "http.request", "body": body, "more_body": False}])
+
+        async def receive():
+            return next(messages, None) or await asyncio.Event().wait()
+
+        async def send(message):
+            sent.append(message)
+
+        return asyncio.ensure_future(routes(scope, receive, send)), sent
+
+    first, first_sent = call(60_000)
+    while not seen:
+        await asyncio.sleep(0)
+    assert budget.held > 60_000  # the first body, held while its texts are in the engine
+    second, second_sent = call(60_000)
+    await second
+    assert second_sent[0]["status"] == 429 and b"max_receiving_bytes" in second_sent[1]["body"]
+    assert seen == [60_000] and budget.held > 60_000  # only the first reached the engine
+    release.set()
+    await first
+    assert first_sent[0]["status"] == 200 and budget.held == 0
+    third, third_sent = call(60_000)  # the budget is free again
+    await third
+    assert third_sent[0]["status"] == 200 and budget.held == 0

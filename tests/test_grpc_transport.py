@@ -439,6 +439,30 @@ async def test_messages_still_arriving_share_the_receiving_budget():
     await server.stop(0)
 
 
+async def test_a_unary_message_stays_in_the_receiving_budget_until_its_answer():
+    """A unary call's handler holds its request until it answers: the message's bytes stay in
+    the budget until the call ends, and a call that would pass the budget meanwhile gets
+    RESOURCE_EXHAUSTED."""
+    handlers = Handlers()
+    budget = ReceivingBudget(50_000)
+    listener = socket.create_server(("127.0.0.1", 0))
+    server = GrpcServer(methods(handlers), listener, receiving=budget)
+    await server.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    async with channel(address) as ch:
+        held = asyncio.ensure_future(ch.unary_unary(SERVICE + "Hold")(b"h" * 30_000))
+        await handlers.started.wait()
+        assert budget.held == 30_005  # the whole message and its prefix, while its handler runs
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ch.unary_unary(SERVICE + "Echo")(b"e" * 25_000)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_receiving_bytes" in refused.value.details()
+        handlers.release.set()
+        assert await held == b"released"
+        assert await ch.unary_unary(SERVICE + "Echo")(b"e" * 25_000) == b"e" * 25_000
+        assert budget.held == 0
+    await server.stop(0)
+
+
 def test_the_server_on_grpcio(tmp_path):
     """``--grpc-transport grpcio``: the same service on grpc.aio, for stock tritonclient."""
     repository = build_repository(tmp_path / "repo")

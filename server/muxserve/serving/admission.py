@@ -38,10 +38,12 @@ MAX_TAIL = 4.0
 
 
 class ReceivingBudget:
-    """Bytes of request bodies (HTTP) and messages (gRPC) that this frontend is receiving and
-    that are not yet whole (``max_receiving_bytes``). Each connection may send up to
-    ``max_request_bytes`` at a time, so without a bound across them a few hundred slow
-    connections hold gigabytes; past it a request is refused as it arrives."""
+    """Bytes of request bodies (HTTP) and messages (gRPC) that this frontend holds
+    (``max_receiving_bytes``): while they arrive, and for an inference body or a unary call's
+    message until its answer, since its handler holds it (and what was parsed from it) until
+    then. Each connection may send up to ``max_request_bytes`` at a time, so without a bound
+    across them a few hundred slow connections, or large requests waiting on a busy engine,
+    hold gigabytes; past it a request is refused as it arrives."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit

@@ -38,7 +38,7 @@ class Settings(BaseModel):
     # -- limits (each frontend enforces its own; see docs/reliability.md)
     max_tensor_elements: int = Field(65536, description="an input tensor declaring more elements is refused before it is decoded (413)")
     max_client_batch_size: int = Field(1024, description="texts in one /v1/classify call; split into the model's max_batch_size")
-    max_receiving_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of HTTP bodies and gRPC messages being received at once, before any is whole; a request that would pass it is refused (429 / RESOURCE_EXHAUSTED with Retry-After); 0: no limit")
+    max_receiving_bytes: int = Field(256 * 1024 * 1024, ge=0, description="bytes of HTTP bodies and gRPC messages a frontend holds, from their first byte until their request is answered (a streaming call's messages while they arrive); a request that would pass it is refused (429 / RESOURCE_EXHAUSTED with Retry-After); 0: no limit")
     max_texts_in_flight: int = Field(8192, description="texts accepted and not yet answered; past it 429 / RESOURCE_EXHAUSTED with Retry-After; 0: no limit")
     max_queue_wait_s: float = Field(0.0, ge=0, description="refuse a request at once (429 / RESOURCE_EXHAUSTED with Retry-After) when the texts in flight, at the rate answers come back, would keep it waiting longer than this; 0: no bound")
     max_concurrent_rpcs: int = Field(1024, description="gRPC calls served at once; past it RESOURCE_EXHAUSTED")

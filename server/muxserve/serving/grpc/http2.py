@@ -15,8 +15,8 @@ headers, message and trailers) in one ``write``: 0.07 ms (``benchmarks/serving_s
   RST_STREAM, or its connection closing, cancels the handler (the data plane drops its texts);
 - limits: ``max_concurrent_streams`` per connection (more are refused with REFUSED_STREAM),
   ``max_concurrent_rpcs`` per process, ``max_request_bytes`` per message and the frontend's
-  ``max_receiving_bytes`` over the messages still arriving (``ReceivingBudget``, shared with
-  HTTP bodies) (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, a client that reads none
+  ``max_receiving_bytes`` over the messages still arriving and those of unary calls not yet
+  answered (``ReceivingBudget``, shared with HTTP bodies) (RESOURCE_EXHAUSTED), a handshake deadline, idle connections closed, a client that reads none
   of what it is sent (the transport's buffer stays over its high-water mark, or holds what is
   left to send before a close) reset after a write timeout, no frames read from it meanwhile
   (so that PINGs and calls cannot grow that buffer), and a drain that sends GOAWAY and lets
@@ -170,13 +170,14 @@ class Method:
 
 
 class Stream:
-    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened", "blocked_at", "receiving")
+    __slots__ = ("id", "method", "path", "metadata", "deadline", "encoding", "buffer", "message", "requests", "queued", "withheld", "credit", "remote_closed", "task", "send_window", "recv_window", "pending", "trailers", "headers_sent", "drained", "timer", "counted", "opened", "blocked_at", "receiving", "kept")
 
     def __init__(self, stream_id: int, send_window: int, opened: float = 0.0) -> None:
         self.id = stream_id
         self.opened = opened  # the event loop's time when its HEADERS arrived
         self.blocked_at = 0.0  # when its DATA last waited for the client's window with none sent since
         self.receiving = 0  # bytes of a message not yet whole, held in the server's ReceivingBudget
+        self.kept = 0  # bytes of a unary call's whole message, held in the budget until the call ends
         self.method: Method | None = None
         self.path = ""
         self.metadata: tuple[tuple[str, str], ...] = ()
@@ -637,9 +638,13 @@ class Http2Connection(asyncio.Protocol):
                 return
             else:
                 stream.message = message
+                stream.kept = 5 + size
         budget = self.server.receiving
-        if budget is not None and len(buffer) != stream.receiving:  # a message still arriving holds its bytes there
-            grown = len(buffer) - stream.receiving
+        # a message still arriving holds its bytes there, and a unary call's whole message until
+        # the call ends (its handler holds the request until it answers)
+        held = len(buffer) + stream.kept
+        if budget is not None and held != stream.receiving:
+            grown = held - stream.receiving
             if grown > 0:
                 try:
                     budget.take(grown)
@@ -648,7 +653,7 @@ class Http2Connection(asyncio.Protocol):
                     return
             else:
                 budget.give(-grown)
-            stream.receiving = len(buffer)
+            stream.receiving = held
         # what a handler has not taken holds the client back; a message still arriving does not
         if stream.queued < STREAM_WINDOW:
             withheld, stream.withheld = stream.withheld, 0

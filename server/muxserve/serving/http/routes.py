@@ -39,6 +39,7 @@ RESPOND = "muxserve.respond"
 # scope key: True once the server has the request's whole body
 BODY_ARRIVED = "muxserve.body_arrived"
 ARRIVED = "muxserve.arrived"  # time.monotonic() when the protocol began reading the request
+HELD = "muxserve.held"  # scope key: the body's bytes held in the receiving budget until the answer
 CLASSIFY_PATH = "/v1/classify"
 MODELS_PREFIX, INFER_SUFFIX = "/v2/models/", "/infer"
 JSON = b"application/json"
@@ -110,6 +111,9 @@ class InferenceRoutes:
         except Exception:
             log.error("HTTP POST %s failed", scope["path"], exc_info=True)
             status, body, extra = 500, error_body(INTERNAL_MESSAGE), [(b"content-type", JSON)]
+        finally:
+            # the request's body is no longer held by its handler
+            self.plane.receiving.give(scope.pop(HELD, 0))
         extra.append((b"content-length", b"%d" % len(body)))
         respond = scope.get(RESPOND)
         if respond is not None:
@@ -145,10 +149,16 @@ class InferenceRoutes:
                 extra.append((b"content-encoding", encoding.encode()))
         return payload, extra
 
-    def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes], header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> Awaitable[bytes]:
+    async def _body(self, scope: dict, receive: Any, headers: dict[bytes, bytes], header_length: bytes | None = None, check: Callable[[Sequence[Declared]], None] | None = None) -> bytes:
         """The request's body; with ``header_length`` and ``check``, a binary-extension request
-        that arrives in pieces is refused from its first pieces where it would be refused anyway."""
-        return receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False), header_length, check, self.plane.receiving)
+        that arrives in pieces is refused from its first pieces where it would be refused anyway.
+        Its bytes stay in the receiving budget until the answer (``_answer``): the handler holds
+        the body, and what was parsed from it, until then."""
+        budget = self.plane.receiving
+        body = await receive_body(receive, headers.get(b"content-length"), headers.get(b"content-encoding", b""), self.limit, self.body_timeout, scope.get(BODY_ARRIVED, False), header_length, check, budget)
+        budget.take(len(body))
+        scope[HELD] = len(body)
+        return body
 
     async def _unless_gone(self, scope: dict, receive: Any, work: Awaitable[T]) -> T:
         """``work``, cancelled if the client goes away first (its queued texts are then skipped,
