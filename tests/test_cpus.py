@@ -50,3 +50,18 @@ def test_frontend_processes_follow_the_cores_and_the_device(monkeypatch: pytest.
 
     monkeypatch.setattr(server, "available_cores", lambda: cores)
     assert server.default_workers(device) == workers
+
+
+def test_a_repository_that_asks_for_a_gpu_gets_the_gpu_default(tmp_path) -> None:
+    """Without --device, a served model whose config.pbtxt puts it on a GPU counts as CUDA for
+    the frontends' default; --device and --models decide first."""
+    from muxserve.serving.server import serving_device
+    from muxserve.serving.settings import Settings
+
+    for name, kind in (("on-gpu", "KIND_GPU"), ("on-cpu", "KIND_CPU")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.pbtxt").write_text(f'name: "{name}"\ninstance_group {{ kind: {kind} }}\n')
+    assert serving_device(Settings(model_repository=str(tmp_path))) == "cuda"
+    assert serving_device(Settings(model_repository=str(tmp_path), models=["on-cpu"])) == "cpu"
+    assert serving_device(Settings(model_repository=str(tmp_path), device="cpu")) == "cpu"
+    assert serving_device(Settings(model_repository=str(tmp_path / "missing"))) == "cpu"

@@ -24,7 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=None, help="default: 8000")
     p.add_argument("--grpc-port", type=int, default=None, help="default: 8001; 0 disables gRPC")
     p.add_argument("--grpc-transport", default=None, choices=["native", "grpcio"], help="native (default): muxserve's own HTTP/2 transport, 0.07 ms of CPU per call where grpc.aio takes 0.25; grpcio: grpc.aio's server")
-    p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, one per 2 with --device cuda; 1 to 8)")
+    p.add_argument("--workers", type=int, default=None, help="frontend processes serving HTTP and gRPC (default: one per 4 cores, one per 2 where the models run on a GPU: --device cuda or instance_group KIND_GPU; 1 to 8)")
     p.add_argument("--models", default=None, help="comma-separated subset of the repository to serve")
     p.add_argument("--model-control-mode", default=None, choices=["none", "explicit", "poll"], help="none (default): load at start; explicit: POST /v2/repository/models/NAME/load|unload; poll: follow the repository's folders")
     p.add_argument("--load-model", action="append", default=None, metavar="NAME", help="explicit mode: load NAME at start (repeatable; '*': all)")

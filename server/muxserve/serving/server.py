@@ -21,8 +21,11 @@ import secrets
 import signal
 import subprocess
 
+from tritonclient.grpc import model_config_pb2 as mc
+
 from muxserve.serving.cpus import available_cores
 from muxserve.serving.processes import READY_FD_ENV, configure_logging, raise_open_files_limit, run_loop, spawn
+from muxserve.serving.repository import scan
 from muxserve.serving.settings import Settings
 
 log = logging.getLogger("muxserve")
@@ -42,6 +45,21 @@ ENGINE_ENV = {"LRU_CACHE_CAPACITY": "1024", "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "
 MAX_RESTART_DELAY_S = 10.0
 
 
+def serving_device(settings: Settings) -> str:
+    """Where the engine computes, as the frontends' default count needs it: ``--device``, else
+    cuda where a served model's config.pbtxt asks for a GPU (``instance_group { kind: KIND_GPU }``,
+    as the engine reads it), else cpu."""
+    if settings.device:
+        return settings.device
+    try:
+        entries = scan(settings.model_repository)
+    except Exception:  # noqa: BLE001 - the engine process reports a broken repository itself
+        return "cpu"
+    served = [e for name, e in entries.items() if not settings.models or name in settings.models]
+    gpu = any(e.config.instance_group and e.config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU for e in served)
+    return "cuda" if gpu else "cpu"
+
+
 def default_workers(device: str = "") -> int:
     """Frontend processes, at least 1, at most 8: one per 4 cores where the engine computes on
     the CPU (it needs the rest); one per 2 cores where it computes on a GPU, and its process
@@ -52,7 +70,7 @@ def default_workers(device: str = "") -> int:
 class Supervisor:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers = settings.workers or default_workers(settings.device)
+        self.workers = settings.workers or default_workers(serving_device(settings))
         # Linux abstract socket: no file to clean up, private to this server
         self.address = f"ipc://@muxserve-{os.getpid()}-{secrets.token_hex(4)}"
         self.stopping = False
