@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -63,11 +64,12 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=256)
     p.add_argument("--client-threads", type=int, default=4)
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "process_split.server.log"), help="the server's log")
     p.add_argument("server_args", nargs=argparse.REMAINDER, help="after --: more arguments of muxserve serve")
     a = p.parse_args()
     extra = ["--engine", a.engine, *(["--workers", str(a.workers)] if a.workers else []), *[x for x in a.server_args if x != "--"]]
     texts = read_tsv_sentences(a.data)
-    server = start_server(a.model_repository, [a.model], Path("process_split.server.log"), extra=extra)
+    server = start_server(a.model_repository, [a.model], Path(a.log), extra=extra)
     try:
         run = native.drive(a.protocol, server.http_url, server.grpc_url, a.model, texts, 1, a.connections, a.client_threads)
         run(2.0)  # warm-up
