@@ -106,3 +106,42 @@ async def test_engine_killed_under_load_then_restarted(tmp_path):
             await grpc.close()
             sync.close()
     assert "engine process" in server.log() and "starting it again" in server.log()
+
+
+def test_frontends_listen_once_the_engine_has_answered_them(tmp_path):
+    """Eight frontends share the ports, and none listens before the engine has loaded the models
+    and answered it: from the first answer that says the server is ready, every connection
+    (each may reach another frontend) finds the model ready. A frontend that listened before
+    the engine had answered it said "not ready" right after another said ready (seen with 8
+    frontends on a 16-core host)."""
+    import subprocess
+    import sys
+
+    from muxserve.launch import free_port
+
+    # a dozen models: the engine answers a second or more after the frontends are up
+    make_tiny_repository(tmp_path / "repo", {f"tiny-{i}": 2 for i in range(12)})
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    cmd = [sys.executable, "-m", "muxserve", "serve", "--model-repository", str(tmp_path / "repo"), "--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", "0", "--workers", "8", "--no-shadow"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        while True:  # the first answer that says ready (each request on a new connection)
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+        statuses = [httpx.get(f"{url}/v2/models/tiny-11/ready", timeout=5).status_code for _ in range(40)]
+        assert statuses == [200] * 40, log_path.read_text()[-3000:]
+        # and none listened before the engine was up (its models loaded)
+        lines = log_path.read_text().splitlines()
+        engine_up = next(i for i, line in enumerate(lines) if "engine process" in line and line.endswith("ready"))
+        listening = [i for i, line in enumerate(lines) if "frontend listening" in line]
+        assert len(listening) == 8 and min(listening) > engine_up, "\n".join(lines[-40:])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log_path.read_text()[-3000:]

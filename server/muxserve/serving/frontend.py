@@ -2,9 +2,9 @@
 (``SO_REUSEPORT``: the kernel spreads connections over them), the data plane (validate,
 tokenize, format) and an ``EngineClient`` to the engine process.
 
-Run by the supervisor as ``python -m muxserve.serving.frontend <engine address>``. SIGTERM:
-refuse new requests (503), wait until every accepted one is answered, then close both
-listeners and exit.
+Run by the supervisor as ``python -m muxserve.serving.frontend <engine address>``. It listens
+once the engine process has answered it. SIGTERM: refuse new requests (503), wait until every
+accepted one is answered, then close both listeners and exit.
 """
 
 from __future__ import annotations
@@ -52,7 +52,21 @@ class Frontend:
         from muxserve.serving.syn_filter import SynBlocklist, listening_sockets, save_syns
 
         s = self.settings
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
         await self.engine.start()
+        # listen only once the engine has answered: on ports shared with the other frontends, one
+        # that has not heard from it yet would answer "not ready" right after another answered
+        # ready (the engine answers once its models are loaded; a later engine restart leaves
+        # the frontends listening, not ready)
+        connected = asyncio.ensure_future(self.engine.wait_connected())
+        stopped = asyncio.ensure_future(self._stopped.wait())
+        await asyncio.wait((connected, stopped), return_when=asyncio.FIRST_COMPLETED)
+        if self._stopped.is_set():
+            connected.cancel()
+            self.engine.close()
+            return
+        stopped.cancel()
         admission = HeadAdmission(self.plane, AccessPolicy(s.api_key, s.open_endpoints))
         blocklist = SynBlocklist() if s.client_connection_rate and s.client_connection_block_s else None
         connection_rate = ConnectionRate(s.client_connection_rate, s.client_connection_burst, blocklist=blocklist, block_s=s.client_connection_block_s) if s.client_connection_rate else None
@@ -73,7 +87,6 @@ class Frontend:
                 save_syns(grpc_listener)
             if blocklist is not None:  # an address blocked for its HTTP connections is blocked on gRPC too
                 blocklist.add_sockets([grpc_listener] if grpc_listener is not None else listening_sockets(s.grpc_port))
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(self.drain_and_stop()))
         scheme = "https" if s.tls_certfile else "http"
         log.info("frontend listening: HTTP %s://%s:%d%s, gRPC %s", scheme, s.host, s.http_port, " (API key required)" if s.api_key else "", f"{s.host}:{s.grpc_port}" if s.grpc_port > 0 else "off")
         gc.freeze()  # what start-up made lives as long as the process: the collector skips it
