@@ -214,11 +214,11 @@ class Engine:
 
     def _launch(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.cuda.Event]:
         """Queue a CUDA pass and the copy of its logits to the host: (host logits, the event
-        that marks them complete). Launching is CPU work of a few hundred operators, each of
-        which takes the GIL again after its launch; from another thread, each of those waits
-        for the event loop to let go of the GIL while it answers requests, and a pass then
-        took several times its launch time. On the loop's thread the launches run back to
-        back, and the wait for the device holds no GIL."""
+        that marks them complete). Each launch takes the GIL again after it; from another
+        thread, each then waits for the event loop to let go of it, while on the loop's thread
+        the launches run back to back and only the wait for the device is left to a thread
+        (measured within the noise of launching from a thread on an H200, docs/benchmarks.md#gpu;
+        with CUDA graphs a pass is a handful of launches)."""
         ids, mask = self.pad(rows)
         with self._grad_mode():
             logits = self.forward_fn(ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True))
