@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--serve-seconds", type=float, default=10.0)
     p.add_argument("--concurrency", type=int, default=256)
     p.add_argument("--protocols", default="classify", help=f"served over each of these, comma-separated ({', '.join(native.PROTOCOLS)})")
-    p.add_argument("--workers", type=int, default=0, help="frontend processes of the served server (0: its default, one per 4 cores)")
+    p.add_argument("--workers", type=int, default=0, help="frontend processes of the served server (0: its default, one per 2 cores on a GPU)")
     p.add_argument("--client-threads", type=int, default=4, help="wrk threads (a divisor of --concurrency)")
     p.add_argument("--engines", default="eager", help="served with each of these engine kinds (eager, compiled), comma-separated")
     p.add_argument("--out")

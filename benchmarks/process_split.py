@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -23,30 +22,19 @@ from muxserve.launch import start_server
 from muxserve.training.data import read_tsv_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def process_tree(root: int) -> dict[int, tuple[float, str]]:
-    """CPU seconds and command line of ``root`` and every descendant, from /proc."""
-    procs: dict[int, tuple[int, float, str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+def process_cpu(root: int) -> dict[int, tuple[float, str]]:
+    """CPU seconds (its own, not its waited children's) and command line of ``root`` and of
+    every descendant alive now."""
+    out = {}
+    for pid in native.process_tree(root):
         try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        procs[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS, cmd)
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, (parent, _, _) in procs.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    return {pid: procs[pid][1:] for pid in tree if pid in procs}
+        out[pid] = (native.process_cpu_seconds(pid, waited_children=False), cmd)
+    return out
 
 
 def role(cmd: str) -> str:
@@ -73,9 +61,9 @@ def main() -> None:
     try:
         run = native.drive(a.protocol, server.http_url, server.grpc_url, a.model, texts, 1, a.connections, a.client_threads)
         run(2.0)  # warm-up
-        before, t0 = process_tree(server.proc.pid), time.monotonic()
+        before, t0 = process_cpu(server.proc.pid), time.monotonic()
         load = run(a.seconds)
-        after, elapsed = process_tree(server.proc.pid), time.monotonic() - t0
+        after, elapsed = process_cpu(server.proc.pid), time.monotonic() - t0
     finally:
         server.stop()
     requests = max(1, load.requests)

@@ -5,6 +5,8 @@ runs the very padded pass a graph replays; the capture itself needs a GPU
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,8 @@ def test_captured_graphs_replay_the_eager_logits_on_cuda(tmp_path) -> None:
         for seed, (texts, length) in enumerate([(40, 30), (1, 5), (7, 14), (23, 32)]):
             rows = rows_of(texts, length, seed=seed)
             np.testing.assert_allclose(graphed.infer(rows), eager.infer(rows), atol=1e-4, rtol=0)
+            # as served: launched from the event loop, its end awaited on an engine thread
+            np.testing.assert_allclose(asyncio.run(graphed.run(rows)), eager.infer(rows), atol=1e-4, rtol=0)
     finally:
         graphed.close()
         eager.close()

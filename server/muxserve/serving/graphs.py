@@ -90,10 +90,10 @@ class GraphedForward:
         """One graph per bucket, the largest first, all in one memory pool (a smaller pass
         reuses the largest's memory: passes never overlap)."""
         pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
         with _capture_lock, torch.inference_mode():
             for key in sorted(self.buckets, key=lambda k: k[0] * self.n * k[1], reverse=True):
                 bucket = self.buckets[key]
-                side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):  # warm-up outside the graph: lazy inits, workspaces
                     self.model.forward(bucket.ids, bucket.mask)

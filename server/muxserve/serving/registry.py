@@ -150,10 +150,7 @@ def engine_options(entry: ModelEntry, settings: Settings) -> EngineOptions:
     the device cannot run (fp16 on a CPU) gives way to the device's automatic choice; one from a
     flag is an error."""
     groups = list(entry.config.instance_group)
-    kind = groups[0].kind if groups else mc.ModelInstanceGroup.KIND_AUTO
-    device = settings.device or ("cuda" if kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
-    if device == "cuda" and groups and groups[0].gpus:
-        device = f"cuda:{groups[0].gpus[0]}"
+    device = entry.device(settings.device)
     kind_name = settings.engine or entry.parameter("engine", "eager") or "eager"
     if settings.precision:
         precision = resolve_precision(settings.precision, device, engine=kind_name)

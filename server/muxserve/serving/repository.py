@@ -38,6 +38,15 @@ class ModelEntry:
             return self.config.parameters[key].string_value
         return default
 
+    def device(self, override: str = "") -> str:
+        """Where the model runs: ``override`` (``--device``), else its first ``instance_group``
+        (KIND_GPU: cuda, on its first listed GPU), else cpu."""
+        groups = self.config.instance_group
+        device = override or ("cuda" if groups and groups[0].kind == mc.ModelInstanceGroup.KIND_GPU else "cpu")
+        if device == "cuda" and groups and groups[0].gpus:
+            device = f"cuda:{groups[0].gpus[0]}"
+        return device
+
     @property
     def is_family(self) -> bool:
         return self.config.platform == FAMILY_PLATFORM

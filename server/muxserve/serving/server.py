@@ -21,8 +21,6 @@ import secrets
 import signal
 import subprocess
 
-from tritonclient.grpc import model_config_pb2 as mc
-
 from muxserve.serving.cpus import available_cores
 from muxserve.serving.processes import READY_FD_ENV, configure_logging, raise_open_files_limit, run_loop, spawn
 from muxserve.serving.repository import scan
@@ -55,9 +53,8 @@ def serving_device(settings: Settings) -> str:
         entries = scan(settings.model_repository)
     except Exception:  # noqa: BLE001 - the engine process reports a broken repository itself
         return "cpu"
-    served = [e for name, e in entries.items() if not settings.models or name in settings.models]
-    gpu = any(e.config.instance_group and e.config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU for e in served)
-    return "cuda" if gpu else "cpu"
+    devices = [e.device() for name, e in entries.items() if not settings.models or name in settings.models]
+    return next((d for d in devices if d.startswith("cuda")), "cpu")
 
 
 def default_workers(device: str = "") -> int:
