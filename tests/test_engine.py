@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from muxtiny import random_batch, save_tiny, tiny_model
 
 from muxserve.model.export import export_torchscript
-from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.engine import Engine, EngineOptions, set_intra_op_threads
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def rows_of(n_texts: int, length: int, seed: int) -> list[list[int]]:
@@ -68,3 +76,58 @@ def test_group_padding_mask_makes_served_logits_independent_of_the_batch(tmp_pat
         np.testing.assert_allclose(batched[:2], alone, atol=1e-5, rtol=0)
     finally:
         engine.close()
+
+
+POOL_PROBE = """
+import os, sys, torch
+from muxserve.serving.engine import Engine, EngineOptions
+from muxserve.serving.repository import resolve_model_dir
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+torch.set_num_threads(2)
+before = threads()
+engine = Engine.load(resolve_model_dir("model_repository", "sst2-mux5"), EngineOptions(kind="eager", precision="fp32", instances=1, threads=2))
+loaded = threads()
+engine.infer_all([engine.sample_rows(20, 32)])  # the instance's thread and its pool
+print(before, loaded, threads(), torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not Path("/proc/self/task").is_dir(), reason="needs 2 cores and /proc")
+def test_loading_a_model_makes_no_thread_pool_beside_the_instances() -> None:
+    """A fresh process loads a bundled model for one 2-thread instance: the only threads the
+    engine adds are the instance's and its pool's one worker (casting the weights on the loading
+    thread at 2 threads made a pool there too, which halved the instance's pass rate), and the
+    loading thread keeps its own thread count."""
+    out = subprocess.run([sys.executable, "-c", POOL_PROBE], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    before, loaded, serving, main_threads = map(int, out)
+    assert loaded == before
+    assert serving == before + 2
+    assert main_threads == 2
+
+
+def test_an_instance_thread_keeps_its_count_when_another_thread_sets_one() -> None:
+    """torch applies its process-wide thread count to a thread at the thread's first operator:
+    ``set_intra_op_threads`` applies it at once, so another thread's later count does not
+    replace this one's."""
+    ready, changed, seen = threading.Event(), threading.Event(), []
+
+    def instance() -> None:
+        set_intra_op_threads(1)
+        ready.set()
+        changed.wait()
+        seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    thread = threading.Thread(target=instance)
+    thread.start()
+    try:
+        ready.wait()
+        torch.set_num_threads(2 if before != 2 else 3)
+    finally:
+        changed.set()
+        thread.join()
+        torch.set_num_threads(before)
+    assert seen == [1]

@@ -11,11 +11,13 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -218,6 +220,14 @@ def served_batch_texts(repository: str | Path, model: str, num_instances: int) -
 
 
 def forward_only(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None, rounds: int = 3, pass_texts: int = 0) -> dict:
+    """``forward_pass_alone`` in a process of its own, as the server's engine runs in one: a
+    thread pool that this process's main thread made for earlier work (accuracy, the matmul
+    rate) would slow multi-thread instances (``muxserve.serving.engine.serial_thread``)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(forward_pass_alone, str(repository), model, list(texts), seconds, settings, rounds, pass_texts).result()
+
+
+def forward_pass_alone(repository: str | Path, model: str, texts: Sequence[str], seconds: float, settings: object | None = None, rounds: int = 3, pass_texts: int = 0) -> dict:
     """Texts/s of the engine alone on the served texts, as a saturated server runs them: with
     the engine options the server chooses for the model (precision; its instances running side by
     side, each at its threads) and the batches its scheduler forms from a full queue of these

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
@@ -29,7 +30,7 @@ from muxserve.serving.cpus import available_cores
 from muxserve.serving.graphs import graphed_forward
 from muxserve.serving.padding import LENGTH_BUCKETS, PAD_MULTIPLE, bucket_length, padded_length
 
-__all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "engine_layout", "padded_length"]
+__all__ = ["DTYPES", "LENGTH_BUCKETS", "Engine", "EngineOptions", "EchoForward", "bucket_length", "default_threads", "engine_layout", "padded_length", "serial_thread", "set_intra_op_threads"]
 # [MASK] of BERT vocabularies: the echo engine fails any forward pass holding it
 ECHO_FAIL_TOKEN_ID = 103
 
@@ -64,6 +65,34 @@ def engine_layout(device: str, instances: int = 0, threads: int = 0, cores: int 
         else:
             instances = max(1, min(cores, AUTO_CPU_INSTANCES))
     return instances, threads if threads > 0 else max(1, cores // instances)
+
+
+def set_intra_op_threads(threads: int) -> None:
+    """The calling thread's intra-op threads. torch keeps one process-wide count and applies it
+    to a thread at that thread's first operator, so a count set before then is overwritten by
+    whatever another thread set meanwhile (a second model's instances, say); reading the count
+    first applies it now."""
+    torch.get_num_threads()
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def serial_thread() -> Iterator[None]:
+    """The calling thread at one intra-op thread for the block, so that it makes no OpenMP
+    thread pool. An engine's instances run their passes on threads of their own, each with a
+    pool of its intra-op threads, and libgomp cuts its workers' spin-wait short (they sleep at
+    once, and each parallel region, several per operator, wakes them through the kernel) when
+    the threads of all the process's pools outnumber the cores. A pool lives as long as its
+    thread: one made where a model is loaded (casting its weights is a multi-thread operator)
+    would count against the instances for good. With a pool on the loading thread, a 2-thread
+    instance on 2 cores ran sst2-mux5's bf16 passes of 60 texts at less than half the rate it
+    runs without (docs/bench/engine.md); single-thread instances make no pools."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Forward(Protocol):
@@ -140,7 +169,13 @@ class Engine:
 
     @classmethod
     def load(cls, directory: str | Path, options: EngineOptions, name: str = "model") -> Engine:
-        directory = Path(directory)
+        """The model in ``directory`` on an engine of ``options``; the loading itself runs on one
+        thread (``serial_thread``)."""
+        with serial_thread():
+            return cls._load(Path(directory), options, name)
+
+    @classmethod
+    def _load(cls, directory: Path, options: EngineOptions, name: str) -> Engine:
         options = replace(options, precision=resolve_precision(options.precision, options.device, engine=options.kind))
         dtype = DTYPES[options.precision]
         model = load_model(directory, device=options.device, dtype=dtype)
@@ -177,7 +212,7 @@ class Engine:
             self._executor.submit(self.infer, self.sample_rows(groups * n, length)).result()
 
     def _init_thread(self) -> None:
-        torch.set_num_threads(self.threads)
+        set_intra_op_threads(self.threads)
 
     @property
     def num_instances(self) -> int:

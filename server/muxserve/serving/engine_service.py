@@ -25,6 +25,7 @@ import numpy as np
 from prometheus_client import generate_latest
 
 from muxserve.serving import ipc
+from muxserve.serving.engine import set_intra_op_threads
 from muxserve.serving.errors import ServingError
 from muxserve.serving.observability.metrics import Metrics, refresh_throughput
 from muxserve.serving.observability.stats import model_statistics
@@ -260,6 +261,7 @@ def _joined(futures: list[asyncio.Future]) -> asyncio.Future:
 
 def main(argv: list[str] | None = None) -> int:
     (address,) = argv if argv is not None else sys.argv[1:]
+    set_intra_op_threads(1)  # the event loop's thread makes no thread pool (engine.serial_thread): the instances' threads run the passes
     settings = child_settings()
     run_loop(EngineService(settings, address).run())
     return 0

@@ -1,0 +1,117 @@
+"""The most a closed loop of C one-text callers can be served of a model on this machine, against
+the model's full-queue forward capacity: how much of "served / forward-only" a serving stack
+can reach at all, whatever it does, given the cores, the forward pass's speed at the passes
+the load can form, and the CPU the request path needs.
+
+In one run, on one machine:
+
+1. ``F``: the forward pass alone at the batches the scheduler forms from a full queue, the
+   server's instances side by side (``forward_only``: the capacity ``muxserve bench serve``
+   holds served rates to).
+2. ``c``: the request path's CPU per request, the engine's forward pass left out: a server of
+   the echo engine (all its processes, from /proc) plus the load generator's own CPU (wrk or
+   h2load, from getrusage), same protocol, connections and texts.
+3. For every engine layout of ``k`` instances x ``t`` threads with ``k * t`` <= the cores: the
+   forward pass alone at passes of ``C * texts_per_request / k`` texts, the instances side by side
+   (``r``). That is the largest pass a closed loop can give each instance (every text in flight
+   inside a pass, none on its way), and a pass's rate grows with its size, so a served rate
+   cannot exceed ``r``; nor ``cores / (k * t / r + c)``, the CPU that the forward pass and the
+   request path need per request when they share the cores. The bound of a layout is the
+   smaller of the two; the machine's is the best layout's. Both parts are optimistic: the
+   offline passes run with no request path beside them.
+4. ``served``: the real server (its default layout) under the same load.
+
+    python benchmarks/closed_loop_bound.py [--model sst2-mux5] [--connections 64] [--protocol classify] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+from pathlib import Path
+
+from muxserve.bench import native
+from muxserve.bench.run import forward_only, load_texts, machine_info
+from muxserve.launch import start_server
+from muxserve.serving.cpus import available_cores
+from muxserve.serving.settings import Settings
+
+
+def children_cpu_seconds() -> float:
+    """User + system time of this process's waited-for children (the load generator's runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def served_point(repository: str, model: str, texts: list[str], protocol: str, connections: int, seconds: float, warmup: float, log_dir: Path, extra: list[str]) -> dict:
+    """A server of ``model`` (with ``extra`` arguments) under the closed-loop load: req/s, the
+    server's CPU per request and the load generator's."""
+    server = start_server(repository, [model], log_dir / f"server-{'-'.join(a.strip('-') for a in extra) or 'default'}.log", extra=extra, grpc=protocol == "grpc")
+    try:
+        run = native.drive(protocol, server.http_url, server.grpc_url, model, texts, 1, connections)
+        run(warmup)
+        client0 = children_cpu_seconds()
+        m = native.measure(server.proc.pid, run, seconds)
+        client = children_cpu_seconds() - client0
+    finally:
+        server.stop()
+    requests = m.requests_served
+    return {
+        "requests_per_s": m.load.requests_per_s, "p50_ms": m.load.p50_ms, "errors": m.load.error_count,
+        "server_cpu_ms_per_request": m.cpu_ms_per_request, "client_cpu_ms_per_request": 1000 * client / requests if requests else None,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-repository", default="model_repository")
+    ap.add_argument("--model", default="sst2-mux5")
+    ap.add_argument("--connections", type=int, default=64)
+    ap.add_argument("--protocol", default="classify", choices=native.PROTOCOLS)
+    ap.add_argument("--duration", type=float, default=12.0, help="measured seconds of each served load")
+    ap.add_argument("--warmup", type=float, default=4.0)
+    ap.add_argument("--forward-seconds", type=float, default=6.0, help="seconds of each forward-only measurement")
+    ap.add_argument("--out", default="", help="JSON results file")
+    args = ap.parse_args()
+
+    texts = load_texts()
+    cores = available_cores()
+    repo, model = args.model_repository, args.model
+    log_dir = Path(tempfile.mkdtemp(prefix="muxserve-bound-"))
+
+    full = forward_only(repo, model, texts, args.forward_seconds)
+    capacity = full["forward_texts_per_s"]
+    print(f"{model}: full-queue forward {capacity:.0f} texts/s ({full['precision']}, {full['instances']} x {full['threads']}, {full['mean_batch_texts']:.0f} texts a pass)", flush=True)
+
+    echo = served_point(repo, model, texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, ["--engine", "echo"])
+    path_ms = echo["server_cpu_ms_per_request"] + echo["client_cpu_ms_per_request"]
+    print(f"request path: {echo['server_cpu_ms_per_request']:.3f} ms server + {echo['client_cpu_ms_per_request']:.3f} ms load generator CPU per request (echo engine, {echo['requests_per_s']:.0f} req/s)", flush=True)
+
+    layouts = []
+    for k in range(1, cores + 1):
+        for t in range(1, cores // k + 1):
+            pass_texts = args.connections // k
+            f = forward_only(repo, model, texts, args.forward_seconds, Settings(instances=k, threads=t), pass_texts=pass_texts)
+            rate = f["forward_texts_per_s"]
+            cpu_bound = cores / (k * t / rate + path_ms / 1000)
+            bound = min(rate, cpu_bound)
+            layouts.append({"instances": k, "threads": t, "pass_texts": f["batch_texts"], "forward_texts_per_s": rate, "cpu_bound_per_s": cpu_bound, "bound_per_s": bound, "bound_of_capacity": bound / capacity})
+            print(f"{k} x {t}: passes of {f['batch_texts']} texts forward {rate:.0f} texts/s; CPU bound {cpu_bound:.0f}/s; bound {bound:.0f}/s = {bound / capacity:.0%} of the full-queue forward", flush=True)
+    best = max(layouts, key=lambda x: x["bound_per_s"])
+
+    served = served_point(repo, model, texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, [])
+    print(f"served (default layout): {served['requests_per_s']:.0f} req/s = {served['requests_per_s'] / capacity:.0%} of the full-queue forward; the bound: {best['bound_per_s']:.0f}/s = {best['bound_of_capacity']:.0%} ({best['instances']} x {best['threads']})", flush=True)
+
+    if args.out:
+        result = {
+            "machine": machine_info(), "model": model, "connections": args.connections, "protocol": args.protocol, "cores": cores,
+            "full_queue_forward": full, "request_path": echo, "request_path_cpu_ms": path_ms, "layouts": layouts, "best": best,
+            "served": served, "served_of_capacity": served["requests_per_s"] / capacity,
+        }
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
