@@ -12,8 +12,8 @@ In one run, on one machine:
    the echo engine (all its processes, from /proc) plus the load generator's own CPU (wrk or
    h2load, from getrusage), same protocol, connections and texts.
 3. For every engine layout of ``k`` instances x ``t`` threads with ``k * t`` <= the cores: the
-   forward pass alone at passes of ``C * texts_per_request / k`` texts, the instances side by side
-   (``r``). That is the largest pass a closed loop can give each instance (every text in flight
+   forward pass alone at passes of ``C / k`` texts (in whole mux groups: the short last group
+   costs a full one), the instances side by side (``r``). That is the largest pass a closed loop can give each instance (every text in flight
    inside a pass, none on its way), and a pass's rate grows with its size, so a served rate
    cannot exceed ``r``; nor ``cores / (k * t / r + c)``, the CPU that the forward pass and the
    request path need per request when they share the cores. The bound of a layout is the
@@ -21,7 +21,7 @@ In one run, on one machine:
    offline passes run with no request path beside them.
 4. ``served``: the real server (its default layout) under the same load.
 
-    python benchmarks/closed_loop_bound.py [--model sst2-mux5] [--connections 64] [--protocol classify] [--out results.json]
+    python benchmarks/closed_loop_bound.py [--models sst2-mux5,sst2-bert] [--connections 64] [--protocol classify] [--out docs/bench/closed_loop_bound]
 """
 
 from __future__ import annotations
@@ -29,11 +29,16 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shlex
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from muxserve.bench import native
 from muxserve.bench.run import forward_only, load_texts, machine_info
+from muxserve.bench.serve import num_instances_of
 from muxserve.launch import start_server
 from muxserve.serving.cpus import available_cores
 from muxserve.serving.settings import Settings
@@ -64,53 +69,92 @@ def served_point(repository: str, model: str, texts: list[str], protocol: str, c
     }
 
 
+def model_bound(repo: str, model: str, texts: list[str], cores: int, path_ms: float, args: argparse.Namespace, log_dir: Path) -> dict:
+    """The full-queue capacity, every layout's bound and the served rate of one model."""
+    n = num_instances_of(repo, model)
+    full = forward_only(repo, model, texts, args.forward_seconds)
+    capacity = full["forward_texts_per_s"]
+    print(f"{model}: full-queue forward {capacity:.0f} texts/s ({full['precision']}, {full['instances']} x {full['threads']}, {full['mean_batch_texts']:.0f} texts a pass)", flush=True)
+    layouts = []
+    for k in range(1, cores + 1):
+        for t in range(1, cores // k + 1):
+            # a pass of C / k texts costs whole mux groups: measured at those, counted at C / k
+            held = args.connections // k
+            whole = -(-held // n) * n
+            f = forward_only(repo, model, texts, args.forward_seconds, Settings(instances=k, threads=t), pass_texts=whole)
+            rate = f["forward_texts_per_s"] * held / f["batch_texts"]
+            cpu_bound = cores / (k * t / rate + path_ms / 1000)
+            bound = min(rate, cpu_bound)
+            layouts.append({"instances": k, "threads": t, "pass_texts": held, "forward_texts_per_s": rate, "forward_of_capacity": rate / capacity, "cpu_bound_per_s": cpu_bound, "bound_per_s": bound, "bound_of_capacity": bound / capacity})
+            print(f"  {k} x {t}: passes of {held} texts forward {rate:.0f} texts/s ({rate / capacity:.0%}); CPU bound {cpu_bound:.0f}/s; bound {bound:.0f}/s = {bound / capacity:.0%} of the full-queue forward", flush=True)
+    best = max(layouts, key=lambda x: x["bound_per_s"])
+    served = served_point(repo, model, texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, [])
+    print(f"  served (default layout): {served['requests_per_s']:.0f} req/s = {served['requests_per_s'] / capacity:.0%} of the full-queue forward; the bound {best['bound_per_s']:.0f}/s = {best['bound_of_capacity']:.0%} ({best['instances']} x {best['threads']})", flush=True)
+    return {"model": model, "full_queue_forward": full, "layouts": layouts, "best": best, "served": served, "served_of_capacity": served["requests_per_s"] / capacity}
+
+
+def markdown(result: dict) -> str:
+    """The results as the tables of docs/bench."""
+    path, m = result["request_path"], result["machine"]
+    units = ", ".join(m["bf16_units"]) or "none"
+    lines = [
+        "# The most a closed loop can be served, against the full-queue forward pass",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, bf16 units: {units}, CPU precision {m['cpu_precision']}, torch {m['torch']}. muxserve at commit {result['commit']}. Date: {result['date']}.",
+        "",
+        f"Command: `{result['command']}`",
+        "",
+        f"{result['connections']} connections, 1 text a request, `{result['protocol']}`, {result['cores']} cores. Request path: {path['server_cpu_ms_per_request']:.3f} ms of server CPU (echo engine) + {path['client_cpu_ms_per_request']:.3f} ms of the load generator's per request.",
+        "",
+        "| model | full-queue forward texts/s | layout | pass texts | forward texts/s at that pass | ÷ full queue | CPU bound req/s | bound ÷ full queue |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in result["models"]:
+        for x in m["layouts"]:
+            lines.append(f"| {m['model']} | {m['full_queue_forward']['forward_texts_per_s']:.0f} | {x['instances']} × {x['threads']} | {x['pass_texts']} | {x['forward_texts_per_s']:.0f} | {x['forward_of_capacity']:.0%} | {x['cpu_bound_per_s']:.0f} | {x['bound_of_capacity']:.0%} |")
+    lines += ["", "| model | served req/s (default layout) | served ÷ full queue | best bound ÷ full queue | forward alone at the largest closed-loop passes ÷ full queue |", "|---|---|---|---|---|"]
+    for m in result["models"]:
+        top = max(x["forward_of_capacity"] for x in m["layouts"])
+        lines.append(f"| {m['model']} | {m['served']['requests_per_s']:.0f} | {m['served_of_capacity']:.0%} | {m['best']['bound_of_capacity']:.0%} | {top:.0%} |")
+    lines += [
+        "",
+        "A layout (instances × threads) bounds the served rate twice: by the forward pass alone at the largest passes the closed loop can give its instances",
+        "(every text in flight inside a pass, none on its way; a short last mux group costs a whole one), and by the cores over the CPU that the forward",
+        "pass and the request path need per request. Its bound is the smaller; no schedule serves more than the best layout's. Both parts are optimistic:",
+        "the passes were measured with nothing beside them.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-repository", default="model_repository")
-    ap.add_argument("--model", default="sst2-mux5")
+    ap.add_argument("--models", default="sst2-mux5", help="comma-separated")
     ap.add_argument("--connections", type=int, default=64)
     ap.add_argument("--protocol", default="classify", choices=native.PROTOCOLS)
     ap.add_argument("--duration", type=float, default=12.0, help="measured seconds of each served load")
     ap.add_argument("--warmup", type=float, default=4.0)
     ap.add_argument("--forward-seconds", type=float, default=6.0, help="seconds of each forward-only measurement")
-    ap.add_argument("--out", default="", help="JSON results file")
+    ap.add_argument("--out", default="", help="results: OUT.json and OUT.md")
     args = ap.parse_args()
 
     texts = load_texts()
     cores = available_cores()
-    repo, model = args.model_repository, args.model
+    models = args.models.split(",")
     log_dir = Path(tempfile.mkdtemp(prefix="muxserve-bound-"))
-
-    full = forward_only(repo, model, texts, args.forward_seconds)
-    capacity = full["forward_texts_per_s"]
-    print(f"{model}: full-queue forward {capacity:.0f} texts/s ({full['precision']}, {full['instances']} x {full['threads']}, {full['mean_batch_texts']:.0f} texts a pass)", flush=True)
-
-    echo = served_point(repo, model, texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, ["--engine", "echo"])
+    echo = served_point(args.model_repository, models[0], texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, ["--engine", "echo"])
     path_ms = echo["server_cpu_ms_per_request"] + echo["client_cpu_ms_per_request"]
     print(f"request path: {echo['server_cpu_ms_per_request']:.3f} ms server + {echo['client_cpu_ms_per_request']:.3f} ms load generator CPU per request (echo engine, {echo['requests_per_s']:.0f} req/s)", flush=True)
-
-    layouts = []
-    for k in range(1, cores + 1):
-        for t in range(1, cores // k + 1):
-            pass_texts = args.connections // k
-            f = forward_only(repo, model, texts, args.forward_seconds, Settings(instances=k, threads=t), pass_texts=pass_texts)
-            rate = f["forward_texts_per_s"]
-            cpu_bound = cores / (k * t / rate + path_ms / 1000)
-            bound = min(rate, cpu_bound)
-            layouts.append({"instances": k, "threads": t, "pass_texts": f["batch_texts"], "forward_texts_per_s": rate, "cpu_bound_per_s": cpu_bound, "bound_per_s": bound, "bound_of_capacity": bound / capacity})
-            print(f"{k} x {t}: passes of {f['batch_texts']} texts forward {rate:.0f} texts/s; CPU bound {cpu_bound:.0f}/s; bound {bound:.0f}/s = {bound / capacity:.0%} of the full-queue forward", flush=True)
-    best = max(layouts, key=lambda x: x["bound_per_s"])
-
-    served = served_point(repo, model, texts, args.protocol, args.connections, args.duration, args.warmup, log_dir, [])
-    print(f"served (default layout): {served['requests_per_s']:.0f} req/s = {served['requests_per_s'] / capacity:.0%} of the full-queue forward; the bound: {best['bound_per_s']:.0f}/s = {best['bound_of_capacity']:.0%} ({best['instances']} x {best['threads']})", flush=True)
-
+    result = {
+        "command": "python " + shlex.join(["benchmarks/closed_loop_bound.py", *sys.argv[1:]]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown",
+        "machine": machine_info(), "connections": args.connections, "protocol": args.protocol, "cores": cores, "request_path": echo, "request_path_cpu_ms": path_ms,
+        "models": [model_bound(args.model_repository, m, texts, cores, path_ms, args, log_dir) for m in models],
+    }
     if args.out:
-        result = {
-            "machine": machine_info(), "model": model, "connections": args.connections, "protocol": args.protocol, "cores": cores,
-            "full_queue_forward": full, "request_path": echo, "request_path_cpu_ms": path_ms, "layouts": layouts, "best": best,
-            "served": served, "served_of_capacity": served["requests_per_s"] / capacity,
-        }
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out + ".json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out + ".md").write_text(markdown(result))
 
 
 if __name__ == "__main__":
