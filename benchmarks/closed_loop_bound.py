@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import resource
 import shlex
 import subprocess
 import sys
@@ -41,16 +40,10 @@ from pathlib import Path
 
 from muxserve.bench import native
 from muxserve.bench.run import forward_only, load_texts, machine_info
-from muxserve.bench.serve import num_instances_of
+from muxserve.bench.serve import measure_point, num_instances_of
 from muxserve.launch import start_server
 from muxserve.serving.cpus import available_cores
 from muxserve.serving.settings import Settings
-
-
-def children_cpu_seconds() -> float:
-    """User + system time of this process's waited-for children (the load generator's runs)."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def served_point(repository: str, model: str, texts: list[str], protocol: str, connections: int, seconds: float, warmup: float, log_dir: Path, extra: list[str]) -> dict:
@@ -58,18 +51,10 @@ def served_point(repository: str, model: str, texts: list[str], protocol: str, c
     server's CPU per request and the load generator's."""
     server = start_server(repository, [model], log_dir / f"server-{'-'.join(a.strip('-') for a in extra) or 'default'}.log", extra=extra, grpc=protocol == "grpc")
     try:
-        run = native.drive(protocol, server.http_url, server.grpc_url, model, texts, 1, connections)
-        run(warmup)
-        client0 = children_cpu_seconds()
-        m = native.measure(server.proc.pid, run, seconds)
-        client = children_cpu_seconds() - client0
+        p = measure_point(server, model, texts, protocol, connections, 1, seconds, warmup)
     finally:
         server.stop()
-    requests = m.requests_served
-    return {
-        "requests_per_s": m.load.requests_per_s, "p50_ms": m.load.p50_ms, "errors": m.load.error_count,
-        "server_cpu_ms_per_request": m.cpu_ms_per_request, "client_cpu_ms_per_request": 1000 * client / requests if requests else None,
-    }
+    return {"requests_per_s": p["requests_per_s"], "p50_ms": p["p50_ms"], "errors": p["error_count"], "server_cpu_ms_per_request": p["cpu_ms_per_request"], "client_cpu_ms_per_request": p["client_cpu_ms_per_request"]}
 
 
 def bound(layouts: list[dict], cores: int, path_ms: float) -> dict:

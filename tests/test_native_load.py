@@ -55,8 +55,9 @@ def test_wrk_counts_add_up_with_server_metrics(server, kind: str, texts_per_requ
     assert load.requests <= delta["success"] <= load.sent
     assert failures_except_cancelled(delta) == 0
     assert delta["texts"] == delta["success"] * texts_per_request
-    # the CPU of the server process over the run, per request the server saw
+    # the CPU of the server process over the run, per request the server saw, and wrk's own
     assert m.cpu_seconds > 0 and m.cpu_ms_per_request > 0
+    assert m.client_cpu_seconds > 0 and m.summary()["client_cpu_ms_per_request"] > 0
 
 
 @needs_h2load
@@ -67,6 +68,7 @@ def test_h2load_grpc_counts_add_up_with_server_metrics(server, texts_per_request
     run = native.drive("grpc", server.http_url, server.grpc_url, ECHO, texts, texts_per_request, CONNECTIONS)
     m = native.measure(server.proc.pid, run, duration_s=1, counters=lambda: server_counts(server.http_url, ECHO))
     assert m.load.tool == "h2load" and m.load.errors == {} and m.load.requests > 0
+    assert m.client_cpu_seconds > 0  # h2load's own CPU over the run
     assert m.load.p50_ms <= m.load.p99_ms <= m.load.max_ms
     delta = settled_counts(server, before, m.load.requests)
     # h2load cannot see gRPC errors (HTTP 200 with an error status in the trailers): the server's counters can

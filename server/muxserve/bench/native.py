@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shutil
 import struct
 import subprocess
@@ -382,6 +383,7 @@ class Measurement:
     load: LoadResult
     cpu_seconds: float  # the server's, over the measured run
     server: dict = field(default_factory=dict)  # the server's counters over the measured run (counts_delta)
+    client_cpu_seconds: float = 0.0  # the load generator's (this process's waited-for children), over the measured run
 
     @property
     def requests_served(self) -> float:
@@ -395,7 +397,9 @@ class Measurement:
 
     def summary(self) -> dict:
         out = self.load.summary()
-        out.update(cpu_seconds=round(self.cpu_seconds, 3), cpu_ms_per_request=round(self.cpu_ms_per_request, 4) if self.requests_served else None)
+        served = self.requests_served
+        out.update(cpu_seconds=round(self.cpu_seconds, 3), cpu_ms_per_request=round(self.cpu_ms_per_request, 4) if served else None)
+        out.update(client_cpu_seconds=round(self.client_cpu_seconds, 3), client_cpu_ms_per_request=round(1000 * self.client_cpu_seconds / served, 4) if served else None)
         if self.server:
             out["server"] = self.server
         return out
@@ -403,16 +407,24 @@ class Measurement:
 
 def measure(server_pid: int, run: Callable[[float], LoadResult], duration_s: float, warmup_s: float = 0.0, counters: Callable[[], dict] | None = None) -> Measurement:
     """``run(warmup_s)`` unmeasured (if ``warmup_s`` > 0), then ``run(duration_s)`` between two
-    snapshots of the server's CPU time (process ``server_pid`` and its descendants) and, with
+    snapshots of the server's CPU time (process ``server_pid`` and its descendants), of the load
+    generator's (``children_cpu_seconds``) and, with
     ``counters``, of the server's own counters (e.g. ``lambda: server_counts(url, model)``)."""
     if warmup_s > 0:
         run(warmup_s)
     before = counters() if counters else None
-    cpu0 = tree_cpu_seconds(server_pid)
+    cpu0, client0 = tree_cpu_seconds(server_pid), children_cpu_seconds()
     load = run(duration_s)
-    cpu1 = tree_cpu_seconds(server_pid)
+    cpu1, client1 = tree_cpu_seconds(server_pid), children_cpu_seconds()
     delta = {k: after - before.get(k, 0.0) for k, after in counters().items()} if counters and before is not None else {}
-    return Measurement(load, cpu1 - cpu0, delta)
+    return Measurement(load, cpu1 - cpu0, delta, client1 - client0)
+
+
+def children_cpu_seconds() -> float:
+    """User + system time of this process's waited-for children: the load generator's runs
+    (``run_wrk`` and ``run_h2load`` wait for theirs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def drive(protocol: str, http_url: str, grpc_url: str, model: str, texts: Sequence[str], texts_per_request: int, connections: int, threads: int = 1, rate: float = 0.0) -> Callable[[float], LoadResult]:
